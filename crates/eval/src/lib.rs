@@ -1,0 +1,8 @@
+//! Measuring caches on a real model: assets, perplexity, generation, benchmarks, reports.
+
+pub mod assets;
+pub mod bench;
+pub mod generate;
+pub mod ppl;
+pub mod progress;
+pub mod text;

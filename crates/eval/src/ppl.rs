@@ -1,0 +1,149 @@
+//! Perplexity of a model on a token stream, with any cache.
+//!
+//! Two protocols (DESIGN.md): `windows` scores every token after the first of each
+//! non-overlapping window of `ctx` tokens; `llama.cpp` reproduces `llama-perplexity` (chunks of
+//! `ctx` tokens, BOS in front when the model adds one, only the second half of each chunk scored).
+
+use crate::progress;
+use anyhow::{bail, Result};
+use kvcache::MemoryReport;
+use llm::ops::log_prob;
+use llm::Model;
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Protocol {
+    #[serde(rename = "windows")]
+    Windows,
+    #[serde(rename = "llama.cpp")]
+    LlamaCpp,
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "windows" | "default" => Ok(Protocol::Windows),
+            "llama.cpp" | "llamacpp" => Ok(Protocol::LlamaCpp),
+            other => bail!("unknown protocol '{other}' (known: windows, llama.cpp)"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PplOptions {
+    pub ctx: usize,
+    pub max_tokens: Option<usize>,
+    pub protocol: Protocol,
+    pub quiet: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PplResult {
+    pub cache: String,
+    pub protocol: Protocol,
+    pub ctx: usize,
+    pub ppl: f64,
+    /// Standard error of the perplexity (delta method over per-token NLL).
+    pub ppl_stderr: f64,
+    pub mean_nll: f64,
+    pub scored_tokens: usize,
+    pub windows: usize,
+    pub tokens_processed: usize,
+    pub tokens_per_s: f64,
+    /// Memory of the cache after the last window (ctx tokens).
+    pub memory: MemoryReport,
+    pub bits_per_element: f64,
+}
+
+/// The (start, len, first scored row) of each window over `n` tokens.
+pub fn windows(n: usize, ctx: usize, protocol: Protocol) -> Vec<(usize, usize, usize)> {
+    match protocol {
+        Protocol::Windows => (0..n)
+            .step_by(ctx)
+            .map(|s| (s, ctx.min(n - s), 0))
+            .filter(|&(_, len, _)| len >= 2)
+            .collect(),
+        Protocol::LlamaCpp => (0..n / ctx).map(|c| (c * ctx, ctx, ctx / 2)).collect(),
+    }
+}
+
+pub fn perplexity(model: &Model, tokens: &[u32], spec: &str, opts: &PplOptions) -> Result<PplResult> {
+    let ctx = opts.ctx;
+    if ctx < 2 {
+        bail!("--ctx {ctx} is too small: at least 2 tokens are needed to score one");
+    }
+    if ctx > model.context_len() {
+        bail!("--ctx {ctx} exceeds the model's context length {}", model.context_len());
+    }
+    let n = opts.max_tokens.map_or(tokens.len(), |m| m.min(tokens.len()));
+    let tokens = &tokens[..n];
+    if tokens.len() < 2 {
+        bail!("the text has {} token(s): at least 2 are needed", tokens.len());
+    }
+    let plan = windows(tokens.len(), ctx, opts.protocol);
+    if plan.is_empty() {
+        bail!("{} tokens do not fill one window of --ctx {ctx} (llama.cpp protocol needs whole chunks)", tokens.len());
+    }
+    let bos = model.tokenizer.bos.filter(|_| model.tokenizer.add_bos);
+    let total: usize = plan.iter().map(|w| w.1).sum();
+    let pb = progress::bar(total as u64, "tok", opts.quiet);
+    pb.set_message(format!("ppl {spec}"));
+    let start = Instant::now();
+    let mut nlls: Vec<f64> = Vec::new();
+    let mut memory = MemoryReport::default();
+    for &(s, len, first) in &plan {
+        let mut window = tokens[s..s + len].to_vec();
+        if opts.protocol == Protocol::LlamaCpp {
+            if let Some(b) = bos {
+                window[0] = b;
+            }
+        }
+        let mut cache = model.new_cache(spec)?;
+        // Logits of rows first..len-1 predict tokens first+1..len.
+        let rows = len - first;
+        let logits = model.forward(&window, 0, cache.as_mut(), Some(rows))?;
+        let vocab = model.vocab();
+        for (r, row) in logits.chunks_exact(vocab).enumerate().take(rows - 1) {
+            let target = window[first + r + 1] as usize;
+            nlls.push(-log_prob(row, target));
+        }
+        memory = cache.memory();
+        pb.inc(len as u64);
+        let running = (nlls.iter().sum::<f64>() / nlls.len() as f64).exp();
+        pb.set_message(format!("ppl {spec} = {running:.4}"));
+    }
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let count = nlls.len() as f64;
+    let mean = nlls.iter().sum::<f64>() / count;
+    let var = nlls.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (count - 1.0).max(1.0);
+    let ppl = mean.exp();
+    Ok(PplResult {
+        cache: spec.to_string(),
+        protocol: opts.protocol,
+        ctx,
+        ppl,
+        ppl_stderr: ppl * (var / count).sqrt(),
+        mean_nll: mean,
+        scored_tokens: nlls.len(),
+        windows: plan.len(),
+        tokens_processed: total,
+        tokens_per_s: total as f64 / secs,
+        bits_per_element: memory.bits_per_element(),
+        memory,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_plans() {
+        assert_eq!(windows(10, 4, Protocol::Windows), vec![(0, 4, 0), (4, 4, 0), (8, 2, 0)]);
+        assert_eq!(windows(9, 4, Protocol::Windows), vec![(0, 4, 0), (4, 4, 0)]);
+        assert_eq!(windows(9, 4, Protocol::LlamaCpp), vec![(0, 4, 2), (4, 4, 2)]);
+    }
+}

@@ -1,0 +1,174 @@
+//! The model path on the real default model (SmolLM2-135M-Instruct Q4_1), checked against
+//! independent references: llama.cpp's tokenizer and perplexity, candle-transformers' forward.
+
+mod common;
+use common::{eval_tokens, home, model};
+use eval::ppl::{perplexity, PplOptions, Protocol};
+
+/// Token ids produced once with llama.cpp's own tokenizer (llama-tokenize from the llama.cpp
+/// vendored in llama-cpp-python 0.3.36, `llama-tokenize -m SmolLM2-135M-Instruct.Q4_1.gguf -p TEXT --ids`).
+const LLAMA_CPP_IDS: &[(&str, &[u32])] = &[
+    ("The capital of France is Paris.", &[504, 3575, 282, 4649, 314, 7042, 30]),
+    ("Hello, world! How's it going?", &[19556, 28, 905, 17, 1073, 506, 357, 2045, 47]),
+    (
+        "Numbers: 12345 and 3.14159; emoji 🙂 café naïve 日本語",
+        &[
+            39006, 42, 216, 33, 34, 35, 36, 37, 284, 216, 35, 30, 33, 36, 33, 37, 41, 43, 649, 33777,
+            47526, 37366, 15486, 46494, 17097, 241, 115, 40993, 179, 120, 248,
+        ],
+    ),
+    ("  leading spaces and\ttabs\nnewline", &[216, 2899, 5600, 284, 197, 100, 7366, 198, 28160]),
+];
+
+#[test]
+fn tokenizer_matches_llama_cpp_ids() {
+    let tok = &model().tokenizer;
+    for (text, want) in LLAMA_CPP_IDS {
+        assert_eq!(tok.encode(text, true).unwrap(), *want, "ids of {text:?}");
+    }
+    assert_eq!((tok.bos, tok.eos, tok.add_bos), (Some(1), Some(2), false));
+    assert_eq!(tok.vocab_size(), 49152);
+}
+
+#[test]
+fn tokenizer_round_trips() {
+    let tok = &model().tokenizer;
+    for text in [
+        "Plain English, with punctuation: (a) [b] {c}; \"quotes\" — dashes… and 1,234.56%!",
+        "Non-ASCII: Größe, déjà vu, Ελληνικά, русский, 中文, 🙂👍",
+        "  indented\n\n\ttabbed   spaces  ",
+        "<|im_start|>user\nhi<|im_end|>",
+    ] {
+        let ids = tok.encode(text, false).unwrap();
+        assert_eq!(tok.decode(&ids).unwrap(), text);
+    }
+    // Control tokens are single ids.
+    assert_eq!(tok.encode("<|im_start|>", false).unwrap(), vec![1]);
+}
+
+#[test]
+fn chat_template_renders_chatml() {
+    let p = model().tokenizer.chat_prompt("Hi there").unwrap();
+    assert!(p.contains("<|im_start|>user\nHi there<|im_end|>"), "{p}");
+    assert!(p.ends_with("<|im_start|>assistant\n"), "{p}");
+}
+
+/// Our forward (f32 cache) against candle-transformers' `quantized_llama` on the same GGUF.
+/// That reference multiplies with Q4_1 weights and Q8_1-quantized activations (as ggml does)
+/// while we dequantize the weights to f32, so logits differ by quantization noise: we require
+/// the same argmax and max |Δlogit| below 2.5% of the logits' range, plus correlation > 0.999.
+#[test]
+fn logits_match_candle_transformers_quantized_llama() {
+    use candle_core::{Device, Tensor};
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    let m = model();
+    let tokens = m.tokenizer.encode("The capital of France is Paris. The capital of Italy is", true).unwrap();
+    let mut cache = m.new_cache("f32").unwrap();
+    let ours = m.forward(&tokens, 0, cache.as_mut(), Some(1)).unwrap();
+
+    let path = eval::assets::model_path(&home());
+    let mut f = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let mut reference = ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
+    let input = Tensor::new(tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let theirs: Vec<f32> =
+        reference.forward(&input, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+
+    assert_eq!(ours.len(), theirs.len());
+    let argmax = |v: &[f32]| eval::generate::argmax(v);
+    assert_eq!(argmax(&ours), argmax(&theirs));
+    let range = theirs.iter().cloned().fold(f32::MIN, f32::max) - theirs.iter().cloned().fold(f32::MAX, f32::min);
+    let max_diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_diff < 0.025 * range, "max |Δ| {max_diff} vs range {range}");
+    let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+    let (ma, mb) = (mean(&ours), mean(&theirs));
+    let cov: f64 = ours.iter().zip(&theirs).map(|(&a, &b)| (a as f64 - ma) * (b as f64 - mb)).sum();
+    let va: f64 = ours.iter().map(|&a| (a as f64 - ma).powi(2)).sum();
+    let vb: f64 = theirs.iter().map(|&b| (b as f64 - mb).powi(2)).sum();
+    let corr = cov / (va * vb).sqrt();
+    assert!(corr > 0.999, "correlation {corr}");
+}
+
+/// Decoding token by token through the cache gives the logits of one full-sequence forward.
+/// Only the summation order differs (matmul blocking for 1 row vs 40): logits of magnitude ~20
+/// agree within 5e-3.
+#[test]
+fn incremental_decode_equals_full_forward() {
+    let m = model();
+    let tokens = &eval_tokens()[100..140];
+    let vocab = m.vocab();
+    for spec in ["f32", "f16"] {
+        let mut full_cache = m.new_cache(spec).unwrap();
+        let full = m.forward(tokens, 0, full_cache.as_mut(), None).unwrap();
+        let mut cache = m.new_cache(spec).unwrap();
+        let prefix = 24;
+        let mut rows = m.forward(&tokens[..prefix], 0, cache.as_mut(), None).unwrap();
+        for (i, &t) in tokens.iter().enumerate().skip(prefix) {
+            rows.extend(m.forward(&[t], i, cache.as_mut(), Some(1)).unwrap());
+        }
+        assert_eq!(rows.len(), full.len());
+        for (pos, (a, b)) in rows.chunks(vocab).zip(full.chunks(vocab)).enumerate() {
+            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(d < 5e-3, "{spec} position {pos}: max |Δlogit| {d}");
+        }
+        assert_eq!(cache.memory(), full_cache.memory());
+    }
+}
+
+/// llama.cpp's `llama-perplexity -c 512 --chunks 4 -t 2` on sotu-eval with its default f16 cache
+/// (llama.cpp vendored in llama-cpp-python 0.3.36, built here on 2026-11-29) printed
+/// "Final estimate: PPL = 22.6606 +/- 2.01682". The same protocol must land within 1%.
+#[test]
+fn perplexity_matches_llama_cpp_on_a_prefix() {
+    let opts = PplOptions { ctx: 512, max_tokens: Some(2048), protocol: Protocol::LlamaCpp, quiet: true };
+    let r = perplexity(model(), eval_tokens(), "f16", &opts).unwrap();
+    assert_eq!((r.windows, r.scored_tokens), (4, 4 * 255));
+    let rel = (r.ppl / 22.6606 - 1.0).abs();
+    assert!(rel < 0.01, "PPL {} vs llama.cpp 22.6606 ({:.2}% off)", r.ppl, rel * 100.0);
+}
+
+#[test]
+fn generation_is_greedy_deterministic_and_knows_paris() {
+    use eval::generate::{generate, Sampling};
+    let m = model();
+    let ids = m.tokenizer.encode("The capital of France is", true).unwrap();
+    let s = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+    let a = generate(m, &ids, "f16", 8, &s, |_| {}).unwrap();
+    let b = generate(m, &ids, "f32", 8, &s, |_| {}).unwrap();
+    assert!(a.text.trim_start().starts_with("Paris"), "{:?}", a.text);
+    assert_eq!(a.text, b.text);
+    let sampled = Sampling { temperature: 0.8, top_p: 0.9, seed: 7 };
+    let c = generate(m, &ids, "f16", 8, &sampled, |_| {}).unwrap();
+    let d = generate(m, &ids, "f16", 8, &sampled, |_| {}).unwrap();
+    assert_eq!(c.text, d.text, "same seed, same text");
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // Not a GGUF file.
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"definitely not gguf").unwrap();
+    let e = llm::Model::load(&junk).err().unwrap().to_string();
+    assert!(e.contains("not a readable GGUF"), "{e}");
+    // Truncated GGUF: the real header, data cut off.
+    let real = std::fs::read(eval::assets::model_path(&home())).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &real[..real.len() / 3]).unwrap();
+    let e = llm::Model::load(&cut).err().unwrap().to_string();
+    assert!(e.contains("bytes at offset") || e.contains("remaining"), "{e}");
+    // Missing file.
+    let e = llm::Model::load(&dir.path().join("nope.gguf")).err().unwrap().to_string();
+    assert!(e.contains("cannot open model file"), "{e}");
+    // Context out of range, too few tokens.
+    let m = model();
+    let opts = |ctx| PplOptions { ctx, max_tokens: None, protocol: Protocol::Windows, quiet: true };
+    let e = perplexity(m, &[1, 2, 3], "f16", &opts(100_000)).err().unwrap().to_string();
+    assert!(e.contains("exceeds the model's context length 8192"), "{e}");
+    let e = perplexity(m, &[1, 2, 3], "f16", &opts(1)).err().unwrap().to_string();
+    assert!(e.contains("too small"), "{e}");
+    let e = perplexity(m, &[5], "f16", &opts(512)).err().unwrap().to_string();
+    assert!(e.contains("at least 2"), "{e}");
+    let e = perplexity(m, &[5, 6, 7], "q3_z", &opts(512)).err().unwrap().to_string();
+    assert!(e.contains("unknown cache type"), "{e}");
+}

@@ -1,0 +1,246 @@
+//! Causal multi-head attention over keys and values read from a cache.
+//!
+//! This is the default `KvCache::attend`: it asks the cache for dense pre-RoPE keys and values,
+//! rotates the keys to their positions, and runs softmax(q·kᵀ·scale)·v with two matrix products
+//! per KV head. Backends that can attend on their compressed form override `attend` instead.
+
+use crate::{CacheError, KvCache};
+use rayon::prelude::*;
+
+/// Queries of one layer, already rotated to their positions.
+#[derive(Clone, Copy, Debug)]
+pub struct Queries<'a> {
+    /// [tokens, q_heads, head_dim]
+    pub q: &'a [f32],
+    pub tokens: usize,
+    pub q_heads: usize,
+    /// Position of query row 0; row i sits at `first_pos + i` and sees keys `..=first_pos + i`.
+    pub first_pos: usize,
+    /// Softmax temperature, usually 1/sqrt(head_dim).
+    pub scale: f32,
+    /// Sliding window: a query at position p sees only keys at positions > p - window.
+    pub window: Option<usize>,
+}
+
+/// Largest block of query rows attended at once: bounds the score matrix at long context.
+const QUERY_BLOCK: usize = 256;
+
+/// `c[m, n] = a[m, k] · b[n, k]ᵀ` (all row-major, single-threaded).
+pub fn matmul_bt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
+    // SAFETY: the asserts above bound every index the kernel touches given these strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `c[m, n] = a[m, k] · b[k, n]` (all row-major, single-threaded).
+pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    // SAFETY: as in `matmul_bt`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Checks the query shape against the cache and returns the number of keys needed.
+pub fn check_queries<C: KvCache + ?Sized>(
+    cache: &C,
+    layer: usize,
+    queries: &Queries,
+    out: &[f32],
+) -> Result<usize, CacheError> {
+    let shape = cache.shape();
+    let hd = shape.head_dim;
+    if layer >= shape.layers {
+        return Err(CacheError::Shape(format!(
+            "layer {layer} out of range ({} layers)",
+            shape.layers
+        )));
+    }
+    if queries.q_heads == 0 || queries.q_heads % shape.kv_heads != 0 {
+        return Err(CacheError::Shape(format!(
+            "{} query heads is not a multiple of {} KV heads",
+            queries.q_heads, shape.kv_heads
+        )));
+    }
+    let expected = queries.tokens * queries.q_heads * hd;
+    if queries.q.len() != expected || out.len() != expected {
+        return Err(CacheError::Shape(format!(
+            "queries/output hold {}/{} values, expected {expected} = {} tokens x {} heads x {hd}",
+            queries.q.len(),
+            out.len(),
+            queries.tokens,
+            queries.q_heads
+        )));
+    }
+    let needed = queries.first_pos + queries.tokens;
+    if needed > cache.len(layer) {
+        return Err(CacheError::Shape(format!(
+            "queries reach position {} but layer {layer} holds {} tokens",
+            needed - 1,
+            cache.len(layer)
+        )));
+    }
+    Ok(needed)
+}
+
+/// Attention through dense reads of the cache. `out`: [tokens, q_heads, head_dim].
+pub fn dense_attention<C: KvCache + ?Sized>(
+    cache: &C,
+    layer: usize,
+    queries: &Queries,
+    out: &mut [f32],
+) -> Result<(), CacheError> {
+    let needed = check_queries(cache, layer, queries, out)?;
+    let shape = cache.shape();
+    let (hd, kv_heads) = (shape.head_dim, shape.kv_heads);
+    let group = queries.q_heads / kv_heads;
+    let first_key = match queries.window {
+        Some(w) => (queries.first_pos + 1).saturating_sub(w),
+        None => 0,
+    };
+    let rope = cache.rope();
+
+    // One task per KV head; each returns its [tokens, group, head_dim] slab.
+    let per_head: Vec<Result<Vec<f32>, CacheError>> = (0..kv_heads)
+        .into_par_iter()
+        .map(|h| {
+            let n_keys = needed - first_key;
+            let mut keys = vec![0f32; n_keys * hd]; // [n_keys, hd]
+            let mut values = vec![0f32; n_keys * hd]; // [n_keys, hd]
+            cache.read_keys(layer, h, first_key..needed, &mut keys)?;
+            cache.read_values(layer, h, first_key..needed, &mut values)?;
+            rope.rotate_rows(&mut keys, first_key);
+            Ok(attend_one_head(
+                queries, h, group, hd, first_key, &keys, &values,
+            ))
+        })
+        .collect();
+
+    for (h, slab) in per_head.into_iter().enumerate() {
+        let slab = slab?;
+        for i in 0..queries.tokens {
+            for j in 0..group {
+                let dst = (i * queries.q_heads + h * group + j) * hd;
+                let src = (i * group + j) * hd;
+                out[dst..dst + hd].copy_from_slice(&slab[src..src + hd]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Softmax attention of the `group` query heads of KV head `h` over rotated `keys`/`values`
+/// ([n_keys, hd], starting at position `first_key`). Returns [tokens, group, hd].
+pub fn attend_one_head(
+    queries: &Queries,
+    h: usize,
+    group: usize,
+    hd: usize,
+    first_key: usize,
+    keys: &[f32],
+    values: &[f32],
+) -> Vec<f32> {
+    let n = queries.tokens;
+    let mut result = vec![0f32; n * group * hd];
+    let mut i0 = 0;
+    while i0 < n {
+        let i1 = (i0 + QUERY_BLOCK).min(n);
+        let rows = (i1 - i0) * group;
+        // Keys this block can see: up to the last query's position.
+        let t_end = queries.first_pos + i1 - first_key;
+        // [rows, hd], row r = (i - i0) * group + j
+        let mut q = vec![0f32; rows * hd];
+        for i in i0..i1 {
+            for j in 0..group {
+                let src = (i * queries.q_heads + h * group + j) * hd;
+                let r = (i - i0) * group + j;
+                q[r * hd..(r + 1) * hd].copy_from_slice(&queries.q[src..src + hd]);
+            }
+        }
+        let mut scores = vec![0f32; rows * t_end]; // [rows, t_end]
+        matmul_bt(rows, t_end, hd, &q, keys, &mut scores);
+        for i in i0..i1 {
+            let pos = queries.first_pos + i;
+            let lo = match queries.window {
+                Some(w) => (pos + 1).saturating_sub(w).saturating_sub(first_key),
+                None => 0,
+            };
+            let hi = pos + 1 - first_key; // exclusive
+            for j in 0..group {
+                let r = (i - i0) * group + j;
+                softmax_masked(
+                    &mut scores[r * t_end..(r + 1) * t_end],
+                    lo,
+                    hi,
+                    queries.scale,
+                );
+            }
+        }
+        let mut o = vec![0f32; rows * hd];
+        matmul(rows, hd, t_end, &scores, values, &mut o);
+        result[i0 * group * hd..i1 * group * hd].copy_from_slice(&o);
+        i0 = i1;
+    }
+    result
+}
+
+/// In place: row[lo..hi] = softmax(row[lo..hi] * scale), zero elsewhere.
+pub fn softmax_masked(row: &mut [f32], lo: usize, hi: usize, scale: f32) {
+    let mut max = f32::NEG_INFINITY;
+    for &s in &row[lo..hi] {
+        max = max.max(s * scale);
+    }
+    let mut sum = 0f32;
+    for s in &mut row[lo..hi] {
+        *s = (*s * scale - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    for s in &mut row[lo..hi] {
+        *s *= inv;
+    }
+    row[..lo].fill(0.0);
+    row[hi..].fill(0.0);
+}

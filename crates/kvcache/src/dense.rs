@@ -1,0 +1,315 @@
+//! Uncompressed caches: `f32` (exact) and `f16` (llama.cpp's default cache type).
+
+use crate::{check_append, check_read, CacheError, CacheShape, KvCache, MemoryReport, Rope};
+use half::f16;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// An element type a dense cache can store.
+pub trait DenseElement: Copy + Send + Sync + 'static {
+    const NAME: &'static str;
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl DenseElement for f32 {
+    const NAME: &'static str = "f32";
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl DenseElement for f16 {
+    const NAME: &'static str = "f16";
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+/// Keys and values stored as they come, one contiguous [tokens, head_dim] run per layer and head.
+#[derive(Clone)]
+pub struct DenseCache<E: DenseElement> {
+    shape: CacheShape,
+    rope: Arc<Rope>,
+    // [layers * kv_heads] of [tokens, head_dim]
+    keys: Vec<Vec<E>>,
+    values: Vec<Vec<E>>,
+    lens: Vec<usize>,
+}
+
+pub type F32Cache = DenseCache<f32>;
+pub type F16Cache = DenseCache<f16>;
+
+impl<E: DenseElement> DenseCache<E> {
+    pub fn new(shape: CacheShape, rope: Arc<Rope>) -> Self {
+        let slots = shape.layers * shape.kv_heads;
+        Self {
+            shape,
+            rope,
+            keys: vec![Vec::new(); slots],
+            values: vec![Vec::new(); slots],
+            lens: vec![0; shape.layers],
+        }
+    }
+
+    fn slot(&self, layer: usize, head: usize) -> usize {
+        layer * self.shape.kv_heads + head
+    }
+}
+
+fn read_rows<E: DenseElement>(src: &[E], hd: usize, positions: Range<usize>, out: &mut [f32]) {
+    let src = &src[positions.start * hd..positions.end * hd];
+    for (o, s) in out.iter_mut().zip(src) {
+        *o = s.to_f32();
+    }
+}
+
+impl<E: DenseElement> KvCache for DenseCache<E> {
+    fn shape(&self) -> CacheShape {
+        self.shape
+    }
+    fn rope(&self) -> &Rope {
+        &self.rope
+    }
+    fn spec(&self) -> String {
+        E::NAME.to_string()
+    }
+
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), CacheError> {
+        let tokens = check_append(&self.shape, layer, k, v)?;
+        let (heads, hd) = (self.shape.kv_heads, self.shape.head_dim);
+        for t in 0..tokens {
+            for h in 0..heads {
+                let src = (t * heads + h) * hd;
+                let slot = self.slot(layer, h);
+                self.keys[slot].extend(k[src..src + hd].iter().map(|&x| E::from_f32(x)));
+                self.values[slot].extend(v[src..src + hd].iter().map(|&x| E::from_f32(x)));
+            }
+        }
+        self.lens[layer] += tokens;
+        Ok(())
+    }
+
+    fn len(&self, layer: usize) -> usize {
+        self.lens.get(layer).copied().unwrap_or(0)
+    }
+
+    fn read_keys(
+        &self,
+        layer: usize,
+        head: usize,
+        positions: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), CacheError> {
+        check_read(&self.shape, self.len(layer), layer, head, &positions, out)?;
+        read_rows(
+            &self.keys[self.slot(layer, head)],
+            self.shape.head_dim,
+            positions,
+            out,
+        );
+        Ok(())
+    }
+
+    fn read_values(
+        &self,
+        layer: usize,
+        head: usize,
+        positions: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), CacheError> {
+        check_read(&self.shape, self.len(layer), layer, head, &positions, out)?;
+        read_rows(
+            &self.values[self.slot(layer, head)],
+            self.shape.head_dim,
+            positions,
+            out,
+        );
+        Ok(())
+    }
+
+    fn memory(&self) -> MemoryReport {
+        let stored: usize = self.keys.iter().chain(&self.values).map(Vec::len).sum();
+        MemoryReport {
+            elements: stored as u64,
+            bytes: (stored * std::mem::size_of::<E>()) as u64,
+            fixed_bytes: 0,
+        }
+    }
+
+    fn truncate(&mut self, len: usize) {
+        let hd = self.shape.head_dim;
+        for run in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            run.truncate(len * hd);
+        }
+        for l in &mut self.lens {
+            *l = (*l).min(len);
+        }
+    }
+
+    fn box_clone(&self) -> Box<dyn KvCache> {
+        Box::new(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{attention, Queries, RopeLayout};
+
+    fn shape() -> CacheShape {
+        CacheShape {
+            layers: 2,
+            kv_heads: 2,
+            head_dim: 8,
+        }
+    }
+
+    fn data(n: usize, seed: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32 + seed) * 0.731).sin()).collect()
+    }
+
+    /// Slow reference: attention with explicit loops in f64.
+    fn reference_attention(
+        k: &[f32],
+        v: &[f32],
+        q: &[f32],
+        rope: &Rope,
+        s: CacheShape,
+        q_heads: usize,
+        first_pos: usize,
+    ) -> Vec<f32> {
+        let hd = s.head_dim;
+        let n = q.len() / (q_heads * hd);
+        let group = q_heads / s.kv_heads;
+        let mut out = vec![0f32; q.len()];
+        for i in 0..n {
+            for qh in 0..q_heads {
+                let h = qh / group;
+                let qv = &q[(i * q_heads + qh) * hd..][..hd];
+                let pos = first_pos + i;
+                let mut scores = vec![];
+                for t in 0..=pos {
+                    let mut key = k[(t * s.kv_heads + h) * hd..][..hd].to_vec();
+                    rope.rotate(&mut key, t);
+                    let d: f64 = qv
+                        .iter()
+                        .zip(&key)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum();
+                    scores.push(d / (hd as f64).sqrt());
+                }
+                let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
+                for (t, sc) in scores.iter().enumerate() {
+                    let p = (sc - m).exp() / z;
+                    for c in 0..hd {
+                        out[(i * q_heads + qh) * hd + c] +=
+                            (p * v[(t * s.kv_heads + h) * hd + c] as f64) as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn f32_cache_attention_matches_reference_in_prefill_and_decode() {
+        let s = shape();
+        let rope = Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::Interleaved));
+        let tokens = 5;
+        let k = data(tokens * 16, 0.0);
+        let v = data(tokens * 16, 3.0);
+        let q_heads = 4;
+        let q = data(tokens * q_heads * 8, 7.0);
+        // Prefill all 5 at once.
+        let mut cache = F32Cache::new(s, rope.clone());
+        cache.append(1, &k, &v).unwrap();
+        let mut out = vec![0f32; q.len()];
+        let queries = Queries {
+            q: &q,
+            tokens,
+            q_heads,
+            first_pos: 0,
+            scale: 1.0 / 8f32.sqrt(),
+            window: None,
+        };
+        cache.attend(1, &queries, &mut out).unwrap();
+        let want = reference_attention(&k, &v, &q, &rope, s, q_heads, 0);
+        for (a, b) in out.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // Decode the same tokens one at a time: same outputs.
+        let mut inc = F32Cache::new(s, rope.clone());
+        for t in 0..tokens {
+            inc.append(1, &k[t * 16..(t + 1) * 16], &v[t * 16..(t + 1) * 16])
+                .unwrap();
+            let qt = &q[t * q_heads * 8..(t + 1) * q_heads * 8];
+            let mut o = vec![0f32; qt.len()];
+            let queries = Queries {
+                q: qt,
+                tokens: 1,
+                q_heads,
+                first_pos: t,
+                scale: 1.0 / 8f32.sqrt(),
+                window: None,
+            };
+            attention::dense_attention(&inc, 1, &queries, &mut o).unwrap();
+            for (a, b) in o.iter().zip(&want[t * q_heads * 8..]) {
+                assert!((a - b).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn f16_cache_rounds_and_counts_bytes() {
+        let s = shape();
+        let rope = Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::Interleaved));
+        let mut cache = F16Cache::new(s, rope);
+        let k = data(3 * 16, 1.0);
+        let v = data(3 * 16, 2.0);
+        cache.append(0, &k, &v).unwrap();
+        let mut out = vec![0f32; 3 * 8];
+        cache.read_keys(0, 1, 0..3, &mut out).unwrap();
+        for t in 0..3 {
+            for c in 0..8 {
+                let want = f16::from_f32(k[(t * 2 + 1) * 8 + c]).to_f32();
+                assert_eq!(out[t * 8 + c], want);
+            }
+        }
+        let m = cache.memory();
+        assert_eq!(m.elements, 3 * 2 * 8 * 2);
+        assert_eq!(m.bytes, m.elements * 2);
+        assert_eq!(m.bits_per_element(), 16.0);
+    }
+
+    #[test]
+    fn bad_appends_and_reads_are_errors() {
+        let s = shape();
+        let rope = Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::Interleaved));
+        let mut cache = F32Cache::new(s, rope);
+        assert!(matches!(
+            cache.append(0, &[0.0; 15], &[0.0; 15]),
+            Err(CacheError::Shape(_))
+        ));
+        assert!(matches!(
+            cache.append(2, &[0.0; 16], &[0.0; 16]),
+            Err(CacheError::Shape(_))
+        ));
+        let mut bad = vec![0.0; 16];
+        bad[3] = f32::NAN;
+        assert!(matches!(
+            cache.append(0, &bad, &[0.0; 16]),
+            Err(CacheError::NonFinite("keys", 0))
+        ));
+        cache.append(0, &[0.0; 16], &[0.0; 16]).unwrap();
+        let mut out = vec![0.0; 16];
+        assert!(cache.read_keys(0, 0, 0..2, &mut out).is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! The KV cache seam between a model and every compression scheme.
+//!
+//! A model hands each layer's new keys (before RoPE) and values to [`KvCache::append`] and asks
+//! [`KvCache::attend`] for the attention output; it never sees how the cache stores them. A cache
+//! never knows which model feeds it. The default `attend` reads dense keys/values back and runs
+//! ordinary attention ([`attention::dense_attention`]); a backend that can attend on its
+//! compressed form overrides it.
+
+pub mod attention;
+pub mod dense;
+pub mod rope;
+pub mod spec;
+
+use std::ops::Range;
+use std::sync::Arc;
+
+pub use attention::Queries;
+pub use rope::{Rope, RopeLayout};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    #[error("non-finite value (NaN or Inf) in the {0} of layer {1}")]
+    NonFinite(&'static str, usize),
+    #[error("bad cache spec '{spec}': {reason}")]
+    Spec { spec: String, reason: String },
+    #[error("cache codebooks: {0}")]
+    Codebooks(String),
+}
+
+/// Geometry of a model's cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheShape {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// What a cache needs from the model to be built.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub shape: CacheShape,
+    pub rope: Arc<Rope>,
+    /// Identity of the model (architecture, file hash) for caches that carry learned state.
+    pub model_id: Option<ModelIdentity>,
+}
+
+/// What identifies the model a calibrated cache was learned on.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelIdentity {
+    pub architecture: String,
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// sha256 of the model file, hex.
+    pub file_sha256: String,
+}
+
+/// Exact memory use of a cache's stored tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct MemoryReport {
+    /// Scalar K and V elements represented (tokens x kv_heads x head_dim x 2, over all layers).
+    pub elements: u64,
+    /// Bytes holding those elements: codes, scales, zero points, full-precision windows.
+    pub bytes: u64,
+    /// Bytes that do not grow with context (codebooks, rotation tables).
+    pub fixed_bytes: u64,
+}
+
+impl MemoryReport {
+    /// Bits per cached element, fixed bytes excluded.
+    pub fn bits_per_element(&self) -> f64 {
+        if self.elements == 0 {
+            return 0.0;
+        }
+        self.bytes as f64 * 8.0 / self.elements as f64
+    }
+}
+
+pub trait KvCache: Send + Sync {
+    fn shape(&self) -> CacheShape;
+    /// The rotation applied to keys when they are read.
+    fn rope(&self) -> &Rope;
+    /// The spec string that rebuilds this cache, e.g. `f16`.
+    fn spec(&self) -> String;
+    /// Appends new positions to `layer`. `k`, `v`: [tokens, kv_heads, head_dim]; keys before RoPE.
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), CacheError>;
+    /// Number of positions stored for `layer`.
+    fn len(&self, layer: usize) -> usize;
+    /// Keys (before RoPE) of KV head `head` at `positions`, as f32 into `out` ([positions, head_dim]).
+    fn read_keys(
+        &self,
+        layer: usize,
+        head: usize,
+        positions: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), CacheError>;
+    /// Values of KV head `head` at `positions` into `out` ([positions, head_dim]).
+    fn read_values(
+        &self,
+        layer: usize,
+        head: usize,
+        positions: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), CacheError>;
+    /// Attention output for `queries` over everything stored for `layer`.
+    /// `out`: [tokens, q_heads, head_dim].
+    fn attend(&self, layer: usize, queries: &Queries, out: &mut [f32]) -> Result<(), CacheError> {
+        attention::dense_attention(self, layer, queries, out)
+    }
+    fn memory(&self) -> MemoryReport;
+    /// Keeps the first `len` positions of every layer (used to score several continuations of
+    /// one shared context).
+    fn truncate(&mut self, len: usize);
+    fn box_clone(&self) -> Box<dyn KvCache>;
+
+    fn is_empty(&self, layer: usize) -> bool {
+        self.len(layer) == 0
+    }
+}
+
+/// Validates an append's shape and values; returns the number of new tokens.
+pub fn check_append(
+    shape: &CacheShape,
+    layer: usize,
+    k: &[f32],
+    v: &[f32],
+) -> Result<usize, CacheError> {
+    if layer >= shape.layers {
+        return Err(CacheError::Shape(format!(
+            "layer {layer} out of range ({} layers)",
+            shape.layers
+        )));
+    }
+    let row = shape.kv_heads * shape.head_dim;
+    if k.len() != v.len() || k.len() % row != 0 {
+        return Err(CacheError::Shape(format!(
+            "keys/values hold {}/{} values: not whole [tokens, {}, {}] rows",
+            k.len(),
+            v.len(),
+            shape.kv_heads,
+            shape.head_dim
+        )));
+    }
+    if k.iter().any(|x| !x.is_finite()) {
+        return Err(CacheError::NonFinite("keys", layer));
+    }
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(CacheError::NonFinite("values", layer));
+    }
+    Ok(k.len() / row)
+}
+
+/// Validates a read request against what is stored.
+pub fn check_read(
+    shape: &CacheShape,
+    stored: usize,
+    layer: usize,
+    head: usize,
+    positions: &Range<usize>,
+    out: &[f32],
+) -> Result<(), CacheError> {
+    if layer >= shape.layers || head >= shape.kv_heads {
+        return Err(CacheError::Shape(format!(
+            "layer {layer} / head {head} out of range"
+        )));
+    }
+    if positions.start > positions.end || positions.end > stored {
+        return Err(CacheError::Shape(format!(
+            "positions {positions:?} outside the {stored} stored in layer {layer}"
+        )));
+    }
+    if out.len() != positions.len() * shape.head_dim {
+        return Err(CacheError::Shape(format!(
+            "output holds {} values, expected {} x {}",
+            out.len(),
+            positions.len(),
+            shape.head_dim
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! Rotary position embedding applied to keys when they are read from a cache.
+//!
+//! Caches store keys *before* RoPE (the paper quantizes pre-RoPE keys); attention rotates them
+//! at their position on the way out. The cos/sin table is computed once per model.
+
+/// How channel pairs are formed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RopeLayout {
+    /// Pairs (2i, 2i+1): GGUF llama models (the convert script permutes q/k weights for this).
+    Interleaved,
+    /// Pairs (i, i + d/2): GPT-NeoX / HF layout (gemma3, qwen2 in GGUF).
+    HalfSplit,
+}
+
+/// Precomputed rotation table for positions `0..max_positions`.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    head_dim: usize,
+    layout: RopeLayout,
+    theta: f32,
+    max_positions: usize,
+    // [max_positions, head_dim / 2]
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f32, max_positions: usize, layout: RopeLayout) -> Self {
+        assert!(head_dim % 2 == 0, "RoPE needs an even head_dim");
+        let half = head_dim / 2;
+        // Same arithmetic as llama.cpp / candle: freq_i = theta^(-2i/d), angle = pos * freq_i.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for pos in 0..max_positions {
+            for &f in &inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self {
+            head_dim,
+            layout,
+            theta,
+            max_positions,
+            cos,
+            sin,
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    pub fn layout(&self) -> RopeLayout {
+        self.layout
+    }
+    pub fn theta(&self) -> f32 {
+        self.theta
+    }
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// Rotates one head vector `x` ([head_dim]) to position `pos` in place.
+    #[inline]
+    pub fn rotate(&self, x: &mut [f32], pos: usize) {
+        let half = self.head_dim / 2;
+        let cos = &self.cos[pos * half..(pos + 1) * half];
+        let sin = &self.sin[pos * half..(pos + 1) * half];
+        match self.layout {
+            RopeLayout::Interleaved => {
+                for i in 0..half {
+                    let (a, b) = (x[2 * i], x[2 * i + 1]);
+                    x[2 * i] = a * cos[i] - b * sin[i];
+                    x[2 * i + 1] = a * sin[i] + b * cos[i];
+                }
+            }
+            RopeLayout::HalfSplit => {
+                let (lo, hi) = x.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (lo[i], hi[i]);
+                    lo[i] = a * cos[i] - b * sin[i];
+                    hi[i] = a * sin[i] + b * cos[i];
+                }
+            }
+        }
+    }
+
+    /// Rotates consecutive head vectors `xs` ([n, head_dim]) to positions `first_pos..first_pos + n`.
+    pub fn rotate_rows(&self, xs: &mut [f32], first_pos: usize) {
+        for (i, row) in xs.chunks_exact_mut(self.head_dim).enumerate() {
+            self.rotate(row, first_pos + i);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Slow reference: rotate each pair by angle pos * theta^(-2i/d), in f64.
+    fn reference(x: &[f32], pos: usize, theta: f64, layout: RopeLayout) -> Vec<f32> {
+        let d = x.len();
+        let mut out = x.to_vec();
+        for i in 0..d / 2 {
+            let angle = pos as f64 * theta.powf(-((2 * i) as f64) / d as f64);
+            let (ia, ib) = match layout {
+                RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                RopeLayout::HalfSplit => (i, i + d / 2),
+            };
+            let (a, b) = (x[ia] as f64, x[ib] as f64);
+            out[ia] = (a * angle.cos() - b * angle.sin()) as f32;
+            out[ib] = (a * angle.sin() + b * angle.cos()) as f32;
+        }
+        out
+    }
+
+    #[test]
+    fn matches_reference_and_preserves_norm() {
+        for layout in [RopeLayout::Interleaved, RopeLayout::HalfSplit] {
+            let rope = Rope::new(8, 10000.0, 64, layout);
+            let x: Vec<f32> = (0..8).map(|i| (i as f32 * 0.37).sin()).collect();
+            for pos in [0, 1, 7, 63] {
+                let mut y = x.clone();
+                rope.rotate(&mut y, pos);
+                let r = reference(&x, pos, 10000.0, layout);
+                for (a, b) in y.iter().zip(&r) {
+                    assert!((a - b).abs() < 1e-4, "{layout:?} pos {pos}: {a} vs {b}");
+                }
+                let n0: f32 = x.iter().map(|v| v * v).sum();
+                let n1: f32 = y.iter().map(|v| v * v).sum();
+                assert!((n0 - n1).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn relative_position_property() {
+        // <R(p)q, R(t)k> depends only on p - t.
+        let rope = Rope::new(16, 10000.0, 128, RopeLayout::Interleaved);
+        let q: Vec<f32> = (0..16).map(|i| (i as f32).cos()).collect();
+        let k: Vec<f32> = (0..16).map(|i| (i as f32 * 1.3).sin()).collect();
+        let dot = |p: usize, t: usize| {
+            let (mut a, mut b) = (q.clone(), k.clone());
+            rope.rotate(&mut a, p);
+            rope.rotate(&mut b, t);
+            a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>()
+        };
+        assert!((dot(10, 3) - dot(57, 50)).abs() < 1e-3);
+    }
+}

@@ -1,0 +1,103 @@
+//! A loaded model: architecture, tokenizer and identity, ready to build caches for.
+
+use crate::error::{LlmError, Result};
+use crate::gguf::GgufFile;
+use crate::llama::Llama;
+use crate::tokenizer::Tokenizer;
+use kvcache::{CacheConfig, CacheShape, KvCache, ModelIdentity};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+pub struct Model {
+    pub path: PathBuf,
+    pub architecture: String,
+    pub llama: Llama,
+    pub tokenizer: Tokenizer,
+    sha256: OnceLock<String>,
+}
+
+impl Model {
+    pub fn load(path: &Path) -> Result<Self> {
+        let mut gguf = GgufFile::open(path)?;
+        let architecture = gguf.string("general.architecture")?;
+        if architecture != "llama" {
+            return Err(LlmError::UnsupportedArchitecture(architecture));
+        }
+        let llama = Llama::load(&mut gguf)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        Ok(Self { path: path.into(), architecture, llama, tokenizer, sha256: OnceLock::new() })
+    }
+
+    pub fn cache_shape(&self) -> CacheShape {
+        let c = &self.llama.config;
+        CacheShape { layers: c.layers, kv_heads: c.kv_heads, head_dim: c.head_dim }
+    }
+
+    pub fn context_len(&self) -> usize {
+        self.llama.config.context_len
+    }
+
+    /// sha256 of the model file (computed once, on first use).
+    pub fn file_sha256(&self) -> Result<String> {
+        if let Some(s) = self.sha256.get() {
+            return Ok(s.clone());
+        }
+        let mut f = std::fs::File::open(&self.path)
+            .map_err(|source| LlmError::Open { path: self.path.clone(), source })?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|source| LlmError::Open { path: self.path.clone(), source })?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(self.sha256.get_or_init(|| hex).clone())
+    }
+
+    pub fn identity(&self) -> Result<ModelIdentity> {
+        let s = self.cache_shape();
+        Ok(ModelIdentity {
+            architecture: self.architecture.clone(),
+            layers: s.layers,
+            kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+            file_sha256: self.file_sha256()?,
+        })
+    }
+
+    /// What a cache backend needs; `with_identity` hashes the model file (for calibrated caches).
+    pub fn cache_config(&self, with_identity: bool) -> Result<CacheConfig> {
+        Ok(CacheConfig {
+            shape: self.cache_shape(),
+            rope: self.llama.rope().clone(),
+            model_id: if with_identity { Some(self.identity()?) } else { None },
+        })
+    }
+
+    /// Builds the cache a spec names for this model.
+    pub fn new_cache(&self, spec: &str) -> Result<Box<dyn KvCache>> {
+        let needs_identity = spec.starts_with("rvq");
+        Ok(kvcache::spec::build(spec, &self.cache_config(needs_identity)?)?)
+    }
+
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        first_pos: usize,
+        cache: &mut dyn KvCache,
+        logit_rows: Option<usize>,
+    ) -> Result<Vec<f32>> {
+        self.llama.forward(tokens, first_pos, cache, logit_rows)
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.llama.config.vocab
+    }
+}

@@ -1,0 +1,219 @@
+//! The tokenizer a GGUF file describes, rebuilt with the `tokenizers` crate.
+//!
+//! Byte-level BPE (`tokenizer.ggml.model = gpt2`): vocabulary and merges from the metadata, the
+//! pre-tokenizer that matches llama.cpp's `tokenizer.ggml.pre` setting, control tokens (type 3)
+//! as special tokens.
+
+use crate::error::{LlmError, Result};
+use crate::gguf::GgufFile;
+use candle_core::quantized::gguf_file::Value;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, DecoderWrapper};
+
+/// GGUF token types (llama.cpp `llama_token_type`).
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    /// Whether the model expects BOS in front of a text (llama.cpp's `add_bos_token`).
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+}
+
+fn strings(v: &Value, key: &str) -> Result<Vec<String>> {
+    let arr = v.to_vec().map_err(|_| LlmError::Metadata(format!("'{key}' is not an array")))?;
+    arr.iter()
+        .map(|x| {
+            x.to_string()
+                .cloned()
+                .map_err(|_| LlmError::Metadata(format!("'{key}' holds a non-string")))
+        })
+        .collect()
+}
+
+fn ints(v: &Value, key: &str) -> Result<Vec<i32>> {
+    let arr = v.to_vec().map_err(|_| LlmError::Metadata(format!("'{key}' is not an array")))?;
+    arr.iter()
+        .map(|x| x.to_i32().map_err(|_| LlmError::Metadata(format!("'{key}' holds a non-i32"))))
+        .collect()
+}
+
+impl Tokenizer {
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
+        let model = gguf.string("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(LlmError::Tokenizer(format!(
+                "tokenizer model '{model}' is not supported (supported: gpt2 byte-level BPE)"
+            )));
+        }
+        let tokens = strings(gguf.value("tokenizer.ggml.tokens")?, "tokenizer.ggml.tokens")?;
+        let merges = strings(gguf.value("tokenizer.ggml.merges")?, "tokenizer.ggml.merges")?;
+        let types = match gguf.content.metadata.get("tokenizer.ggml.token_type") {
+            Some(v) => ints(v, "tokenizer.ggml.token_type")?,
+            None => vec![1; tokens.len()],
+        };
+        if types.len() != tokens.len() {
+            return Err(LlmError::Tokenizer(format!(
+                "{} token types for {} tokens",
+                types.len(),
+                tokens.len()
+            )));
+        }
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| LlmError::Tokenizer(format!("merge '{m}' has no space")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))?;
+
+        let pre = if gguf.has("tokenizer.ggml.pre") {
+            gguf.string("tokenizer.ggml.pre")?
+        } else {
+            "default".to_string()
+        };
+        // llama.cpp's regexes per `pre`: "smollm" splits every digit first, then GPT-2's split.
+        let byte_level = ByteLevel::new(false, false, true);
+        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
+            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+            "default" | "gpt2" => byte_level.into(),
+            other => {
+                return Err(LlmError::Tokenizer(format!(
+                    "pre-tokenizer '{other}' is not supported (supported: smollm, gpt2, default)"
+                )))
+            }
+        };
+
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::default())));
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+            .map(|(tok, &t)| AddedToken::from(tok.clone(), t == TOKEN_TYPE_CONTROL))
+            .collect();
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))?;
+
+        let id = |key: &str| -> Result<Option<u32>> {
+            if gguf.has(key) {
+                Ok(Some(gguf.usize(key)? as u32))
+            } else {
+                Ok(None)
+            }
+        };
+        let add_bos = match gguf.content.metadata.get("tokenizer.ggml.add_bos_token") {
+            Some(v) => v.to_bool().map_err(|_| LlmError::Metadata("add_bos_token not a bool".into()))?,
+            None => false,
+        };
+        let chat_template = if gguf.has("tokenizer.chat_template") {
+            Some(gguf.string("tokenizer.chat_template")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            inner,
+            bos: id("tokenizer.ggml.bos_token_id")?,
+            eos: id("tokenizer.ggml.eos_token_id")?,
+            add_bos,
+            chat_template,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text`; control tokens written in the text are recognised. BOS is prepended
+    /// when the model asks for it and `with_bos` is set.
+    pub fn encode(&self, text: &str, with_bos: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if with_bos && self.add_bos {
+            if let Some(b) = self.bos {
+                ids.push(b);
+            }
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| LlmError::Tokenizer(e.to_string()))
+    }
+
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Decodes a stream of ids piece by piece, holding back incomplete UTF-8.
+    pub fn stream(&self) -> TokenStream<'_> {
+        TokenStream { tokenizer: self, ids: Vec::new(), emitted: 0 }
+    }
+
+    /// Renders the model's chat template for one user message, ready for the reply.
+    pub fn chat_prompt(&self, user: &str) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| LlmError::Template("the model has no tokenizer.chat_template".into()))?;
+        let mut env = minijinja::Environment::new();
+        env.add_template("chat", template).map_err(|e| LlmError::Template(e.to_string()))?;
+        let bos = self.bos.and_then(|b| self.token_text(b)).unwrap_or_default();
+        let eos = self.eos.and_then(|b| self.token_text(b)).unwrap_or_default();
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => vec![minijinja::context! { role => "user", content => user }],
+                    add_generation_prompt => true,
+                    bos_token => bos,
+                    eos_token => eos,
+                })
+            })
+            .map_err(|e| LlmError::Template(e.to_string()))
+    }
+}
+
+/// Incremental detokenizer: yields text as soon as it forms whole characters.
+pub struct TokenStream<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl TokenStream<'_> {
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids)?;
+        // A trailing U+FFFD means a multi-byte character is still incomplete: wait for more.
+        if text.ends_with('\u{FFFD}') || text.len() < self.emitted {
+            return Ok(String::new());
+        }
+        let piece = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(piece)
+    }
+}
