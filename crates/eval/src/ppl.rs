@@ -69,18 +69,31 @@ pub fn windows(n: usize, ctx: usize, protocol: Protocol) -> Vec<(usize, usize, u
     }
 }
 
-pub fn perplexity(model: &Model, tokens: &[u32], spec: &str, opts: &PplOptions) -> Result<PplResult> {
+pub fn perplexity(
+    model: &Model,
+    tokens: &[u32],
+    spec: &str,
+    opts: &PplOptions,
+) -> Result<PplResult> {
     let ctx = opts.ctx;
     if ctx < 2 {
         bail!("--ctx {ctx} is too small: at least 2 tokens are needed to score one");
     }
     if ctx > model.context_len() {
-        bail!("--ctx {ctx} exceeds the model's context length {}", model.context_len());
+        bail!(
+            "--ctx {ctx} exceeds the model's context length {}",
+            model.context_len()
+        );
     }
-    let n = opts.max_tokens.map_or(tokens.len(), |m| m.min(tokens.len()));
+    let n = opts
+        .max_tokens
+        .map_or(tokens.len(), |m| m.min(tokens.len()));
     let tokens = &tokens[..n];
     if tokens.len() < 2 {
-        bail!("the text has {} token(s): at least 2 are needed", tokens.len());
+        bail!(
+            "the text has {} token(s): at least 2 are needed",
+            tokens.len()
+        );
     }
     let plan = windows(tokens.len(), ctx, opts.protocol);
     if plan.is_empty() {
@@ -142,8 +155,14 @@ mod tests {
 
     #[test]
     fn window_plans() {
-        assert_eq!(windows(10, 4, Protocol::Windows), vec![(0, 4, 0), (4, 4, 0), (8, 2, 0)]);
+        assert_eq!(
+            windows(10, 4, Protocol::Windows),
+            vec![(0, 4, 0), (4, 4, 0), (8, 2, 0)]
+        );
         assert_eq!(windows(9, 4, Protocol::Windows), vec![(0, 4, 0), (4, 4, 0)]);
-        assert_eq!(windows(9, 4, Protocol::LlamaCpp), vec![(0, 4, 2), (4, 4, 2)]);
+        assert_eq!(
+            windows(9, 4, Protocol::LlamaCpp),
+            vec![(0, 4, 2), (4, 4, 2)]
+        );
     }
 }

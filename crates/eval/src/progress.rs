@@ -7,7 +7,8 @@ pub fn bar(len: u64, unit: &str, quiet: bool) -> ProgressBar {
     if quiet {
         pb.set_draw_target(ProgressDrawTarget::hidden());
     }
-    let template = format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})");
+    let template =
+        format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})");
     if let Ok(style) = ProgressStyle::with_template(&template) {
         pb.set_style(style.progress_chars("=> "));
     }

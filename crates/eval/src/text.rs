@@ -6,7 +6,8 @@ use std::path::Path;
 /// Reads a UTF-8 text file; calibration files in `<doc …>` blocks are stripped of the markup.
 pub fn read_text(path: &Path) -> Result<String> {
     let raw = std::fs::read(path).with_context(|| format!("reading text {}", path.display()))?;
-    let text = String::from_utf8(raw).with_context(|| format!("{} is not UTF-8", path.display()))?;
+    let text =
+        String::from_utf8(raw).with_context(|| format!("{} is not UTF-8", path.display()))?;
     let text = strip_doc_markup(&text);
     if text.trim().is_empty() {
         bail!("text {} is empty", path.display());

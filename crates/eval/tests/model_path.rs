@@ -8,16 +8,25 @@ use eval::ppl::{perplexity, PplOptions, Protocol};
 /// Token ids produced once with llama.cpp's own tokenizer (llama-tokenize from the llama.cpp
 /// vendored in llama-cpp-python 0.3.36, `llama-tokenize -m SmolLM2-135M-Instruct.Q4_1.gguf -p TEXT --ids`).
 const LLAMA_CPP_IDS: &[(&str, &[u32])] = &[
-    ("The capital of France is Paris.", &[504, 3575, 282, 4649, 314, 7042, 30]),
-    ("Hello, world! How's it going?", &[19556, 28, 905, 17, 1073, 506, 357, 2045, 47]),
+    (
+        "The capital of France is Paris.",
+        &[504, 3575, 282, 4649, 314, 7042, 30],
+    ),
+    (
+        "Hello, world! How's it going?",
+        &[19556, 28, 905, 17, 1073, 506, 357, 2045, 47],
+    ),
     (
         "Numbers: 12345 and 3.14159; emoji 🙂 café naïve 日本語",
         &[
-            39006, 42, 216, 33, 34, 35, 36, 37, 284, 216, 35, 30, 33, 36, 33, 37, 41, 43, 649, 33777,
-            47526, 37366, 15486, 46494, 17097, 241, 115, 40993, 179, 120, 248,
+            39006, 42, 216, 33, 34, 35, 36, 37, 284, 216, 35, 30, 33, 36, 33, 37, 41, 43, 649,
+            33777, 47526, 37366, 15486, 46494, 17097, 241, 115, 40993, 179, 120, 248,
         ],
     ),
-    ("  leading spaces and\ttabs\nnewline", &[216, 2899, 5600, 284, 197, 100, 7366, 198, 28160]),
+    (
+        "  leading spaces and\ttabs\nnewline",
+        &[216, 2899, 5600, 284, 197, 100, 7366, 198, 28160],
+    ),
 ];
 
 #[test]
@@ -62,7 +71,13 @@ fn logits_match_candle_transformers_quantized_llama() {
     use candle_core::{Device, Tensor};
     use candle_transformers::models::quantized_llama::ModelWeights;
     let m = model();
-    let tokens = m.tokenizer.encode("The capital of France is Paris. The capital of Italy is", true).unwrap();
+    let tokens = m
+        .tokenizer
+        .encode(
+            "The capital of France is Paris. The capital of Italy is",
+            true,
+        )
+        .unwrap();
     let mut cache = m.new_cache("f32").unwrap();
     let ours = m.forward(&tokens, 0, cache.as_mut(), Some(1)).unwrap();
 
@@ -70,19 +85,39 @@ fn logits_match_candle_transformers_quantized_llama() {
     let mut f = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let mut reference = ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
-    let input = Tensor::new(tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let theirs: Vec<f32> =
-        reference.forward(&input, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let input = Tensor::new(tokens.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let theirs: Vec<f32> = reference
+        .forward(&input, 0)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
 
     assert_eq!(ours.len(), theirs.len());
     let argmax = |v: &[f32]| eval::generate::argmax(v);
     assert_eq!(argmax(&ours), argmax(&theirs));
-    let range = theirs.iter().cloned().fold(f32::MIN, f32::max) - theirs.iter().cloned().fold(f32::MAX, f32::min);
-    let max_diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(max_diff < 0.025 * range, "max |Δ| {max_diff} vs range {range}");
+    let range = theirs.iter().cloned().fold(f32::MIN, f32::max)
+        - theirs.iter().cloned().fold(f32::MAX, f32::min);
+    let max_diff = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        max_diff < 0.025 * range,
+        "max |Δ| {max_diff} vs range {range}"
+    );
     let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
     let (ma, mb) = (mean(&ours), mean(&theirs));
-    let cov: f64 = ours.iter().zip(&theirs).map(|(&a, &b)| (a as f64 - ma) * (b as f64 - mb)).sum();
+    let cov: f64 = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(&a, &b)| (a as f64 - ma) * (b as f64 - mb))
+        .sum();
     let va: f64 = ours.iter().map(|&a| (a as f64 - ma).powi(2)).sum();
     let vb: f64 = theirs.iter().map(|&b| (b as f64 - mb).powi(2)).sum();
     let corr = cov / (va * vb).sqrt();
@@ -102,13 +137,19 @@ fn incremental_decode_equals_full_forward() {
         let full = m.forward(tokens, 0, full_cache.as_mut(), None).unwrap();
         let mut cache = m.new_cache(spec).unwrap();
         let prefix = 24;
-        let mut rows = m.forward(&tokens[..prefix], 0, cache.as_mut(), None).unwrap();
+        let mut rows = m
+            .forward(&tokens[..prefix], 0, cache.as_mut(), None)
+            .unwrap();
         for (i, &t) in tokens.iter().enumerate().skip(prefix) {
             rows.extend(m.forward(&[t], i, cache.as_mut(), Some(1)).unwrap());
         }
         assert_eq!(rows.len(), full.len());
         for (pos, (a, b)) in rows.chunks(vocab).zip(full.chunks(vocab)).enumerate() {
-            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
             assert!(d < 5e-3, "{spec} position {pos}: max |Δlogit| {d}");
         }
         assert_eq!(cache.memory(), full_cache.memory());
@@ -120,24 +161,45 @@ fn incremental_decode_equals_full_forward() {
 /// "Final estimate: PPL = 22.6606 +/- 2.01682". The same protocol must land within 1%.
 #[test]
 fn perplexity_matches_llama_cpp_on_a_prefix() {
-    let opts = PplOptions { ctx: 512, max_tokens: Some(2048), protocol: Protocol::LlamaCpp, quiet: true };
+    let opts = PplOptions {
+        ctx: 512,
+        max_tokens: Some(2048),
+        protocol: Protocol::LlamaCpp,
+        quiet: true,
+    };
     let r = perplexity(model(), eval_tokens(), "f16", &opts).unwrap();
     assert_eq!((r.windows, r.scored_tokens), (4, 4 * 255));
     let rel = (r.ppl / 22.6606 - 1.0).abs();
-    assert!(rel < 0.01, "PPL {} vs llama.cpp 22.6606 ({:.2}% off)", r.ppl, rel * 100.0);
+    assert!(
+        rel < 0.01,
+        "PPL {} vs llama.cpp 22.6606 ({:.2}% off)",
+        r.ppl,
+        rel * 100.0
+    );
 }
 
 #[test]
 fn generation_is_greedy_deterministic_and_knows_paris() {
     use eval::generate::{generate, Sampling};
     let m = model();
-    let ids = m.tokenizer.encode("The capital of France is", true).unwrap();
-    let s = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+    let ids = m
+        .tokenizer
+        .encode("The capital of France is", true)
+        .unwrap();
+    let s = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+    };
     let a = generate(m, &ids, "f16", 8, &s, |_| {}).unwrap();
     let b = generate(m, &ids, "f32", 8, &s, |_| {}).unwrap();
     assert!(a.text.trim_start().starts_with("Paris"), "{:?}", a.text);
     assert_eq!(a.text, b.text);
-    let sampled = Sampling { temperature: 0.8, top_p: 0.9, seed: 7 };
+    let sampled = Sampling {
+        temperature: 0.8,
+        top_p: 0.9,
+        seed: 7,
+    };
     let c = generate(m, &ids, "f16", 8, &sampled, |_| {}).unwrap();
     let d = generate(m, &ids, "f16", 8, &sampled, |_| {}).unwrap();
     assert_eq!(c.text, d.text, "same seed, same text");
@@ -156,19 +218,42 @@ fn bad_inputs_are_clear_errors() {
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &real[..real.len() / 3]).unwrap();
     let e = llm::Model::load(&cut).err().unwrap().to_string();
-    assert!(e.contains("bytes at offset") || e.contains("remaining"), "{e}");
+    assert!(
+        e.contains("bytes at offset") || e.contains("remaining"),
+        "{e}"
+    );
     // Missing file.
-    let e = llm::Model::load(&dir.path().join("nope.gguf")).err().unwrap().to_string();
+    let e = llm::Model::load(&dir.path().join("nope.gguf"))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("cannot open model file"), "{e}");
     // Context out of range, too few tokens.
     let m = model();
-    let opts = |ctx| PplOptions { ctx, max_tokens: None, protocol: Protocol::Windows, quiet: true };
-    let e = perplexity(m, &[1, 2, 3], "f16", &opts(100_000)).err().unwrap().to_string();
+    let opts = |ctx| PplOptions {
+        ctx,
+        max_tokens: None,
+        protocol: Protocol::Windows,
+        quiet: true,
+    };
+    let e = perplexity(m, &[1, 2, 3], "f16", &opts(100_000))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("exceeds the model's context length 8192"), "{e}");
-    let e = perplexity(m, &[1, 2, 3], "f16", &opts(1)).err().unwrap().to_string();
+    let e = perplexity(m, &[1, 2, 3], "f16", &opts(1))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("too small"), "{e}");
-    let e = perplexity(m, &[5], "f16", &opts(512)).err().unwrap().to_string();
+    let e = perplexity(m, &[5], "f16", &opts(512))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("at least 2"), "{e}");
-    let e = perplexity(m, &[5, 6, 7], "q3_z", &opts(512)).err().unwrap().to_string();
+    let e = perplexity(m, &[5, 6, 7], "q3_z", &opts(512))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("unknown cache type"), "{e}");
 }

@@ -3,7 +3,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum LlmError {
     #[error("cannot open model file {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a readable GGUF file: {reason}")]
     NotGguf { path: PathBuf, reason: String },
     #[error("unsupported architecture '{0}' (supported: llama)")]

@@ -15,11 +15,20 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|source| LlmError::Open { path: path.into(), source })?;
+        let file = File::open(path).map_err(|source| LlmError::Open {
+            path: path.into(),
+            source,
+        })?;
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader)
-            .map_err(|e| LlmError::NotGguf { path: path.into(), reason: e.to_string() })?;
-        Ok(Self { path: path.into(), content, reader })
+        let content = Content::read(&mut reader).map_err(|e| LlmError::NotGguf {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            path: path.into(),
+            content,
+            reader,
+        })
     }
 
     pub fn value(&self, key: &str) -> Result<&Value> {
@@ -46,7 +55,11 @@ impl GgufFile {
             Value::U64(x) => *x,
             Value::I32(x) if *x >= 0 => *x as u64,
             Value::I64(x) if *x >= 0 => *x as u64,
-            _ => return Err(LlmError::Metadata(format!("'{key}' is not an unsigned integer"))),
+            _ => {
+                return Err(LlmError::Metadata(format!(
+                    "'{key}' is not an unsigned integer"
+                )))
+            }
         };
         Ok(n as usize)
     }
@@ -69,13 +82,19 @@ impl GgufFile {
 
     /// A tensor dequantized to f32, checked against the expected shape (candle order: [out, in]).
     pub fn tensor_f32(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let err = |reason: String| LlmError::Tensor { name: name.to_string(), reason };
+        let err = |reason: String| LlmError::Tensor {
+            name: name.to_string(),
+            reason,
+        };
         let q = self
             .content
             .tensor(&mut self.reader, name, &Device::Cpu)
             .map_err(|e| err(e.to_string()))?;
         if q.shape().dims() != shape {
-            return Err(err(format!("shape {:?}, expected {shape:?}", q.shape().dims())));
+            return Err(err(format!(
+                "shape {:?}, expected {shape:?}",
+                q.shape().dims()
+            )));
         }
         let t = q.dequantize(&Device::Cpu).map_err(|e| err(e.to_string()))?;
         Ok(t)

@@ -13,7 +13,11 @@ pub struct Linear {
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
         let (out_dim, in_dim) = weight.dims2().expect("linear weights are 2-D");
-        Self { weight, out_dim, in_dim }
+        Self {
+            weight,
+            out_dim,
+            in_dim,
+        }
     }
 
     pub fn out_dim(&self) -> usize {

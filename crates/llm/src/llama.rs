@@ -51,7 +51,11 @@ impl LlamaConfig {
             kv_heads,
             head_dim,
             ffn: g.usize("llama.feed_forward_length")?,
-            rope_theta: if g.has("llama.rope.freq_base") { g.f32("llama.rope.freq_base")? } else { 10000.0 },
+            rope_theta: if g.has("llama.rope.freq_base") {
+                g.f32("llama.rope.freq_base")?
+            } else {
+                10000.0
+            },
             rms_eps: g.f32("llama.attention.layer_norm_rms_epsilon")?,
             context_len: g.usize("llama.context_length")?,
         };
@@ -61,7 +65,9 @@ impl LlamaConfig {
             || cfg.head_dim % 2 != 0
             || cfg.layers == 0
         {
-            return Err(LlmError::Metadata(format!("inconsistent llama shape: {cfg:?}")));
+            return Err(LlmError::Metadata(format!(
+                "inconsistent llama shape: {cfg:?}"
+            )));
         }
         Ok(cfg)
     }
@@ -124,8 +130,20 @@ impl Llama {
         } else {
             Linear::new(embeddings.clone())
         };
-        let rope = Arc::new(Rope::new(hd, c.rope_theta, c.context_len, RopeLayout::Interleaved));
-        Ok(Self { config: c, embeddings, layers, output_norm, output, rope })
+        let rope = Arc::new(Rope::new(
+            hd,
+            c.rope_theta,
+            c.context_len,
+            RopeLayout::Interleaved,
+        ));
+        Ok(Self {
+            config: c,
+            embeddings,
+            layers,
+            output_norm,
+            output,
+            rope,
+        })
     }
 
     pub fn rope(&self) -> &Arc<Rope> {
@@ -154,7 +172,10 @@ impl Llama {
             )));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
-            return Err(LlmError::Input(format!("token id {bad} outside the vocabulary ({})", c.vocab)));
+            return Err(LlmError::Input(format!(
+                "token id {bad} outside the vocabulary ({})",
+                c.vocab
+            )));
         }
         for l in 0..c.layers {
             if cache.len(l) != first_pos {

@@ -27,12 +27,22 @@ impl Model {
         }
         let llama = Llama::load(&mut gguf)?;
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
-        Ok(Self { path: path.into(), architecture, llama, tokenizer, sha256: OnceLock::new() })
+        Ok(Self {
+            path: path.into(),
+            architecture,
+            llama,
+            tokenizer,
+            sha256: OnceLock::new(),
+        })
     }
 
     pub fn cache_shape(&self) -> CacheShape {
         let c = &self.llama.config;
-        CacheShape { layers: c.layers, kv_heads: c.kv_heads, head_dim: c.head_dim }
+        CacheShape {
+            layers: c.layers,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+        }
     }
 
     pub fn context_len(&self) -> usize {
@@ -44,20 +54,27 @@ impl Model {
         if let Some(s) = self.sha256.get() {
             return Ok(s.clone());
         }
-        let mut f = std::fs::File::open(&self.path)
-            .map_err(|source| LlmError::Open { path: self.path.clone(), source })?;
+        let mut f = std::fs::File::open(&self.path).map_err(|source| LlmError::Open {
+            path: self.path.clone(),
+            source,
+        })?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|source| LlmError::Open { path: self.path.clone(), source })?;
+            let n = f.read(&mut buf).map_err(|source| LlmError::Open {
+                path: self.path.clone(),
+                source,
+            })?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
         }
-        let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         Ok(self.sha256.get_or_init(|| hex).clone())
     }
 
@@ -77,14 +94,21 @@ impl Model {
         Ok(CacheConfig {
             shape: self.cache_shape(),
             rope: self.llama.rope().clone(),
-            model_id: if with_identity { Some(self.identity()?) } else { None },
+            model_id: if with_identity {
+                Some(self.identity()?)
+            } else {
+                None
+            },
         })
     }
 
     /// Builds the cache a spec names for this model.
     pub fn new_cache(&self, spec: &str) -> Result<Box<dyn KvCache>> {
         let needs_identity = spec.starts_with("rvq");
-        Ok(kvcache::spec::build(spec, &self.cache_config(needs_identity)?)?)
+        Ok(kvcache::spec::build(
+            spec,
+            &self.cache_config(needs_identity)?,
+        )?)
     }
 
     pub fn forward(

@@ -29,7 +29,9 @@ pub struct Tokenizer {
 }
 
 fn strings(v: &Value, key: &str) -> Result<Vec<String>> {
-    let arr = v.to_vec().map_err(|_| LlmError::Metadata(format!("'{key}' is not an array")))?;
+    let arr = v
+        .to_vec()
+        .map_err(|_| LlmError::Metadata(format!("'{key}' is not an array")))?;
     arr.iter()
         .map(|x| {
             x.to_string()
@@ -40,9 +42,14 @@ fn strings(v: &Value, key: &str) -> Result<Vec<String>> {
 }
 
 fn ints(v: &Value, key: &str) -> Result<Vec<i32>> {
-    let arr = v.to_vec().map_err(|_| LlmError::Metadata(format!("'{key}' is not an array")))?;
+    let arr = v
+        .to_vec()
+        .map_err(|_| LlmError::Metadata(format!("'{key}' is not an array")))?;
     arr.iter()
-        .map(|x| x.to_i32().map_err(|_| LlmError::Metadata(format!("'{key}' holds a non-i32"))))
+        .map(|x| {
+            x.to_i32()
+                .map_err(|_| LlmError::Metadata(format!("'{key}' holds a non-i32")))
+        })
         .collect()
 }
 
@@ -54,8 +61,14 @@ impl Tokenizer {
                 "tokenizer model '{model}' is not supported (supported: gpt2 byte-level BPE)"
             )));
         }
-        let tokens = strings(gguf.value("tokenizer.ggml.tokens")?, "tokenizer.ggml.tokens")?;
-        let merges = strings(gguf.value("tokenizer.ggml.merges")?, "tokenizer.ggml.merges")?;
+        let tokens = strings(
+            gguf.value("tokenizer.ggml.tokens")?,
+            "tokenizer.ggml.tokens",
+        )?;
+        let merges = strings(
+            gguf.value("tokenizer.ggml.merges")?,
+            "tokenizer.ggml.merges",
+        )?;
         let types = match gguf.content.metadata.get("tokenizer.ggml.token_type") {
             Some(v) => ints(v, "tokenizer.ggml.token_type")?,
             None => vec![1; tokens.len()],
@@ -123,7 +136,9 @@ impl Tokenizer {
             }
         };
         let add_bos = match gguf.content.metadata.get("tokenizer.ggml.add_bos_token") {
-            Some(v) => v.to_bool().map_err(|_| LlmError::Metadata("add_bos_token not a bool".into()))?,
+            Some(v) => v
+                .to_bool()
+                .map_err(|_| LlmError::Metadata("add_bos_token not a bool".into()))?,
             None => false,
         };
         let chat_template = if gguf.has("tokenizer.chat_template") {
@@ -162,7 +177,9 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| LlmError::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))
     }
 
     pub fn token_text(&self, id: u32) -> Option<String> {
@@ -171,7 +188,11 @@ impl Tokenizer {
 
     /// Decodes a stream of ids piece by piece, holding back incomplete UTF-8.
     pub fn stream(&self) -> TokenStream<'_> {
-        TokenStream { tokenizer: self, ids: Vec::new(), emitted: 0 }
+        TokenStream {
+            tokenizer: self,
+            ids: Vec::new(),
+            emitted: 0,
+        }
     }
 
     /// Renders the model's chat template for one user message, ready for the reply.
@@ -181,9 +202,16 @@ impl Tokenizer {
             .as_deref()
             .ok_or_else(|| LlmError::Template("the model has no tokenizer.chat_template".into()))?;
         let mut env = minijinja::Environment::new();
-        env.add_template("chat", template).map_err(|e| LlmError::Template(e.to_string()))?;
-        let bos = self.bos.and_then(|b| self.token_text(b)).unwrap_or_default();
-        let eos = self.eos.and_then(|b| self.token_text(b)).unwrap_or_default();
+        env.add_template("chat", template)
+            .map_err(|e| LlmError::Template(e.to_string()))?;
+        let bos = self
+            .bos
+            .and_then(|b| self.token_text(b))
+            .unwrap_or_default();
+        let eos = self
+            .eos
+            .and_then(|b| self.token_text(b))
+            .unwrap_or_default();
         env.get_template("chat")
             .and_then(|t| {
                 t.render(minijinja::context! {

@@ -23,7 +23,8 @@ impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         let path = self.path()?;
         let t = std::time::Instant::now();
-        let model = Model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
+        let model =
+            Model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
         eprintln!(
             "rvq-kv: loaded {} ({} layers, {} KV heads x {}) in {:.1}s",
             path.display(),

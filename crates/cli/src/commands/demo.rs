@@ -19,12 +19,20 @@ pub fn run(a: Args) -> Result<()> {
     let model = a.model.load()?;
     let text = eval::text::read_text(&assets::ensure_eval_text(&home)?)?;
     let tokens = model.tokenizer.encode(&text, true)?;
-    eprintln!("rvq-kv demo: perplexity on the first {} tokens of sotu-eval (ctx 512)", a.max_tokens);
+    eprintln!(
+        "rvq-kv demo: perplexity on the first {} tokens of sotu-eval (ctx 512)",
+        a.max_tokens
+    );
     println!("| cache | PPL | ΔPPL | bits/element | tokens/s |");
     println!("|---|---|---|---|---|");
     let mut base = None;
     for spec in ["f32", "f16"] {
-        let opts = PplOptions { ctx: 512, max_tokens: Some(a.max_tokens), protocol: Protocol::Windows, quiet: false };
+        let opts = PplOptions {
+            ctx: 512,
+            max_tokens: Some(a.max_tokens),
+            protocol: Protocol::Windows,
+            quiet: false,
+        };
         let r = perplexity(&model, &tokens, spec, &opts)?;
         let b = *base.get_or_insert(r.ppl);
         println!(
@@ -36,10 +44,16 @@ pub fn run(a: Args) -> Result<()> {
             r.tokens_per_s
         );
     }
-    let prompt = model.tokenizer.chat_prompt("What is the capital of France? Answer in one sentence.")?;
+    let prompt = model
+        .tokenizer
+        .chat_prompt("What is the capital of France? Answer in one sentence.")?;
     let ids = model.tokenizer.encode(&prompt, true)?;
     eprintln!("\nrvq-kv demo: chat generation with the f16 cache");
-    let sampling = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+    let sampling = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+    };
     print!("> ");
     generate(&model, &ids, "f16", 48, &sampling, |p| {
         print!("{p}");

@@ -39,16 +39,26 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let prompt = match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
         (None, None) => bail!("give --prompt TEXT or --prompt-file PATH"),
     };
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
     let model = a.model.load()?;
-    let text = if a.chat { model.tokenizer.chat_prompt(&prompt)? } else { prompt };
+    let text = if a.chat {
+        model.tokenizer.chat_prompt(&prompt)?
+    } else {
+        prompt
+    };
     let ids = model.tokenizer.encode(&text, true)?;
-    let sampling = Sampling { temperature: a.temperature, top_p: a.top_p, seed: a.seed };
+    let sampling = Sampling {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
     let json = a.json;
     let g = generate(&model, &ids, &a.cache, a.max_tokens, &sampling, |piece| {
         if !json {

@@ -4,8 +4,10 @@ use eval::ppl::{perplexity, PplOptions, Protocol};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  rvq-kv ppl --cache f16 --ctx 512 --max-tokens 32768\n  \
-    rvq-kv ppl --protocol llama.cpp --ctx 512 --max-tokens 32768   # compare with llama-perplexity -c 512 --chunks 64")]
+#[command(
+    after_help = "Examples:\n  rvq-kv ppl --cache f16 --ctx 512 --max-tokens 32768\n  \
+    rvq-kv ppl --protocol llama.cpp --ctx 512 --max-tokens 32768   # compare with llama-perplexity -c 512 --chunks 64"
+)]
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
@@ -33,7 +35,12 @@ pub fn run(a: Args) -> Result<()> {
     let model = a.model.load()?;
     let text = eval::text::read_text(&eval_text(&a.text)?)?;
     let tokens = model.tokenizer.encode(&text, true)?;
-    let opts = PplOptions { ctx: a.ctx, max_tokens: a.max_tokens, protocol: a.protocol, quiet: false };
+    let opts = PplOptions {
+        ctx: a.ctx,
+        max_tokens: a.max_tokens,
+        protocol: a.protocol,
+        quiet: false,
+    };
     let r = perplexity(&model, &tokens, &a.cache, &opts)?;
     if a.json {
         return print_json(&r);

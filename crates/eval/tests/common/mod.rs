@@ -26,6 +26,9 @@ pub fn eval_tokens() -> &'static [u32] {
     TOKENS.get_or_init(|| {
         let path = eval::assets::ensure_eval_text(&home()).expect("fetching sotu-eval");
         let text = eval::text::read_text(&path).expect("reading sotu-eval");
-        model().tokenizer.encode(&text, true).expect("tokenizing sotu-eval")
+        model()
+            .tokenizer
+            .encode(&text, true)
+            .expect("tokenizing sotu-eval")
     })
 }

@@ -1,0 +1,252 @@
+//! Long vectors as groups of d channels, with an optional per-vector scale.
+//!
+//! A vector of `vector_dim` channels is divided by its standard deviation (the scale, kept as
+//! f16) and split into `vector_dim / d` groups, each quantized by the same [`Rvq`]:
+//! `Contiguous` groups hold channels [g·d, (g+1)·d); `Strided` group g holds g, g+G, g+2G, …
+//! with G = vector_dim / d.
+
+use crate::{check_finite, Result, Rvq, RvqError};
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Grouping {
+    Contiguous,
+    Strided,
+}
+
+impl std::str::FromStr for Grouping {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "contiguous" => Ok(Grouping::Contiguous),
+            "strided" => Ok(Grouping::Strided),
+            o => Err(format!(
+                "unknown grouping '{o}' (known: contiguous, strided)"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VectorLayout {
+    pub vector_dim: usize,
+    pub group_dim: usize,
+    pub grouping: Grouping,
+    /// Divide each vector by its standard deviation before quantizing.
+    pub scaled: bool,
+}
+
+impl VectorLayout {
+    pub fn new(
+        vector_dim: usize,
+        group_dim: usize,
+        grouping: Grouping,
+        scaled: bool,
+    ) -> Result<Self> {
+        if group_dim == 0 || vector_dim == 0 || vector_dim % group_dim != 0 {
+            return Err(RvqError::Config(format!(
+                "group dimension d = {group_dim} must divide the vector dimension {vector_dim}"
+            )));
+        }
+        Ok(Self {
+            vector_dim,
+            group_dim,
+            grouping,
+            scaled,
+        })
+    }
+
+    pub fn groups(&self) -> usize {
+        self.vector_dim / self.group_dim
+    }
+
+    /// Channel of `v` that lands at position `j` of group `g`.
+    #[inline]
+    pub fn channel(&self, g: usize, j: usize) -> usize {
+        match self.grouping {
+            Grouping::Contiguous => g * self.group_dim + j,
+            Grouping::Strided => g + j * self.groups(),
+        }
+    }
+
+    /// `v` [vector_dim] → `out` [groups, group_dim].
+    pub fn split(&self, v: &[f32], out: &mut [f32]) {
+        let d = self.group_dim;
+        for g in 0..self.groups() {
+            for j in 0..d {
+                out[g * d + j] = v[self.channel(g, j)];
+            }
+        }
+    }
+
+    /// Inverse of [`split`](Self::split).
+    pub fn merge(&self, groups: &[f32], out: &mut [f32]) {
+        let d = self.group_dim;
+        for g in 0..self.groups() {
+            for j in 0..d {
+                out[self.channel(g, j)] = groups[g * d + j];
+            }
+        }
+    }
+
+    /// The scale stored for `v`: its standard deviation rounded to f16, or 1 when scaling is
+    /// off or the std is zero / not representable (never NaN).
+    pub fn scale_of(&self, v: &[f32]) -> f32 {
+        if !self.scaled {
+            return 1.0;
+        }
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        let s = f16::from_f64(var.sqrt()).to_f32();
+        if s.is_normal() && s > 0.0 {
+            s
+        } else {
+            1.0
+        }
+    }
+
+    /// Vectors `x` ([n, vector_dim]) → groups scaled by their vector's scale ([n·groups, d]) and
+    /// the scales ([n]).
+    pub fn to_groups(&self, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        if x.len() % self.vector_dim != 0 {
+            return Err(RvqError::Input(format!(
+                "{} values is not a whole number of {}-dim vectors",
+                x.len(),
+                self.vector_dim
+            )));
+        }
+        check_finite(x, "vectors")?;
+        let mut groups = vec![0f32; x.len()];
+        let mut scales = Vec::with_capacity(x.len() / self.vector_dim);
+        for (v, out) in x
+            .chunks_exact(self.vector_dim)
+            .zip(groups.chunks_exact_mut(self.vector_dim))
+        {
+            let s = self.scale_of(v);
+            self.split(v, out);
+            out.iter_mut().for_each(|g| *g /= s);
+            scales.push(s);
+        }
+        Ok((groups, scales))
+    }
+
+    /// Encodes vectors ([n, vector_dim]) → (scales [n], codes [n, groups·stages]).
+    pub fn encode(&self, rvq: &Rvq, x: &[f32], beam: usize) -> Result<(Vec<f32>, Vec<u16>)> {
+        self.check_rvq(rvq)?;
+        let (groups, scales) = self.to_groups(x)?;
+        let mut codes = vec![0u16; groups.len() / self.group_dim * rvq.stages()];
+        rvq.encode(&groups, beam, &mut codes)?;
+        Ok((scales, codes))
+    }
+
+    /// Decodes one vector from its scale and codes ([groups·stages]) into `out` ([vector_dim]);
+    /// `scratch` holds [groups, d].
+    pub fn decode_one(
+        &self,
+        rvq: &Rvq,
+        scale: f32,
+        codes: &[u16],
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let (d, k) = (self.group_dim, rvq.stages());
+        for g in 0..self.groups() {
+            let dst = &mut scratch[g * d..(g + 1) * d];
+            dst.fill(0.0);
+            for (s, &c) in codes[g * k..(g + 1) * k].iter().enumerate() {
+                for (x, w) in dst.iter_mut().zip(rvq.codeword(s, c as usize)) {
+                    *x += w;
+                }
+            }
+        }
+        self.merge(scratch, out);
+        out.iter_mut().for_each(|x| *x *= scale);
+    }
+
+    fn check_rvq(&self, rvq: &Rvq) -> Result<()> {
+        if rvq.dim() != self.group_dim {
+            return Err(RvqError::Config(format!(
+                "quantizer dimension {} differs from the group dimension {}",
+                rvq.dim(),
+                self.group_dim
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn split_merge_are_inverse(groups in 1usize..8, d in 1usize..8, strided in any::<bool>(), seed in any::<u64>()) {
+            let g = if strided { Grouping::Strided } else { Grouping::Contiguous };
+            let layout = VectorLayout::new(groups * d, d, g, false).unwrap();
+            let mut rng = crate::rng::SplitMix64::new(seed);
+            let v: Vec<f32> = (0..groups * d).map(|_| rng.unit() as f32).collect();
+            let mut split = vec![0f32; v.len()];
+            layout.split(&v, &mut split);
+            let mut back = vec![0f32; v.len()];
+            layout.merge(&split, &mut back);
+            prop_assert_eq!(back, v);
+        }
+
+        #[test]
+        fn scaling_round_trips(seed in any::<u64>(), amp in 1e-3f32..1e3) {
+            let layout = VectorLayout::new(8, 4, Grouping::Strided, true).unwrap();
+            let mut rng = crate::rng::SplitMix64::new(seed);
+            let v: Vec<f32> = (0..8).map(|_| (rng.unit() as f32 - 0.5) * amp).collect();
+            let (groups, scales) = layout.to_groups(&v).unwrap();
+            let mut back = vec![0f32; 8];
+            layout.merge(&groups, &mut back);
+            for (a, b) in back.iter().zip(&v) {
+                prop_assert!((a * scales[0] - b).abs() <= 1e-5 * amp);
+            }
+        }
+    }
+
+    #[test]
+    fn strided_groups_follow_the_paper() {
+        // head_dim 8, d 2 → G = 4; group 1 holds channels 1 and 5.
+        let layout = VectorLayout::new(8, 2, Grouping::Strided, false).unwrap();
+        let v: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let mut out = vec![0f32; 8];
+        layout.split(&v, &mut out);
+        assert_eq!(out, vec![0.0, 4.0, 1.0, 5.0, 2.0, 6.0, 3.0, 7.0]);
+        let layout = VectorLayout::new(8, 2, Grouping::Contiguous, false).unwrap();
+        layout.split(&v, &mut out);
+        assert_eq!(out, v);
+    }
+
+    #[test]
+    fn zero_std_gives_unit_scale_not_nan() {
+        let layout = VectorLayout::new(4, 2, Grouping::Contiguous, true).unwrap();
+        assert_eq!(layout.scale_of(&[0.0; 4]), 1.0);
+        assert_eq!(layout.scale_of(&[3.0; 4]), 1.0);
+        let (g, s) = layout.to_groups(&[3.0; 4]).unwrap();
+        assert!(g.iter().all(|x| x.is_finite()) && s == vec![1.0]);
+        assert!(VectorLayout::new(6, 4, Grouping::Contiguous, true).is_err());
+    }
+
+    #[test]
+    fn exact_sums_of_codewords_are_reproduced() {
+        // A vector built as a sum of one codeword per stage is encoded back exactly when the
+        // stages are on well-separated scales.
+        let cb0: Vec<f32> = vec![0.0, 0.0, 10.0, 0.0, 0.0, 10.0, 10.0, 10.0];
+        let cb1: Vec<f32> = vec![0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let rvq = Rvq::from_codebooks(2, 4, vec![cb0.clone(), cb1.clone()]).unwrap();
+        let layout = VectorLayout::new(4, 2, Grouping::Strided, false).unwrap();
+        let x = [10.0 + 1.0, 0.0 + 1.0, 10.0 + 0.0, 10.0 + 1.0];
+        let (scales, codes) = layout.encode(&rvq, &x, 1).unwrap();
+        let mut scratch = vec![0f32; 4];
+        let mut y = vec![0f32; 4];
+        layout.decode_one(&rvq, scales[0], &codes, &mut scratch, &mut y);
+        assert_eq!(y.to_vec(), x.to_vec());
+    }
+}

@@ -1,0 +1,639 @@
+//! Training: stage-by-stage k-means on a sample, then EMA refinement over the whole data.
+//!
+//! The EMA step is the paper's (vector-quantize-pytorch's `EuclideanCodebook`): per code, counts
+//! and sums decay by `decay` and take in the batch's; counts are Laplace-smoothed,
+//! (count_i + eps) / (n + C·eps) · n, and each codeword is sum / smoothed count. Training streams
+//! the data in batches: beyond the k-means sample and one batch, memory does not grow with it.
+
+use crate::kernels::{nearest, row_norms};
+use crate::quantizer::validate_shape;
+use crate::rng::SplitMix64;
+use crate::{check_finite, Result, Rvq, RvqError};
+use serde::{Deserialize, Serialize};
+
+/// How k-means picks its first centroids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Init {
+    /// C distinct random sample points (faiss's default).
+    RandomPoints,
+    /// k-means++ (D² sampling).
+    KmeansPlusPlus,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Dimension d of the vectors.
+    pub dim: usize,
+    /// Codewords per stage, C (2..=65536).
+    pub size: usize,
+    /// Stages, K.
+    pub stages: usize,
+    /// Vectors sampled for k-means (and the training report).
+    pub kmeans_sample: usize,
+    pub kmeans_iters: usize,
+    pub init: Init,
+    /// Passes of EMA refinement over all the data (0 = k-means only).
+    pub ema_passes: usize,
+    /// Vectors per EMA step.
+    pub batch: usize,
+    pub decay: f32,
+    pub eps: f32,
+    /// Codewords whose EMA count falls below this are re-seeded from the batch's residuals
+    /// (SoundStream / vector-quantize-pytorch). `None` = off, as in the paper.
+    pub dead_code_threshold: Option<f32>,
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// The paper's configuration (d = 32, C = 2048, K = 8, decay 0.99, eps 1e-5).
+    pub fn paper() -> Self {
+        Self {
+            dim: 32,
+            size: 2048,
+            stages: 8,
+            kmeans_sample: 32_768,
+            kmeans_iters: 10,
+            init: Init::RandomPoints,
+            ema_passes: 1,
+            batch: 1024,
+            decay: 0.99,
+            eps: 1e-5,
+            dead_code_threshold: None,
+            seed: 0,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        validate_shape(self.dim, self.size, self.stages)?;
+        if self.batch == 0 || self.kmeans_sample == 0 {
+            return Err(RvqError::Config(
+                "batch and k-means sample must be at least 1".into(),
+            ));
+        }
+        if !(self.decay > 0.0 && self.decay < 1.0) {
+            return Err(RvqError::Config(format!(
+                "decay {} must be in (0, 1)",
+                self.decay
+            )));
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return Err(RvqError::Config(format!(
+                "eps {} must be positive",
+                self.eps
+            )));
+        }
+        if self.kmeans_sample < self.size {
+            return Err(RvqError::Config(format!(
+                "the k-means sample ({}) must hold at least C = {} vectors",
+                self.kmeans_sample, self.size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Training vectors, read in order by ranges (so a caller can stream them from anywhere).
+pub trait VectorSource: Sync {
+    fn dim(&self) -> usize;
+    fn len(&self) -> usize;
+    /// Copies vectors `start..start + out.len() / dim` into `out`.
+    fn read(&self, start: usize, out: &mut [f32]);
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Vectors held in one slice ([n, dim]).
+pub struct SliceSource<'a> {
+    pub data: &'a [f32],
+    pub dim: usize,
+}
+
+impl VectorSource for SliceSource<'_> {
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn len(&self) -> usize {
+        self.data.len() / self.dim
+    }
+    fn read(&self, start: usize, out: &mut [f32]) {
+        out.copy_from_slice(&self.data[start * self.dim..start * self.dim + out.len()]);
+    }
+}
+
+/// Per-stage quality on the report sample.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageStats {
+    /// ‖x − x̂‖² / ‖x‖² after this stage (greedy).
+    pub relative_mse: f64,
+    /// exp(entropy of code usage): the number of codewords effectively in use.
+    pub usage_perplexity: f64,
+    /// Codewords never chosen on the report sample.
+    pub unused_codes: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub vectors: usize,
+    pub report_vectors: usize,
+    pub stages: Vec<StageStats>,
+    /// Codewords re-seeded by dead-code replacement, over all stages and passes.
+    pub dead_codes_replaced: usize,
+}
+
+impl Rvq {
+    /// Learns a quantizer from `data`. Deterministic given `config.seed`, whatever the threads.
+    pub fn train(config: &TrainConfig, data: &dyn VectorSource) -> Result<(Rvq, TrainReport)> {
+        config.validate()?;
+        let d = config.dim;
+        if data.dim() != d {
+            return Err(RvqError::Input(format!(
+                "training vectors have dim {}, config says {d}",
+                data.dim()
+            )));
+        }
+        let n = data.len();
+        if n == 0 {
+            return Err(RvqError::Input("the training set is empty".into()));
+        }
+        if n < config.size {
+            return Err(RvqError::Input(format!(
+                "{n} training vectors are fewer than the C = {} codewords to learn",
+                config.size
+            )));
+        }
+        let mut rng = SplitMix64::new(config.seed);
+        let sample = draw_sample(data, config.kmeans_sample.min(n), config.batch, &mut rng)?;
+
+        // Stage-by-stage k-means on the sample's residuals.
+        let s = sample.len() / d;
+        let mut residual = sample.clone();
+        let mut codebooks = Vec::with_capacity(config.stages);
+        let mut init_counts = Vec::with_capacity(config.stages);
+        for _ in 0..config.stages {
+            let (cb, counts) = kmeans(
+                &residual,
+                d,
+                config.size,
+                config.kmeans_iters,
+                config.init,
+                &mut rng,
+            );
+            let (idx, _) = nearest(&residual, d, &cb, &row_norms(&cb, d));
+            subtract_assigned(&mut residual, d, &cb, &idx);
+            codebooks.push(cb);
+            init_counts.push(counts);
+        }
+        let mut rvq = Rvq::from_codebooks(d, config.size, codebooks)?;
+
+        // EMA refinement over all the data. Counts start from k-means', rescaled to one batch.
+        let mut dead_codes_replaced = 0;
+        if config.ema_passes > 0 {
+            let scale = config.batch.min(n) as f32 / s as f32;
+            let mut ema: Vec<EmaState> = init_counts
+                .iter()
+                .enumerate()
+                .map(|(k, counts)| EmaState::new(rvq.codebook(k), counts, scale, d))
+                .collect();
+            let mut buf = vec![0f32; config.batch * d];
+            for _ in 0..config.ema_passes {
+                let mut start = 0;
+                while start < n {
+                    let m = config.batch.min(n - start);
+                    let batch = &mut buf[..m * d];
+                    data.read(start, batch);
+                    check_finite(batch, &format!("training vectors {start}..{}", start + m))?;
+                    for (k, state) in ema.iter_mut().enumerate() {
+                        let (idx, _) = nearest(batch, d, rvq.codebook(k), rvq.norms(k));
+                        // The next stage sees the residual of the codebook before this update.
+                        let before = rvq.codebook(k).to_vec();
+                        state.update(batch, &idx, config);
+                        subtract_assigned(batch, d, &before, &idx);
+                        if let Some(threshold) = config.dead_code_threshold {
+                            dead_codes_replaced += state.replace_dead(threshold, batch, &mut rng);
+                        }
+                        state.write_codebook(rvq.codebook_mut(k), config);
+                        rvq.refresh_norms(k);
+                    }
+                    start += m;
+                }
+            }
+        }
+        let stages = stage_stats(&rvq, &sample);
+        Ok((
+            rvq,
+            TrainReport {
+                vectors: n,
+                report_vectors: s,
+                stages,
+                dead_codes_replaced,
+            },
+        ))
+    }
+}
+
+/// Uniform sample of `count` vectors without replacement (selection sampling, in data order).
+fn draw_sample(
+    data: &dyn VectorSource,
+    count: usize,
+    batch: usize,
+    rng: &mut SplitMix64,
+) -> Result<Vec<f32>> {
+    let (n, d) = (data.len(), data.dim());
+    let mut out = Vec::with_capacity(count * d);
+    let mut buf = vec![0f32; batch * d];
+    let mut needed = count;
+    let mut start = 0;
+    while start < n && needed > 0 {
+        let m = batch.min(n - start);
+        data.read(start, &mut buf[..m * d]);
+        check_finite(
+            &buf[..m * d],
+            &format!("training vectors {start}..{}", start + m),
+        )?;
+        for i in 0..m {
+            let remaining = n - (start + i);
+            if rng.below(remaining) < needed {
+                out.extend_from_slice(&buf[i * d..(i + 1) * d]);
+                needed -= 1;
+            }
+        }
+        start += m;
+    }
+    Ok(out)
+}
+
+fn subtract_assigned(x: &mut [f32], d: usize, codebook: &[f32], idx: &[u32]) {
+    for (row, &j) in x.chunks_exact_mut(d).zip(idx) {
+        let cw = &codebook[j as usize * d..(j as usize + 1) * d];
+        for (a, c) in row.iter_mut().zip(cw) {
+            *a -= c;
+        }
+    }
+}
+
+/// Lloyd's k-means; returns the centroids ([c, d]) and the final cluster sizes.
+pub fn kmeans(
+    x: &[f32],
+    d: usize,
+    c: usize,
+    iters: usize,
+    init: Init,
+    rng: &mut SplitMix64,
+) -> (Vec<f32>, Vec<f32>) {
+    let n = x.len() / d;
+    let mut centroids = match init {
+        Init::RandomPoints => random_points(x, d, c, rng),
+        Init::KmeansPlusPlus => kmeans_plus_plus(x, d, c, rng),
+    };
+    let mut counts = vec![0f32; c];
+    for it in 0..=iters {
+        let (idx, _) = nearest(x, d, &centroids, &row_norms(&centroids, d));
+        let mut sums = vec![0f64; c * d];
+        counts.iter_mut().for_each(|v| *v = 0.0);
+        for (i, &j) in idx.iter().enumerate() {
+            counts[j as usize] += 1.0;
+            for (s, v) in sums[j as usize * d..(j as usize + 1) * d]
+                .iter_mut()
+                .zip(&x[i * d..(i + 1) * d])
+            {
+                *s += *v as f64;
+            }
+        }
+        if it == iters {
+            break; // the last pass only measures cluster sizes for the final centroids
+        }
+        for j in 0..c {
+            let cw = &mut centroids[j * d..(j + 1) * d];
+            if counts[j] > 0.0 {
+                for (w, s) in cw.iter_mut().zip(&sums[j * d..(j + 1) * d]) {
+                    *w = (*s / counts[j] as f64) as f32;
+                }
+            } else {
+                // Empty cluster: restart it at a random point.
+                let p = rng.below(n);
+                cw.copy_from_slice(&x[p * d..(p + 1) * d]);
+            }
+        }
+    }
+    (centroids, counts)
+}
+
+fn random_points(x: &[f32], d: usize, c: usize, rng: &mut SplitMix64) -> Vec<f32> {
+    let n = x.len() / d;
+    // Partial Fisher–Yates over indices: c distinct points.
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut out = Vec::with_capacity(c * d);
+    for i in 0..c {
+        let j = i + rng.below(n - i);
+        idx.swap(i, j);
+        out.extend_from_slice(&x[idx[i] * d..(idx[i] + 1) * d]);
+    }
+    out
+}
+
+fn kmeans_plus_plus(x: &[f32], d: usize, c: usize, rng: &mut SplitMix64) -> Vec<f32> {
+    let n = x.len() / d;
+    let dist2 = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).sum::<f32>();
+    let first = rng.below(n);
+    let mut out = x[first * d..(first + 1) * d].to_vec();
+    let mut best: Vec<f32> = (0..n)
+        .map(|i| dist2(&x[i * d..(i + 1) * d], &out[..d]))
+        .collect();
+    while out.len() < c * d {
+        let total: f64 = best.iter().map(|&v| v as f64).sum();
+        let pick = if total > 0.0 {
+            let mut u = rng.unit() * total;
+            let mut p = n - 1;
+            for (i, &v) in best.iter().enumerate() {
+                if u < v as f64 {
+                    p = i;
+                    break;
+                }
+                u -= v as f64;
+            }
+            p
+        } else {
+            rng.below(n)
+        };
+        let new = x[pick * d..(pick + 1) * d].to_vec();
+        for (i, b) in best.iter_mut().enumerate() {
+            *b = b.min(dist2(&x[i * d..(i + 1) * d], &new));
+        }
+        out.extend_from_slice(&new);
+    }
+    out
+}
+
+/// EMA statistics of one stage.
+struct EmaState {
+    d: usize,
+    counts: Vec<f32>,
+    /// [C, d]
+    sums: Vec<f32>,
+}
+
+impl EmaState {
+    fn new(codebook: &[f32], kmeans_counts: &[f32], scale: f32, d: usize) -> Self {
+        let counts: Vec<f32> = kmeans_counts.iter().map(|c| c * scale).collect();
+        let sums = codebook
+            .chunks_exact(d)
+            .zip(&counts)
+            .flat_map(|(cw, &n)| cw.iter().map(move |w| w * n))
+            .collect();
+        Self { d, counts, sums }
+    }
+
+    fn update(&mut self, x: &[f32], idx: &[u32], cfg: &TrainConfig) {
+        let d = self.d;
+        let c = self.counts.len();
+        let mut batch_counts = vec![0f32; c];
+        let mut batch_sums = vec![0f32; c * d];
+        for (row, &j) in x.chunks_exact(d).zip(idx) {
+            let j = j as usize;
+            batch_counts[j] += 1.0;
+            for (s, v) in batch_sums[j * d..(j + 1) * d].iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+        let (decay, keep) = (cfg.decay, 1.0 - cfg.decay);
+        for (a, b) in self.counts.iter_mut().zip(&batch_counts) {
+            *a = *a * decay + b * keep;
+        }
+        for (a, b) in self.sums.iter_mut().zip(&batch_sums) {
+            *a = *a * decay + b * keep;
+        }
+    }
+
+    /// Codewords = sums / Laplace-smoothed counts.
+    fn write_codebook(&self, codebook: &mut [f32], cfg: &TrainConfig) {
+        let c = self.counts.len() as f32;
+        let n: f32 = self.counts.iter().sum();
+        for (j, cw) in codebook.chunks_exact_mut(self.d).enumerate() {
+            let smoothed = (self.counts[j] + cfg.eps) / (n + c * cfg.eps) * n;
+            for (w, s) in cw.iter_mut().zip(&self.sums[j * self.d..(j + 1) * self.d]) {
+                *w = s / smoothed;
+            }
+        }
+    }
+
+    /// Re-seeds codewords whose count fell below `threshold` with random vectors of `residual`
+    /// (the batch's input to this stage, before this stage's subtraction is undone by the
+    /// caller: here the post-subtraction residual, which is what this stage failed to explain).
+    fn replace_dead(&mut self, threshold: f32, residual: &[f32], rng: &mut SplitMix64) -> usize {
+        let d = self.d;
+        let m = residual.len() / d;
+        let mut replaced = 0;
+        for j in 0..self.counts.len() {
+            if self.counts[j] < threshold {
+                let p = rng.below(m);
+                self.counts[j] = threshold;
+                for (s, v) in self.sums[j * d..(j + 1) * d]
+                    .iter_mut()
+                    .zip(&residual[p * d..(p + 1) * d])
+                {
+                    *s = v * threshold;
+                }
+                replaced += 1;
+            }
+        }
+        replaced
+    }
+}
+
+/// Relative MSE and code usage per stage, greedy, on `x`.
+pub fn stage_stats(rvq: &Rvq, x: &[f32]) -> Vec<StageStats> {
+    let d = rvq.dim();
+    let energy: f64 = x.iter().map(|v| (*v as f64).powi(2)).sum();
+    let mut residual = x.to_vec();
+    let mut out = Vec::with_capacity(rvq.stages());
+    for k in 0..rvq.stages() {
+        let (idx, _) = nearest(&residual, d, rvq.codebook(k), rvq.norms(k));
+        subtract_assigned(&mut residual, d, rvq.codebook(k), &idx);
+        let err: f64 = residual.iter().map(|v| (*v as f64).powi(2)).sum();
+        let mut usage = vec![0usize; rvq.size()];
+        idx.iter().for_each(|&j| usage[j as usize] += 1);
+        let total = idx.len() as f64;
+        let entropy: f64 = usage
+            .iter()
+            .filter(|&&u| u > 0)
+            .map(|&u| {
+                let p = u as f64 / total;
+                -p * p.ln()
+            })
+            .sum();
+        out.push(StageStats {
+            relative_mse: if energy > 0.0 { err / energy } else { 0.0 },
+            usage_perplexity: entropy.exp(),
+            unused_codes: usage.iter().filter(|&&u| u == 0).count(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small_config() -> TrainConfig {
+        TrainConfig {
+            dim: 4,
+            size: 16,
+            stages: 3,
+            kmeans_sample: 2000,
+            kmeans_iters: 5,
+            batch: 128,
+            ..TrainConfig::paper()
+        }
+    }
+
+    fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix64::new(seed);
+        (0..n)
+            .map(|_| {
+                // Box–Muller
+                let (u, v) = (rng.unit().max(1e-12), rng.unit());
+                ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+            })
+            .collect()
+    }
+
+    /// One EMA step against a slow, explicit transcription of the paper's formulas.
+    #[test]
+    fn ema_step_matches_reference() {
+        let cfg = TrainConfig {
+            dim: 2,
+            size: 3,
+            decay: 0.9,
+            eps: 1e-5,
+            ..TrainConfig::paper()
+        };
+        let codebook = [0.0, 0.0, 1.0, 1.0, -1.0, 2.0];
+        let mut state = EmaState::new(&codebook, &[4.0, 2.0, 0.0], 0.5, 2);
+        let x = [0.1, -0.1, 0.9, 1.2, 1.1, 0.8];
+        let idx = [0u32, 1, 1];
+        state.update(&x, &idx, &cfg);
+        let mut cb = codebook;
+        state.write_codebook(&mut cb, &cfg);
+        // Reference: counts0 = [2, 1, 0]; sums0 = cw * counts0.
+        let counts = [2.0 * 0.9 + 1.0 * 0.1, 1.0 * 0.9 + 2.0 * 0.1, 0.0f64];
+        let sums = [
+            [0.0 * 0.9 + 0.1 * 0.1, 0.0 * 0.9 + -0.1 * 0.1],
+            [1.0 * 0.9 + (0.9 + 1.1) * 0.1, 1.0 * 0.9 + (1.2 + 0.8) * 0.1],
+            [0.0, 0.0],
+        ];
+        let n: f64 = counts.iter().sum();
+        for j in 0..3 {
+            let smoothed = (counts[j] + 1e-5) / (n + 3.0 * 1e-5) * n;
+            for c in 0..2 {
+                let want = sums[j][c] / smoothed;
+                assert!(
+                    (cb[j * 2 + c] as f64 - want).abs() < 1e-5,
+                    "code {j}: {} vs {want}",
+                    cb[j * 2 + c]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn training_is_deterministic_and_reduces_error_per_stage() {
+        let data = gaussian(4 * 3000, 1);
+        let src = SliceSource {
+            data: &data,
+            dim: 4,
+        };
+        let cfg = small_config();
+        let (a, report) = Rvq::train(&cfg, &src).unwrap();
+        let (b, _) = Rvq::train(&cfg, &src).unwrap();
+        assert_eq!(a, b);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let (c, _) = pool.install(|| Rvq::train(&cfg, &src).unwrap());
+        assert_eq!(a, c, "thread count changed the codebooks");
+        let mses: Vec<f64> = report.stages.iter().map(|s| s.relative_mse).collect();
+        assert!(mses.windows(2).all(|w| w[1] <= w[0]), "{mses:?}");
+        assert!(mses[2] < 0.5, "{mses:?}");
+    }
+
+    #[test]
+    fn bad_training_inputs_are_errors() {
+        let cfg = small_config();
+        let empty: Vec<f32> = vec![];
+        assert!(Rvq::train(
+            &cfg,
+            &SliceSource {
+                data: &empty,
+                dim: 4
+            }
+        )
+        .is_err());
+        let few = gaussian(4 * 10, 2);
+        let e = Rvq::train(&cfg, &SliceSource { data: &few, dim: 4 })
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("fewer than the C = 16"), "{e}");
+        let mut nan = gaussian(4 * 500, 3);
+        nan[77] = f32::NAN;
+        assert!(matches!(
+            Rvq::train(&cfg, &SliceSource { data: &nan, dim: 4 }),
+            Err(RvqError::NonFinite(_))
+        ));
+        let ok = gaussian(4 * 500, 3);
+        assert!(Rvq::train(
+            &TrainConfig {
+                stages: 0,
+                ..cfg.clone()
+            },
+            &SliceSource { data: &ok, dim: 4 }
+        )
+        .is_err());
+        assert!(Rvq::train(
+            &TrainConfig {
+                size: 1,
+                ..cfg.clone()
+            },
+            &SliceSource { data: &ok, dim: 4 }
+        )
+        .is_err());
+        assert!(Rvq::train(&cfg, &SliceSource { data: &ok, dim: 2 }).is_err());
+    }
+
+    #[test]
+    fn dead_code_replacement_revives_codes() {
+        // Data on 4 tight clusters, 64 codes: many codes starve; replacement re-seeds them.
+        let mut rng = SplitMix64::new(9);
+        let data: Vec<f32> = (0..4000 * 2)
+            .map(|i| ((i / 2) % 4) as f32 * 10.0 + rng.unit() as f32 * 0.01)
+            .collect();
+        let src = SliceSource {
+            data: &data,
+            dim: 2,
+        };
+        let cfg = TrainConfig {
+            dim: 2,
+            size: 64,
+            stages: 1,
+            kmeans_sample: 2000,
+            kmeans_iters: 3,
+            batch: 200,
+            ema_passes: 2,
+            ..TrainConfig::paper()
+        };
+        let (_, off) = Rvq::train(&cfg, &src).unwrap();
+        let (_, on) = Rvq::train(
+            &TrainConfig {
+                dead_code_threshold: Some(0.5),
+                ..cfg
+            },
+            &src,
+        )
+        .unwrap();
+        assert_eq!(off.dead_codes_replaced, 0);
+        assert!(on.dead_codes_replaced > 0);
+    }
+}
