@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// Download and verify assets (model, calib, eval, bench, all) into the cache folder
     Fetch(commands::fetch::Args),
+    /// Learn RVQ codebooks for a model's K/V from calibration text
+    Calibrate(commands::calibrate::Args),
     /// Perplexity of a model on a text with a given KV cache
     Ppl(commands::ppl::Args),
     /// Generate text (greedy or sampled) with a given KV cache
@@ -40,6 +42,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fetch(a) => commands::fetch::run(a),
+        Command::Calibrate(a) => commands::calibrate::run(a),
         Command::Ppl(a) => commands::ppl::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Bench(a) => commands::bench::run(a),

@@ -26,10 +26,8 @@ pub struct BenchReport {
 
 impl BenchReport {
     pub fn table(&self) -> String {
-        let mut s = format!(
-            "| cache | ctx | prefill tok/s | decode tok/s | prefill × | decode × | cache bytes | bits/elem |\n\
-             |---|---|---|---|---|---|---|---|\n"
-        );
+        let mut s = "| cache | ctx | prefill tok/s | decode tok/s | prefill × | decode × | cache bytes | bits/elem |\n\
+             |---|---|---|---|---|---|---|---|\n".to_string();
         for r in &self.rows {
             s += &format!(
                 "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {} | {:.2} |\n",

@@ -2,6 +2,7 @@
 
 pub mod assets;
 pub mod bench;
+pub mod calibrate;
 pub mod generate;
 pub mod ppl;
 pub mod progress;

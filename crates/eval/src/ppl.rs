@@ -6,7 +6,7 @@
 
 use crate::progress;
 use anyhow::{bail, Result};
-use kvcache::MemoryReport;
+use kvcache::{Compression, MemoryReport};
 use llm::ops::log_prob;
 use llm::Model;
 use serde::Serialize;
@@ -52,9 +52,9 @@ pub struct PplResult {
     pub windows: usize,
     pub tokens_processed: usize,
     pub tokens_per_s: f64,
-    /// Memory of the cache after the last window (ctx tokens).
+    /// Memory of the cache after the last window.
     pub memory: MemoryReport,
-    pub bits_per_element: f64,
+    pub compression: Compression,
 }
 
 /// The (start, len, first scored row) of each window over `n` tokens.
@@ -106,6 +106,7 @@ pub fn perplexity(
     let start = Instant::now();
     let mut nlls: Vec<f64> = Vec::new();
     let mut memory = MemoryReport::default();
+    let mut last_len = 0;
     for &(s, len, first) in &plan {
         let mut window = tokens[s..s + len].to_vec();
         if opts.protocol == Protocol::LlamaCpp {
@@ -123,6 +124,7 @@ pub fn perplexity(
             nlls.push(-log_prob(row, target));
         }
         memory = cache.memory();
+        last_len = len;
         pb.inc(len as u64);
         let running = (nlls.iter().sum::<f64>() / nlls.len() as f64).exp();
         pb.set_message(format!("ppl {spec} = {running:.4}"));
@@ -144,7 +146,7 @@ pub fn perplexity(
         windows: plan.len(),
         tokens_processed: total,
         tokens_per_s: total as f64 / secs,
-        bits_per_element: memory.bits_per_element(),
+        compression: Compression::of(&memory, last_len),
         memory,
     })
 }

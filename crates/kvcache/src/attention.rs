@@ -98,7 +98,7 @@ pub fn check_queries<C: KvCache + ?Sized>(
             shape.layers
         )));
     }
-    if queries.q_heads == 0 || queries.q_heads % shape.kv_heads != 0 {
+    if queries.q_heads == 0 || !queries.q_heads.is_multiple_of(shape.kv_heads) {
         return Err(CacheError::Shape(format!(
             "{} query heads is not a multiple of {} KV heads",
             queries.q_heads, shape.kv_heads

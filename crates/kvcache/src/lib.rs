@@ -7,8 +7,10 @@
 //! compressed form overrides it.
 
 pub mod attention;
+pub mod codebooks;
 pub mod dense;
 pub mod rope;
+pub mod rvq_cache;
 pub mod spec;
 
 use std::ops::Range;
@@ -76,6 +78,62 @@ impl MemoryReport {
         }
         self.bytes as f64 * 8.0 / self.elements as f64
     }
+
+    /// How many times smaller than an f16 cache of the same tokens (fixed bytes excluded).
+    pub fn compression_vs_f16(&self) -> f64 {
+        if self.bytes == 0 {
+            return 0.0;
+        }
+        self.elements as f64 * 2.0 / self.bytes as f64
+    }
+
+    /// Context length (tokens) from which this cache plus its fixed bytes is smaller than an
+    /// f16 cache, given that it currently holds `tokens` positions. `None` if it never is.
+    pub fn break_even_tokens(&self, tokens: usize) -> Option<f64> {
+        if tokens == 0 {
+            return None;
+        }
+        let saved_per_token = (self.elements as f64 * 2.0 - self.bytes as f64) / tokens as f64;
+        (saved_per_token > 0.0).then(|| self.fixed_bytes as f64 / saved_per_token)
+    }
+}
+
+/// The numbers printed with every result: bits, compression, fixed bytes, break-even context.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Compression {
+    pub bits_per_element: f64,
+    pub compression_vs_f16: f64,
+    pub fixed_bytes: u64,
+    pub break_even_tokens: Option<f64>,
+}
+
+impl Compression {
+    pub fn of(memory: &MemoryReport, tokens: usize) -> Self {
+        Self {
+            bits_per_element: memory.bits_per_element(),
+            compression_vs_f16: memory.compression_vs_f16(),
+            fixed_bytes: memory.fixed_bytes,
+            break_even_tokens: memory.break_even_tokens(tokens),
+        }
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{:.2} bits/element, {:.2}x vs f16",
+            self.bits_per_element, self.compression_vs_f16
+        );
+        if self.fixed_bytes > 0 {
+            s += &format!(
+                ", {:.1} MB fixed (codebooks)",
+                self.fixed_bytes as f64 / 1e6
+            );
+            match self.break_even_tokens {
+                Some(t) => s += &format!(", breaks even with f16 at {t:.0} tokens"),
+                None => s += ", never smaller than f16",
+            }
+        }
+        s
+    }
 }
 
 pub trait KvCache: Send + Sync {
@@ -134,7 +192,7 @@ pub fn check_append(
         )));
     }
     let row = shape.kv_heads * shape.head_dim;
-    if k.len() != v.len() || k.len() % row != 0 {
+    if k.len() != v.len() || !k.len().is_multiple_of(row) {
         return Err(CacheError::Shape(format!(
             "keys/values hold {}/{} values: not whole [tokens, {}, {}] rows",
             k.len(),

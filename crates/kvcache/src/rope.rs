@@ -26,7 +26,7 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(head_dim: usize, theta: f32, max_positions: usize, layout: RopeLayout) -> Self {
-        assert!(head_dim % 2 == 0, "RoPE needs an even head_dim");
+        assert!(head_dim.is_multiple_of(2), "RoPE needs an even head_dim");
         let half = head_dim / 2;
         // Same arithmetic as llama.cpp / candle: freq_i = theta^(-2i/d), angle = pos * freq_i.
         let inv_freq: Vec<f32> = (0..half)

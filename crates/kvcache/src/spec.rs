@@ -1,18 +1,29 @@
 //! Cache spec strings (`f32`, `f16`, …) → cache backends.
 
+use crate::codebooks::Codebooks;
 use crate::dense::{F16Cache, F32Cache};
+use crate::rvq_cache::{RvqCache, RvqOptions};
 use crate::{CacheConfig, CacheError, KvCache};
+use std::path::Path;
+use std::sync::Arc;
 
 /// Every spec form this build understands, for help texts and errors.
-pub const KNOWN_SPECS: &str = "f32, f16";
+pub const KNOWN_SPECS: &str =
+    "f32, f16, rvq:FILE.safetensors[,sinks=S][,recent=W][,beam=B][,only=k|v]";
 
 /// Builds the cache a spec names for a model of the given geometry.
 pub fn build(spec: &str, config: &CacheConfig) -> Result<Box<dyn KvCache>, CacheError> {
-    let (kind, _options) = spec.split_once(',').unwrap_or((spec, ""));
+    let (kind, options) = spec.split_once(',').unwrap_or((spec, ""));
     let err = |reason: String| CacheError::Spec {
         spec: spec.to_string(),
         reason,
     };
+    if let Some(path) = kind.strip_prefix("rvq:") {
+        return build_rvq(path, options, config).map_err(|e| match e {
+            CacheError::Spec { reason, .. } => err(reason),
+            other => other,
+        });
+    }
     match kind.trim() {
         "f32" => Ok(Box::new(F32Cache::new(config.shape, config.rope.clone()))),
         "f16" => Ok(Box::new(F16Cache::new(config.shape, config.rope.clone()))),
@@ -20,6 +31,61 @@ pub fn build(spec: &str, config: &CacheConfig) -> Result<Box<dyn KvCache>, Cache
             "unknown cache type '{other}' (known: {KNOWN_SPECS})"
         ))),
     }
+}
+
+fn build_rvq(
+    path: &str,
+    options: &str,
+    config: &CacheConfig,
+) -> Result<Box<dyn KvCache>, CacheError> {
+    let err = |reason: String| CacheError::Spec {
+        spec: String::new(),
+        reason,
+    };
+    let mut o = RvqOptions::default();
+    for opt in options.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (key, value) = opt
+            .split_once('=')
+            .ok_or_else(|| err(format!("option '{opt}' is not key=value")))?;
+        let number = || {
+            value
+                .parse::<usize>()
+                .map_err(|_| err(format!("{key}={value}: not a whole number")))
+        };
+        match key {
+            "sinks" => o.sinks = number()?,
+            "recent" => o.recent = number()?,
+            "beam" => {
+                o.beam = number()?;
+                if o.beam == 0 {
+                    return Err(err("beam must be at least 1".into()));
+                }
+            }
+            "only" => match value {
+                "k" => o.quantize_values = false,
+                "v" => o.quantize_keys = false,
+                _ => return Err(err(format!("only={value}: expected k or v"))),
+            },
+            _ => {
+                return Err(err(format!(
+                    "unknown rvq option '{key}' (known: sinks, recent, beam, only)"
+                )))
+            }
+        }
+    }
+    let books = Codebooks::load(Path::new(path))?;
+    let id = config
+        .model_id
+        .as_ref()
+        .ok_or_else(|| err("the rvq cache needs the model's identity".into()))?;
+    books.check_model(id)?;
+    Ok(Box::new(RvqCache::new(
+        config.shape,
+        config.rope.clone(),
+        Arc::new(books),
+        o,
+        path.to_string(),
+    )?))
 }
 
 #[cfg(test)]

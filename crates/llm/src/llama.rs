@@ -61,8 +61,8 @@ impl LlamaConfig {
         };
         if cfg.heads == 0
             || cfg.kv_heads == 0
-            || cfg.heads % cfg.kv_heads != 0
-            || cfg.head_dim % 2 != 0
+            || !cfg.heads.is_multiple_of(cfg.kv_heads)
+            || !cfg.head_dim.is_multiple_of(2)
             || cfg.layers == 0
         {
             return Err(LlmError::Metadata(format!(

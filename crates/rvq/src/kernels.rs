@@ -68,25 +68,99 @@ pub fn nearest(x: &[f32], d: usize, codebook: &[f32], norms: &[f32]) -> (Vec<u32
     (idx, dist)
 }
 
-/// argmin over j of norms[j] − 2·dots[j]; returns (j, value).
+/// argmin over j of norms[j] − 2·dots[j]; returns (j, value), ties to the lowest j.
+/// Dispatches at run time to an AVX-512 or AVX2 build of the same loop; the portable build
+/// is used elsewhere and is what the tests compare the fast ones against.
 #[inline]
 pub fn argmin_half_norm(dots: &[f32], norms: &[f32]) -> (usize, f32) {
-    let mut best = 0;
-    let mut best_val = f32::INFINITY;
-    for (j, (&dp, &nm)) in dots.iter().zip(norms).enumerate() {
-        let v = nm - 2.0 * dp;
-        if v < best_val {
-            best_val = v;
-            best = j;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features this build was compiled for.
+            return unsafe { argmin_avx512(dots, norms) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { argmin_avx2(dots, norms) };
         }
     }
-    (best, best_val)
+    argmin_portable(dots, norms)
+}
+
+pub fn argmin_portable(dots: &[f32], norms: &[f32]) -> (usize, f32) {
+    argmin_lanes(dots, norms)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn argmin_avx2(dots: &[f32], norms: &[f32]) -> (usize, f32) {
+    argmin_lanes(dots, norms)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn argmin_avx512(dots: &[f32], norms: &[f32]) -> (usize, f32) {
+    argmin_lanes(dots, norms)
+}
+
+/// Two passes that vectorise: the minimum over 16 independent lanes, then the first index
+/// that reaches it (the same float expression, so the comparison is exact).
+#[inline(always)]
+fn argmin_lanes(dots: &[f32], norms: &[f32]) -> (usize, f32) {
+    const LANES: usize = 16;
+    let n = dots.len().min(norms.len());
+    let (dots, norms) = (&dots[..n], &norms[..n]);
+    let mut lanes = [f32::INFINITY; LANES];
+    let body = n - n % LANES;
+    for (cd, cn) in dots[..body]
+        .chunks_exact(LANES)
+        .zip(norms[..body].chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            let v = cn[i] - 2.0 * cd[i];
+            lanes[i] = if v < lanes[i] { v } else { lanes[i] };
+        }
+    }
+    let mut best_val = f32::INFINITY;
+    for &l in &lanes {
+        if l < best_val {
+            best_val = l;
+        }
+    }
+    for j in body..n {
+        let v = norms[j] - 2.0 * dots[j];
+        if v < best_val {
+            best_val = v;
+        }
+    }
+    for j in 0..n {
+        if norms[j] - 2.0 * dots[j] == best_val {
+            return (j, best_val);
+        }
+    }
+    (0, best_val) // only when every value is NaN; inputs are checked finite upstream
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
+
+    #[test]
+    fn dispatched_argmin_equals_portable_including_ties() {
+        let mut rng = SplitMix64::new(8);
+        for n in [1, 15, 16, 17, 2048, 2049] {
+            let dots: Vec<f32> = (0..n).map(|_| (rng.below(50) as f32) * 0.25).collect();
+            let norms: Vec<f32> = (0..n).map(|_| (rng.below(50) as f32) * 0.5).collect();
+            let fast = argmin_half_norm(&dots, &norms);
+            assert_eq!(fast, argmin_portable(&dots, &norms));
+            // Brute force: the lowest index of the minimum.
+            let vals: Vec<f32> = dots.iter().zip(&norms).map(|(d, c)| c - 2.0 * d).collect();
+            let m = vals.iter().cloned().fold(f32::INFINITY, f32::min);
+            assert_eq!(fast, (vals.iter().position(|&v| v == m).unwrap(), m));
+        }
+    }
 
     #[test]
     fn nearest_matches_brute_force() {

@@ -45,7 +45,7 @@ impl VectorLayout {
         grouping: Grouping,
         scaled: bool,
     ) -> Result<Self> {
-        if group_dim == 0 || vector_dim == 0 || vector_dim % group_dim != 0 {
+        if group_dim == 0 || vector_dim == 0 || !vector_dim.is_multiple_of(group_dim) {
             return Err(RvqError::Config(format!(
                 "group dimension d = {group_dim} must divide the vector dimension {vector_dim}"
             )));
@@ -111,7 +111,7 @@ impl VectorLayout {
     /// Vectors `x` ([n, vector_dim]) → groups scaled by their vector's scale ([n·groups, d]) and
     /// the scales ([n]).
     pub fn to_groups(&self, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
-        if x.len() % self.vector_dim != 0 {
+        if !x.len().is_multiple_of(self.vector_dim) {
             return Err(RvqError::Input(format!(
                 "{} values is not a whole number of {}-dim vectors",
                 x.len(),

@@ -145,7 +145,7 @@ impl Rvq {
                 }
             }
             let keep = beam.min(cands.len());
-            cands.select_nth_unstable_by(keep - 1, |a, b| cmp_cand(a, b));
+            cands.select_nth_unstable_by(keep - 1, cmp_cand);
             cands.truncate(keep);
             cands.sort_by(cmp_cand);
             beams = cands
@@ -202,7 +202,7 @@ impl Rvq {
     }
 
     fn check_vectors(&self, x: &[f32], codes_len: usize, what: &str) -> Result<()> {
-        if x.len() % self.dim != 0 {
+        if !x.len().is_multiple_of(self.dim) {
             return Err(RvqError::Input(format!(
                 "{what}: {} values is not a whole number of {}-dim vectors",
                 x.len(),

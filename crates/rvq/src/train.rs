@@ -53,7 +53,7 @@ impl TrainConfig {
             size: 2048,
             stages: 8,
             kmeans_sample: 32_768,
-            kmeans_iters: 10,
+            kmeans_iters: 6,
             init: Init::RandomPoints,
             ema_passes: 1,
             batch: 1024,

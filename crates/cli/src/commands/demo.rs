@@ -1,8 +1,11 @@
 use super::common::ModelArgs;
 use anyhow::Result;
 use eval::assets;
+use eval::calibrate::{calibrate, CalibConfig};
 use eval::generate::{generate, Sampling};
 use eval::ppl::{perplexity, PplOptions, Protocol};
+use kvcache::codebooks::Codebooks;
+use rvq::{Grouping, TrainConfig};
 use std::io::Write;
 
 #[derive(clap::Args)]
@@ -14,19 +17,63 @@ pub struct Args {
     max_tokens: usize,
 }
 
+/// The paper's configuration, as `rvq-kv calibrate` defaults.
+fn paper_config(text: &str) -> CalibConfig {
+    CalibConfig {
+        tokens: 16384,
+        ctx: 512,
+        train: TrainConfig::paper(),
+        key_grouping: Grouping::Strided,
+        value_grouping: Grouping::Contiguous,
+        quantize_keys: true,
+        quantize_values: true,
+        scaled: true,
+        skip_layers: vec![],
+        text: text.to_string(),
+    }
+}
+
 pub fn run(a: Args) -> Result<()> {
     let home = assets::home();
     let model = a.model.load()?;
-    let text = eval::text::read_text(&assets::ensure_eval_text(&home)?)?;
-    let tokens = model.tokenizer.encode(&text, true)?;
+    let eval_text = eval::text::read_text(&assets::ensure_eval_text(&home)?)?;
+    let tokens = model.tokenizer.encode(&eval_text, true)?;
+
+    // Paper-config codebooks, calibrated once and cached beside the assets.
+    let books_path = home.join("codebooks").join("smollm2-paper.safetensors");
+    let identity = model.identity()?;
+    let cached = Codebooks::load(&books_path).is_ok_and(|b| b.check_model(&identity).is_ok());
+    if !cached {
+        let calib = assets::ensure_calib(&home, "wiki.utf8")?;
+        eprintln!(
+            "rvq-kv demo: calibrating paper-config codebooks (d=32, C=2048, K=8) on {} — about 8 minutes on 2 cores, once",
+            calib.display()
+        );
+        let text = eval::text::read_text(&calib)?;
+        let calib_tokens = model.tokenizer.encode(&text, true)?;
+        let (books, t) = calibrate(
+            &model,
+            &calib_tokens,
+            &paper_config(&calib.display().to_string()),
+            false,
+        )?;
+        books.save(&books_path)?;
+        eprintln!(
+            "rvq-kv demo: calibrated in {:.0}s (capture {:.0}s)",
+            t.capture_s + t.train_s,
+            t.capture_s
+        );
+    }
+    let rvq_spec = format!("rvq:{}", books_path.display());
+
     eprintln!(
-        "rvq-kv demo: perplexity on the first {} tokens of sotu-eval (ctx 512)",
+        "rvq-kv demo: perplexity on the first {} tokens of sotu-eval (windows of 512)",
         a.max_tokens
     );
-    println!("| cache | PPL | ΔPPL | bits/element | tokens/s |");
+    println!("| cache | PPL | ΔPPL vs f16 | bits/element | compression vs f16 |");
     println!("|---|---|---|---|---|");
     let mut base = None;
-    for spec in ["f32", "f16"] {
+    for spec in ["f16", "f32", rvq_spec.as_str()] {
         let opts = PplOptions {
             ctx: 512,
             max_tokens: Some(a.max_tokens),
@@ -35,30 +82,41 @@ pub fn run(a: Args) -> Result<()> {
         };
         let r = perplexity(&model, &tokens, spec, &opts)?;
         let b = *base.get_or_insert(r.ppl);
+        let name = if spec.starts_with("rvq:") {
+            "rvq (paper config)"
+        } else {
+            spec
+        };
         println!(
-            "| {} | {:.4} | {:+.2}% | {:.2} | {:.1} |",
-            spec,
+            "| {} | {:.4} | {:+.2}% | {:.2} | {:.2}x |",
+            name,
             r.ppl,
             (r.ppl / b - 1.0) * 100.0,
-            r.bits_per_element,
-            r.tokens_per_s
+            r.compression.bits_per_element,
+            r.compression.compression_vs_f16
         );
     }
     let prompt = model
         .tokenizer
         .chat_prompt("What is the capital of France? Answer in one sentence.")?;
     let ids = model.tokenizer.encode(&prompt, true)?;
-    eprintln!("\nrvq-kv demo: chat generation with the f16 cache");
     let sampling = Sampling {
         temperature: 0.0,
         top_p: 1.0,
         seed: 0,
     };
-    print!("> ");
-    generate(&model, &ids, "f16", 48, &sampling, |p| {
-        print!("{p}");
-        let _ = std::io::stdout().flush();
-    })?;
-    println!();
+    for spec in ["f16", rvq_spec.as_str()] {
+        let name = if spec.starts_with("rvq:") {
+            "rvq"
+        } else {
+            spec
+        };
+        print!("\n[{name} cache] > ");
+        generate(&model, &ids, spec, 48, &sampling, |p| {
+            print!("{p}");
+            let _ = std::io::stdout().flush();
+        })?;
+        println!();
+    }
     Ok(())
 }

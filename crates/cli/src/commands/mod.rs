@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod calibrate;
 pub mod common;
 pub mod demo;
 pub mod fetch;

@@ -14,7 +14,7 @@ pub struct Args {
     /// Text to measure (default: sotu-eval, fetched on first use)
     #[arg(long)]
     text: Option<PathBuf>,
-    /// KV cache spec: f32, f16
+    /// KV cache spec: f32, f16, rvq:FILE.safetensors[,sinks=S][,recent=W][,beam=B][,only=k|v]
     #[arg(long, default_value = "f16")]
     cache: String,
     /// Window (chunk) length in tokens
@@ -46,8 +46,8 @@ pub fn run(a: Args) -> Result<()> {
         return print_json(&r);
     }
     eprintln!(
-        "{}: PPL = {:.4} ± {:.4} ({} tokens scored in {} windows of {}, protocol {:?}; {:.1} tokens/s; {:.2} bits/element)",
-        r.cache, r.ppl, r.ppl_stderr, r.scored_tokens, r.windows, r.ctx, r.protocol, r.tokens_per_s, r.bits_per_element
+        "{}: PPL = {:.4} ± {:.4} ({} tokens scored in {} windows of {}, protocol {:?}; {:.1} tokens/s)\n  cache: {}",
+        r.cache, r.ppl, r.ppl_stderr, r.scored_tokens, r.windows, r.ctx, r.protocol, r.tokens_per_s, r.compression.summary()
     );
     println!("{:.4}", r.ppl);
     Ok(())

@@ -1,0 +1,99 @@
+//! The binary's contract on bad input: one clear error line, a non-zero exit, never a panic.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn home() -> PathBuf {
+    match std::env::var_os("RVQ_KV_HOME") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.rvq-kv")),
+    }
+}
+
+/// Runs rvq-kv with the shared asset folder; returns (success, stdout, stderr).
+fn rvq_kv(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rvq-kv"))
+        .args(args)
+        .env("RVQ_KV_HOME", home())
+        .output()
+        .expect("running rvq-kv");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let (ok, _, err) = rvq_kv(args);
+    assert!(!ok, "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected '{needle}' in: {err}"
+    );
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "   \n").unwrap();
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "Hi").unwrap();
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"GGUF but not really").unwrap();
+    let e = empty.to_str().unwrap();
+    fails_with(
+        &["ppl", "--model", "/nonexistent/model.gguf"],
+        "cannot open model file",
+    );
+    fails_with(
+        &["ppl", "--model", junk.to_str().unwrap()],
+        "not a readable GGUF",
+    );
+    fails_with(
+        &["ppl", "--cache", "q3_z", "--max-tokens", "64"],
+        "unknown cache type 'q3_z'",
+    );
+    fails_with(
+        &["ppl", "--ctx", "100000"],
+        "exceeds the model's context length 8192",
+    );
+    fails_with(&["ppl", "--ctx", "1"], "too small");
+    fails_with(&["ppl", "--text", e], "is empty");
+    fails_with(&["ppl", "--text", short.to_str().unwrap()], "at least 2");
+    fails_with(
+        &["ppl", "--cache", "rvq:/nonexistent.safetensors"],
+        "cannot read",
+    );
+    fails_with(
+        &["ppl", "--cache", "rvq:x.safetensors,sinks=-1"],
+        "not a whole number",
+    );
+    fails_with(
+        &["generate", "--prompt", "hi", "--top-p", "1.5"],
+        "--top-p 1.5",
+    );
+    fails_with(&["generate"], "--prompt");
+    fails_with(
+        &["calibrate", "--out", "/tmp/never.safetensors", "-C", "1"],
+        "C = 1",
+    );
+    fails_with(
+        &["calibrate", "--out", "/tmp/never.safetensors", "-d", "48"],
+        "must divide",
+    );
+    fails_with(&["fetch", "everything"], "unknown asset");
+}
+
+#[test]
+fn ppl_json_is_one_object() {
+    let (ok, out, err) = rvq_kv(&["ppl", "--max-tokens", "300", "--ctx", "128", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("stdout is one JSON object");
+    assert_eq!(v["windows"], 3);
+    assert_eq!(v["scored_tokens"], 127 * 2 + 43);
+    assert!(v["ppl"].as_f64().unwrap() > 1.0);
+    assert_eq!(v["compression"]["bits_per_element"], 16.0);
+}

@@ -1,0 +1,235 @@
+//! Calibration: run the model over calibration text, capture every layer's pre-RoPE K and V,
+//! and train one RVQ per layer for keys and one for values (shared by all groups and heads).
+
+use crate::progress;
+use anyhow::{bail, Context, Result};
+use kvcache::codebooks::{CodebookMeta, Codebooks, LayerBooks, PartSettings};
+use kvcache::dense::F32Cache;
+use kvcache::{CacheError, CacheShape, KvCache, MemoryReport, Queries, Rope};
+use llm::Model;
+use rvq::train::SliceSource;
+use rvq::{Grouping, Rvq, TrainConfig, VectorLayout};
+use serde::Serialize;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CalibConfig {
+    /// Calibration tokens (taken from the start of the text).
+    pub tokens: usize,
+    /// Window length for the capture forward passes.
+    pub ctx: usize,
+    pub train: TrainConfig,
+    pub key_grouping: Grouping,
+    pub value_grouping: Grouping,
+    pub quantize_keys: bool,
+    pub quantize_values: bool,
+    /// Divide each head vector by its standard deviation (the paper).
+    pub scaled: bool,
+    pub skip_layers: Vec<usize>,
+    /// Where the text came from (for the record).
+    pub text: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CalibTimings {
+    pub capture_s: f64,
+    pub train_s: f64,
+    pub captured_tokens: usize,
+}
+
+/// Captured pre-RoPE keys and values, per layer: ([tokens, kv_heads, hd], [tokens, kv_heads, hd]).
+pub type Captured = Vec<(Vec<f32>, Vec<f32>)>;
+
+/// A dense f32 cache that also records every appended K/V (per layer: [tokens, kv_heads, hd]).
+#[derive(Clone)]
+pub struct CaptureCache {
+    inner: F32Cache,
+    captured: Arc<Mutex<Captured>>,
+}
+
+impl CaptureCache {
+    pub fn new(shape: CacheShape, rope: Arc<Rope>, captured: Arc<Mutex<Captured>>) -> Self {
+        Self {
+            inner: F32Cache::new(shape, rope),
+            captured,
+        }
+    }
+}
+
+impl KvCache for CaptureCache {
+    fn shape(&self) -> CacheShape {
+        self.inner.shape()
+    }
+    fn rope(&self) -> &Rope {
+        self.inner.rope()
+    }
+    fn spec(&self) -> String {
+        "f32 (capturing)".into()
+    }
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), CacheError> {
+        self.inner.append(layer, k, v)?;
+        let mut c = self.captured.lock().expect("capture lock");
+        c[layer].0.extend_from_slice(k);
+        c[layer].1.extend_from_slice(v);
+        Ok(())
+    }
+    fn len(&self, layer: usize) -> usize {
+        self.inner.len(layer)
+    }
+    fn read_keys(
+        &self,
+        l: usize,
+        h: usize,
+        p: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), CacheError> {
+        self.inner.read_keys(l, h, p, out)
+    }
+    fn read_values(
+        &self,
+        l: usize,
+        h: usize,
+        p: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), CacheError> {
+        self.inner.read_values(l, h, p, out)
+    }
+    fn attend(&self, layer: usize, q: &Queries, out: &mut [f32]) -> Result<(), CacheError> {
+        self.inner.attend(layer, q, out)
+    }
+    fn memory(&self) -> MemoryReport {
+        self.inner.memory()
+    }
+    fn truncate(&mut self, len: usize) {
+        self.inner.truncate(len)
+    }
+    fn box_clone(&self) -> Box<dyn KvCache> {
+        Box::new(self.clone())
+    }
+}
+
+/// Pre-RoPE K and V of every layer over `tokens`, run in windows of `ctx`.
+pub fn capture(model: &Model, tokens: &[u32], ctx: usize, quiet: bool) -> Result<Captured> {
+    let shape = model.cache_shape();
+    let captured = Arc::new(Mutex::new(vec![(Vec::new(), Vec::new()); shape.layers]));
+    let pb = progress::bar(tokens.len() as u64, "tok", quiet);
+    pb.set_message("capturing K/V");
+    for window in tokens.chunks(ctx) {
+        let mut cache = CaptureCache::new(shape, model.llama.rope().clone(), captured.clone());
+        model.forward(window, 0, &mut cache, Some(1))?;
+        pb.inc(window.len() as u64);
+    }
+    pb.finish_and_clear();
+    let out = std::mem::take(&mut *captured.lock().expect("capture lock"));
+    Ok(out)
+}
+
+/// Trains one quantizer on head vectors `x` ([n, head_dim]) under `layout`.
+fn train_part(
+    x: &[f32],
+    layout: &VectorLayout,
+    cfg: &TrainConfig,
+) -> Result<(Rvq, rvq::TrainReport)> {
+    let (groups, _scales) = layout.to_groups(x)?;
+    let src = SliceSource {
+        data: &groups,
+        dim: layout.group_dim,
+    };
+    Ok(Rvq::train(cfg, &src)?)
+}
+
+pub fn calibrate(
+    model: &Model,
+    tokens: &[u32],
+    cfg: &CalibConfig,
+    quiet: bool,
+) -> Result<(Codebooks, CalibTimings)> {
+    let shape = model.cache_shape();
+    if tokens.len() < 2 {
+        bail!("the calibration text has {} token(s)", tokens.len());
+    }
+    if let Some(&l) = cfg.skip_layers.iter().find(|&&l| l >= shape.layers) {
+        bail!("--skip-layers {l}: the model has {} layers", shape.layers);
+    }
+    if !cfg.quantize_keys && !cfg.quantize_values {
+        bail!("nothing to quantize: choose keys, values or both");
+    }
+    let d = cfg.train.dim;
+    let key_layout = VectorLayout::new(shape.head_dim, d, cfg.key_grouping, cfg.scaled)?;
+    let value_layout = VectorLayout::new(shape.head_dim, d, cfg.value_grouping, cfg.scaled)?;
+    let tokens = &tokens[..cfg.tokens.min(tokens.len())];
+    let vectors = tokens.len() * shape.kv_heads * key_layout.groups();
+    if vectors < cfg.train.size {
+        bail!(
+            "{} calibration tokens give {vectors} training vectors per quantizer, fewer than C = {}: use more --tokens",
+            tokens.len(),
+            cfg.train.size
+        );
+    }
+    let t0 = Instant::now();
+    let captured = capture(model, tokens, cfg.ctx, quiet)?;
+    let capture_s = t0.elapsed().as_secs_f64();
+
+    let t1 = Instant::now();
+    let parts = shape.layers * (cfg.quantize_keys as usize + cfg.quantize_values as usize);
+    let pb = progress::bar(parts as u64, "quantizers", quiet);
+    let mut layers = Vec::with_capacity(shape.layers);
+    let mut reports = Vec::with_capacity(shape.layers);
+    for (l, (k, v)) in captured.iter().enumerate() {
+        if cfg.skip_layers.contains(&l) {
+            layers.push(LayerBooks::default());
+            reports.push((None, None));
+            continue;
+        }
+        // Each quantizer gets its own seed stream, derived from the base seed and its position.
+        let seeded = |part: u64| TrainConfig {
+            seed: cfg.train.seed ^ ((l as u64) << 8 | part),
+            ..cfg.train.clone()
+        };
+        let train =
+            |on: bool, x: &[f32], layout: &VectorLayout, part: u64, name: &str| -> Result<_> {
+                if !on {
+                    return Ok((None, None));
+                }
+                pb.set_message(format!("layer {l} {name}"));
+                let (q, r) = train_part(x, layout, &seeded(part))
+                    .with_context(|| format!("layer {l} {name}"))?;
+                pb.inc(1);
+                Ok((Some(q), Some(r)))
+            };
+        let (kq, kr) = train(cfg.quantize_keys, k, &key_layout, 0, "keys")?;
+        let (vq, vr) = train(cfg.quantize_values, v, &value_layout, 1, "values")?;
+        layers.push(LayerBooks {
+            keys: kq,
+            values: vq,
+        });
+        reports.push((kr, vr));
+    }
+    pb.finish_and_clear();
+    let train_s = t1.elapsed().as_secs_f64();
+    let settings = |on: bool, grouping| {
+        on.then_some(PartSettings {
+            group_dim: d,
+            grouping,
+            scaled: cfg.scaled,
+        })
+    };
+    let meta = CodebookMeta {
+        model: model.identity()?,
+        keys: settings(cfg.quantize_keys, cfg.key_grouping),
+        values: settings(cfg.quantize_values, cfg.value_grouping),
+        skipped_layers: cfg.skip_layers.clone(),
+        calibration: serde_json::to_value(cfg)?,
+        reports,
+    };
+    Ok((
+        Codebooks { meta, layers },
+        CalibTimings {
+            capture_s,
+            train_s,
+            captured_tokens: tokens.len(),
+        },
+    ))
+}

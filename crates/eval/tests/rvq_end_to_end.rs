@@ -1,0 +1,151 @@
+//! The RVQ cache on the real model: calibration on a small slice of calibration text, then
+//! perplexity on sotu-eval between the f16 cache and an untrained (random-codebook) cache.
+
+mod common;
+use common::{eval_tokens, home, model};
+use eval::calibrate::{calibrate, CalibConfig};
+use eval::ppl::{perplexity, PplOptions, Protocol};
+use kvcache::codebooks::Codebooks;
+use rvq::rng::SplitMix64;
+use rvq::{Grouping, Rvq, TrainConfig};
+
+fn small_config(tokens: usize) -> CalibConfig {
+    CalibConfig {
+        tokens,
+        ctx: 512,
+        train: TrainConfig {
+            dim: 32,
+            size: 64,
+            stages: 2,
+            kmeans_sample: 4096,
+            kmeans_iters: 3,
+            batch: 256,
+            ..TrainConfig::paper()
+        },
+        key_grouping: Grouping::Strided,
+        value_grouping: Grouping::Contiguous,
+        quantize_keys: true,
+        quantize_values: true,
+        scaled: true,
+        skip_layers: vec![],
+        text: "wiki.utf8".into(),
+    }
+}
+
+fn calib_tokens() -> Vec<u32> {
+    let path = eval::assets::ensure_calib(&home(), "wiki.utf8").unwrap();
+    let text = eval::text::read_text(&path).unwrap();
+    model().tokenizer.encode(&text, true).unwrap()
+}
+
+fn ppl(spec: &str) -> f64 {
+    let opts = PplOptions {
+        ctx: 512,
+        max_tokens: Some(1024),
+        protocol: Protocol::Windows,
+        quiet: true,
+    };
+    let r = perplexity(model(), eval_tokens(), spec, &opts).unwrap();
+    assert!(r.ppl.is_finite());
+    r.ppl
+}
+
+#[test]
+fn calibrated_cache_sits_between_f16_and_random_codebooks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (books, _) = calibrate(model(), &calib_tokens(), &small_config(1024), true).unwrap();
+    let trained = dir.path().join("trained.safetensors");
+    books.save(&trained).unwrap();
+
+    // Same layout and sizes, codewords drawn at random: what training has to beat.
+    let mut rng = SplitMix64::new(99);
+    let mut random = books.clone();
+    for layer in &mut random.layers {
+        for q in [&mut layer.keys, &mut layer.values].into_iter().flatten() {
+            let cbs = (0..q.stages())
+                .map(|_| {
+                    (0..q.size() * q.dim())
+                        .map(|_| rng.unit() as f32 * 2.0 - 1.0)
+                        .collect()
+                })
+                .collect();
+            *q = Rvq::from_codebooks(q.dim(), q.size(), cbs).unwrap();
+        }
+    }
+    let untrained = dir.path().join("random.safetensors");
+    random.save(&untrained).unwrap();
+
+    let f16 = ppl("f16");
+    let rvq = ppl(&format!("rvq:{}", trained.display()));
+    let rnd = ppl(&format!("rvq:{}", untrained.display()));
+    assert!(
+        f16 < rvq && rvq < rnd,
+        "f16 {f16}, calibrated rvq {rvq}, random rvq {rnd}"
+    );
+
+    // Accounting: 2 groups x 2 stages x 6 bits = 24 bits = 3 bytes + 2 bytes of scale per head
+    // vector of 64 elements = 0.625 bits/element.
+    let m = {
+        let mut cache = model()
+            .new_cache(&format!("rvq:{}", trained.display()))
+            .unwrap();
+        model()
+            .forward(&eval_tokens()[..10], 0, cache.as_mut(), Some(1))
+            .unwrap();
+        cache.memory()
+    };
+    assert_eq!(m.bytes, 10 * 30 * 3 * 2 * 5);
+    assert!((m.bits_per_element() - 0.625).abs() < 1e-12);
+    assert_eq!(m.fixed_bytes, 30 * 2 * 2 * 64 * 32 * 4);
+}
+
+#[test]
+fn calibration_is_deterministic_given_a_seed() {
+    let tokens = calib_tokens();
+    let (a, _) = calibrate(model(), &tokens, &small_config(512), true).unwrap();
+    let (b, _) = calibrate(model(), &tokens, &small_config(512), true).unwrap();
+    for (la, lb) in a.layers.iter().zip(&b.layers) {
+        assert_eq!(la.keys, lb.keys);
+        assert_eq!(la.values, lb.values);
+    }
+    let mut other = small_config(512);
+    other.train.seed = 1;
+    let (c, _) = calibrate(model(), &tokens, &other, true).unwrap();
+    assert_ne!(
+        a.layers[3].keys, c.layers[3].keys,
+        "another seed, other codebooks"
+    );
+}
+
+#[test]
+fn codebooks_of_another_model_or_corrupted_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut books, _) = calibrate(model(), &calib_tokens(), &small_config(512), true).unwrap();
+    books.meta.model.file_sha256 = "0".repeat(64);
+    let path = dir.path().join("other.safetensors");
+    books.save(&path).unwrap();
+    let e = model()
+        .new_cache(&format!("rvq:{}", path.display()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("not for this model"), "{e}");
+
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = model()
+        .new_cache(&format!("rvq:{}", cut.display()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("truncated or corrupted"), "{e}");
+    assert!(Codebooks::load(&dir.path().join("missing.safetensors")).is_err());
+
+    let e = model()
+        .new_cache("rvq:x.safetensors,beam=0")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("beam must be at least 1"), "{e}");
+}

@@ -1,0 +1,200 @@
+//! The calibrated codebooks of an RVQ cache: one quantizer per layer for keys and one for
+//! values, with the model identity they were learned on, the settings, and the training report.
+//! Stored as one safetensors file (tensors `layer.{l}.{k|v}.stage.{s}`, JSON metadata).
+
+use crate::{CacheError, ModelIdentity};
+use rvq::{io, Grouping, Rvq, TrainReport, VectorLayout};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub const FORMAT: &str = "rvq-kv-codebooks";
+pub const VERSION: u32 = 1;
+
+/// How one of K or V is quantized.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PartSettings {
+    pub group_dim: usize,
+    pub grouping: Grouping,
+    pub scaled: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CodebookMeta {
+    pub model: ModelIdentity,
+    /// `None`: keys are not quantized.
+    pub keys: Option<PartSettings>,
+    pub values: Option<PartSettings>,
+    /// Layers left in full precision.
+    pub skipped_layers: Vec<usize>,
+    /// Calibration settings and data description (free-form, for the record).
+    pub calibration: serde_json::Value,
+    /// Training reports: `reports[layer]` = (keys, values).
+    pub reports: Vec<(Option<TrainReport>, Option<TrainReport>)>,
+}
+
+/// Quantizers of one layer.
+#[derive(Clone, Debug, Default)]
+pub struct LayerBooks {
+    pub keys: Option<Rvq>,
+    pub values: Option<Rvq>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Codebooks {
+    pub meta: CodebookMeta,
+    pub layers: Vec<LayerBooks>,
+}
+
+impl Codebooks {
+    pub fn key_layout(&self) -> Option<VectorLayout> {
+        self.meta.keys.as_ref().map(|p| self.layout(p))
+    }
+    pub fn value_layout(&self) -> Option<VectorLayout> {
+        self.meta.values.as_ref().map(|p| self.layout(p))
+    }
+    fn layout(&self, p: &PartSettings) -> VectorLayout {
+        VectorLayout {
+            vector_dim: self.meta.model.head_dim,
+            group_dim: p.group_dim,
+            grouping: p.grouping,
+            scaled: p.scaled,
+        }
+    }
+
+    /// Bytes of all codebooks (fixed overhead of the cache).
+    pub fn bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.keys, &l.values])
+            .flatten()
+            .map(Rvq::codebook_bytes)
+            .sum()
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), CacheError> {
+        let mut tensors = Vec::new();
+        for (l, books) in self.layers.iter().enumerate() {
+            if let Some(q) = &books.keys {
+                tensors.extend(io::tensors(q, &format!("layer.{l}.k.")));
+            }
+            if let Some(q) = &books.values {
+                tensors.extend(io::tensors(q, &format!("layer.{l}.v.")));
+            }
+        }
+        let stages: Vec<(usize, usize)> = self
+            .layers
+            .iter()
+            .map(|b| {
+                (
+                    b.keys.as_ref().map_or(0, Rvq::stages),
+                    b.values.as_ref().map_or(0, Rvq::stages),
+                )
+            })
+            .collect();
+        let meta = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("format_version".to_string(), VERSION.to_string()),
+            ("meta".to_string(), to_json(&self.meta)?),
+            ("stages".to_string(), to_json(&stages)?),
+        ]);
+        io::write_safetensors(path, &tensors, meta)
+            .map_err(|e| CacheError::Codebooks(e.to_string()))
+    }
+
+    pub fn load(path: &Path) -> Result<Self, CacheError> {
+        let p = path.display().to_string();
+        let err = |reason: String| CacheError::Codebooks(format!("{p}: {reason}"));
+        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| {
+            err(format!(
+                "not a valid safetensors file (truncated or corrupted?): {e}"
+            ))
+        })?;
+        let md = header.metadata().clone().unwrap_or_default();
+        if md.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(err(format!("not an {FORMAT} file")));
+        }
+        if md.get("format_version").map(String::as_str) != Some(&VERSION.to_string()) {
+            return Err(err(format!(
+                "format version {:?}; this build reads {VERSION}",
+                md.get("format_version")
+            )));
+        }
+        let field = |k: &str| {
+            md.get(k)
+                .ok_or_else(|| err(format!("metadata lacks '{k}'")))
+        };
+        let meta: CodebookMeta =
+            serde_json::from_str(field("meta")?).map_err(|e| err(format!("bad 'meta': {e}")))?;
+        let stages: Vec<(usize, usize)> = serde_json::from_str(field("stages")?)
+            .map_err(|e| err(format!("bad 'stages': {e}")))?;
+        if stages.len() != meta.model.layers {
+            return Err(err(format!(
+                "{} layer entries for a {}-layer model",
+                stages.len(),
+                meta.model.layers
+            )));
+        }
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| err(format!("truncated or corrupted: {e}")))?;
+        let mut layers = Vec::with_capacity(stages.len());
+        for (l, &(ks, vs)) in stages.iter().enumerate() {
+            let read = |part: &str,
+                        n: usize,
+                        settings: &Option<PartSettings>|
+             -> Result<Option<Rvq>, CacheError> {
+                if n == 0 {
+                    return Ok(None);
+                }
+                let q = io::from_safetensors(&st, &format!("layer.{l}.{part}."), n, &p)
+                    .map_err(|e| CacheError::Codebooks(e.to_string()))?;
+                let s = settings.as_ref().ok_or_else(|| {
+                    err(format!(
+                        "layer {l} has {part} codebooks but no {part} settings"
+                    ))
+                })?;
+                if q.dim() != s.group_dim || !meta.model.head_dim.is_multiple_of(s.group_dim) {
+                    return Err(err(format!(
+                        "layer {l} {part}: codeword dim {} vs group dim {}",
+                        q.dim(),
+                        s.group_dim
+                    )));
+                }
+                Ok(Some(q))
+            };
+            layers.push(LayerBooks {
+                keys: read("k", ks, &meta.keys)?,
+                values: read("v", vs, &meta.values)?,
+            });
+        }
+        Ok(Self { meta, layers })
+    }
+
+    /// Fails unless these codebooks were learned on `model`.
+    pub fn check_model(&self, model: &ModelIdentity) -> Result<(), CacheError> {
+        let m = &self.meta.model;
+        if m != model {
+            return Err(CacheError::Codebooks(format!(
+                "codebooks were calibrated for {} ({} layers, {} KV heads x {}, sha256 {}…), \
+                 not for this model: {} ({} layers, {} KV heads x {}, sha256 {}…)",
+                m.architecture,
+                m.layers,
+                m.kv_heads,
+                m.head_dim,
+                &m.file_sha256[..m.file_sha256.len().min(12)],
+                model.architecture,
+                model.layers,
+                model.kv_heads,
+                model.head_dim,
+                &model.file_sha256[..model.file_sha256.len().min(12)]
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String, CacheError> {
+    serde_json::to_string(v).map_err(|e| CacheError::Codebooks(e.to_string()))
+}

@@ -1,0 +1,533 @@
+//! The RVQ cache: per token and KV head, packed codes plus an f16 scale. Nothing dense is kept
+//! for quantized tokens; optional full-precision (f16) windows keep the first `sinks` tokens
+//! (attention sinks) and the last `recent` tokens, which are encoded when they leave the window.
+
+use crate::codebooks::Codebooks;
+use crate::{check_append, check_read, CacheError, CacheShape, KvCache, MemoryReport, Rope};
+use half::f16;
+use rvq::pack::PackedRows;
+use rvq::{Rvq, VectorLayout};
+use std::ops::Range;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RvqOptions {
+    /// First tokens kept in f16.
+    pub sinks: usize,
+    /// Last tokens kept in f16.
+    pub recent: usize,
+    /// Beam width of encoding (1 = greedy, the paper).
+    pub beam: usize,
+    pub quantize_keys: bool,
+    pub quantize_values: bool,
+}
+
+impl Default for RvqOptions {
+    fn default() -> Self {
+        Self {
+            sinks: 0,
+            recent: 0,
+            beam: 1,
+            quantize_keys: true,
+            quantize_values: true,
+        }
+    }
+}
+
+/// Storage of one head's keys or values.
+#[derive(Clone, Debug)]
+struct HeadStore {
+    /// [sinks, head_dim] (all positions when the part is not quantized)
+    sinks: Vec<f16>,
+    /// One row of groups × stages codes per encoded position.
+    codes: PackedRows,
+    /// One scale per encoded position.
+    scales: Vec<f16>,
+    /// [≤ recent, head_dim], oldest first
+    recent: Vec<f16>,
+}
+
+/// Keys or values of one layer.
+#[derive(Clone, Debug)]
+struct PartStore {
+    /// `None`: stored in f16 in full.
+    quant: Option<(Rvq, VectorLayout)>,
+    heads: Vec<HeadStore>,
+}
+
+#[derive(Clone)]
+pub struct RvqCache {
+    shape: CacheShape,
+    rope: Arc<Rope>,
+    books: Arc<Codebooks>,
+    options: RvqOptions,
+    path: String,
+    lens: Vec<usize>,
+    /// [layers] of (keys, values)
+    parts: Vec<[PartStore; 2]>,
+}
+
+impl RvqCache {
+    pub fn new(
+        shape: CacheShape,
+        rope: Arc<Rope>,
+        books: Arc<Codebooks>,
+        options: RvqOptions,
+        path: String,
+    ) -> Result<Self, CacheError> {
+        let m = &books.meta.model;
+        if (m.layers, m.kv_heads, m.head_dim) != (shape.layers, shape.kv_heads, shape.head_dim) {
+            return Err(CacheError::Codebooks(format!(
+                "codebooks are for {} layers x {} KV heads x {}, the model has {} x {} x {}",
+                m.layers, m.kv_heads, m.head_dim, shape.layers, shape.kv_heads, shape.head_dim
+            )));
+        }
+        if options.beam == 0 {
+            return Err(CacheError::Codebooks(
+                "beam width must be at least 1".into(),
+            ));
+        }
+        let part = |q: Option<&Rvq>, layout: Option<VectorLayout>, on: bool| {
+            let quant = match (q, layout, on) {
+                (Some(q), Some(l), true) => Some((q.clone(), l)),
+                _ => None,
+            };
+            let rows = quant
+                .as_ref()
+                .map_or(0, |(q, l): &(Rvq, VectorLayout)| l.groups() * q.stages());
+            let bits = quant.as_ref().map_or(1, |(q, _)| q.code_bits());
+            let head = HeadStore {
+                sinks: vec![],
+                codes: PackedRows::new(rows, bits),
+                scales: vec![],
+                recent: vec![],
+            };
+            PartStore {
+                quant,
+                heads: vec![head; shape.kv_heads],
+            }
+        };
+        let parts = books
+            .layers
+            .iter()
+            .map(|b| {
+                [
+                    part(b.keys.as_ref(), books.key_layout(), options.quantize_keys),
+                    part(
+                        b.values.as_ref(),
+                        books.value_layout(),
+                        options.quantize_values,
+                    ),
+                ]
+            })
+            .collect();
+        Ok(Self {
+            shape,
+            rope,
+            books,
+            options,
+            path,
+            lens: vec![0; shape.layers],
+            parts,
+        })
+    }
+
+    pub fn codebooks(&self) -> &Codebooks {
+        &self.books
+    }
+}
+
+impl PartStore {
+    /// Stores `x` ([tokens, kv_heads, hd]) for positions `first_pos..`.
+    fn append(
+        &mut self,
+        x: &[f32],
+        first_pos: usize,
+        hd: usize,
+        opt: &RvqOptions,
+    ) -> Result<(), CacheError> {
+        let heads = self.heads.len();
+        let tokens = x.len() / (heads * hd);
+        let sinks = if self.quant.is_some() {
+            opt.sinks
+        } else {
+            usize::MAX
+        };
+        // Vectors that leave the f16 windows now, per head, oldest first.
+        let mut to_encode: Vec<Vec<f32>> = vec![Vec::new(); heads];
+        for t in 0..tokens {
+            for (h, store) in self.heads.iter_mut().enumerate() {
+                let v = &x[(t * heads + h) * hd..(t * heads + h + 1) * hd];
+                if first_pos + t < sinks {
+                    store.sinks.extend(v.iter().map(|&a| f16::from_f32(a)));
+                    continue;
+                }
+                if opt.recent == 0 {
+                    to_encode[h].extend_from_slice(v); // straight from f32, as the paper
+                    continue;
+                }
+                store.recent.extend(v.iter().map(|&a| f16::from_f32(a)));
+                if store.recent.len() > opt.recent * hd {
+                    let out: Vec<f16> = store.recent.drain(..hd).collect();
+                    to_encode[h].extend(out.iter().map(|a| a.to_f32()));
+                }
+            }
+        }
+        let Some((q, layout)) = &self.quant else {
+            return Ok(());
+        };
+        // One batch for all heads: they share the layer's quantizer.
+        let counts: Vec<usize> = to_encode.iter().map(|v| v.len() / hd).collect();
+        let all: Vec<f32> = to_encode.concat();
+        if all.is_empty() {
+            return Ok(());
+        }
+        let (scales, codes) = layout
+            .encode(q, &all, opt.beam)
+            .map_err(|e| CacheError::Codebooks(e.to_string()))?;
+        let row = layout.groups() * q.stages();
+        let mut i = 0;
+        for (store, n) in self.heads.iter_mut().zip(counts) {
+            for _ in 0..n {
+                store.codes.push(&codes[i * row..(i + 1) * row]);
+                store.scales.push(f16::from_f32(scales[i]));
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn read(&self, head: usize, positions: Range<usize>, hd: usize, out: &mut [f32]) {
+        let store = &self.heads[head];
+        let n_sinks = store.sinks.len() / hd;
+        let n_codes = store.scales.len();
+        let mut codes = Vec::new();
+        let mut scratch = vec![0f32; hd];
+        for (i, pos) in positions.enumerate() {
+            let dst = &mut out[i * hd..(i + 1) * hd];
+            if pos < n_sinks {
+                copy_f16(&store.sinks[pos * hd..(pos + 1) * hd], dst);
+            } else if pos < n_sinks + n_codes {
+                let (q, layout) = self.quant.as_ref().expect("codes imply a quantizer");
+                let r = pos - n_sinks;
+                codes.resize(layout.groups() * q.stages(), 0);
+                store.codes.get(r, &mut codes);
+                layout.decode_one(q, store.scales[r].to_f32(), &codes, &mut scratch, dst);
+            } else {
+                let r = pos - n_sinks - n_codes;
+                copy_f16(&store.recent[r * hd..(r + 1) * hd], dst);
+            }
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.heads
+            .iter()
+            .map(|s| {
+                (s.sinks.len() * 2 + s.codes.bytes() + s.scales.len() * 2 + s.recent.len() * 2)
+                    as u64
+            })
+            .sum()
+    }
+
+    fn truncate(&mut self, len: usize, hd: usize) {
+        for s in &mut self.heads {
+            let n_sinks = (s.sinks.len() / hd).min(len);
+            s.sinks.truncate(n_sinks * hd);
+            let n_codes = s.scales.len().min(len - n_sinks);
+            s.codes.truncate(n_codes);
+            s.scales.truncate(n_codes);
+            s.recent.truncate((len - n_sinks - n_codes) * hd);
+        }
+    }
+}
+
+fn copy_f16(src: &[f16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+impl KvCache for RvqCache {
+    fn shape(&self) -> CacheShape {
+        self.shape
+    }
+    fn rope(&self) -> &Rope {
+        &self.rope
+    }
+    fn spec(&self) -> String {
+        let o = &self.options;
+        let mut s = format!("rvq:{}", self.path);
+        if o.sinks > 0 {
+            s += &format!(",sinks={}", o.sinks);
+        }
+        if o.recent > 0 {
+            s += &format!(",recent={}", o.recent);
+        }
+        if o.beam > 1 {
+            s += &format!(",beam={}", o.beam);
+        }
+        match (o.quantize_keys, o.quantize_values) {
+            (true, false) => s += ",only=k",
+            (false, true) => s += ",only=v",
+            _ => {}
+        }
+        s
+    }
+
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), CacheError> {
+        let tokens = check_append(&self.shape, layer, k, v)?;
+        let hd = self.shape.head_dim;
+        let first = self.lens[layer];
+        let [pk, pv] = &mut self.parts[layer];
+        pk.append(k, first, hd, &self.options)?;
+        pv.append(v, first, hd, &self.options)?;
+        self.lens[layer] += tokens;
+        Ok(())
+    }
+
+    fn len(&self, layer: usize) -> usize {
+        self.lens.get(layer).copied().unwrap_or(0)
+    }
+
+    fn read_keys(
+        &self,
+        layer: usize,
+        head: usize,
+        positions: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), CacheError> {
+        check_read(&self.shape, self.len(layer), layer, head, &positions, out)?;
+        self.parts[layer][0].read(head, positions, self.shape.head_dim, out);
+        Ok(())
+    }
+
+    fn read_values(
+        &self,
+        layer: usize,
+        head: usize,
+        positions: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), CacheError> {
+        check_read(&self.shape, self.len(layer), layer, head, &positions, out)?;
+        self.parts[layer][1].read(head, positions, self.shape.head_dim, out);
+        Ok(())
+    }
+
+    fn memory(&self) -> MemoryReport {
+        let hd = self.shape.head_dim as u64;
+        let heads = self.shape.kv_heads as u64;
+        MemoryReport {
+            elements: self.lens.iter().map(|&l| l as u64 * heads * hd * 2).sum(),
+            bytes: self
+                .parts
+                .iter()
+                .flat_map(|p| p.iter().map(PartStore::bytes))
+                .sum(),
+            fixed_bytes: self.books.bytes(),
+        }
+    }
+
+    fn truncate(&mut self, len: usize) {
+        let hd = self.shape.head_dim;
+        for (l, parts) in self.parts.iter_mut().enumerate() {
+            let keep = self.lens[l].min(len);
+            parts.iter_mut().for_each(|p| p.truncate(keep, hd));
+            self.lens[l] = keep;
+        }
+    }
+
+    fn box_clone(&self) -> Box<dyn KvCache> {
+        Box::new(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codebooks::{CodebookMeta, LayerBooks, PartSettings};
+    use crate::{ModelIdentity, RopeLayout};
+    use rvq::rng::SplitMix64;
+    use rvq::Grouping;
+
+    const SHAPE: CacheShape = CacheShape {
+        layers: 2,
+        kv_heads: 2,
+        head_dim: 8,
+    };
+
+    fn identity() -> ModelIdentity {
+        ModelIdentity {
+            architecture: "llama".into(),
+            layers: 2,
+            kv_heads: 2,
+            head_dim: 8,
+            file_sha256: "ab".repeat(32),
+        }
+    }
+
+    fn random_rvq(rng: &mut SplitMix64, d: usize, c: usize, k: usize) -> Rvq {
+        let cbs = (0..k)
+            .map(|s| {
+                (0..c * d)
+                    .map(|_| (rng.unit() as f32 - 0.5) / (s + 1) as f32)
+                    .collect()
+            })
+            .collect();
+        Rvq::from_codebooks(d, c, cbs).unwrap()
+    }
+
+    fn books(seed: u64) -> Codebooks {
+        let mut rng = SplitMix64::new(seed);
+        let layers = (0..2)
+            .map(|_| LayerBooks {
+                keys: Some(random_rvq(&mut rng, 4, 5, 3)),
+                values: Some(random_rvq(&mut rng, 4, 5, 3)),
+            })
+            .collect();
+        let meta = CodebookMeta {
+            model: identity(),
+            keys: Some(PartSettings {
+                group_dim: 4,
+                grouping: Grouping::Strided,
+                scaled: true,
+            }),
+            values: Some(PartSettings {
+                group_dim: 4,
+                grouping: Grouping::Contiguous,
+                scaled: true,
+            }),
+            skipped_layers: vec![],
+            calibration: serde_json::Value::Null,
+            reports: vec![(None, None), (None, None)],
+        };
+        Codebooks { meta, layers }
+    }
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix64::new(seed);
+        (0..n).map(|_| (rng.unit() as f32 - 0.5) * 3.0).collect()
+    }
+
+    fn rope() -> Arc<Rope> {
+        Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::Interleaved))
+    }
+
+    /// Slow reference of one stored head vector: scale = f16(std), strided/contiguous split,
+    /// greedy codes, decode, merge, times the scale.
+    fn reference(q: &Rvq, layout: &VectorLayout, v: &[f32]) -> Vec<f32> {
+        let (scales, codes) = layout.encode(q, v, 1).unwrap();
+        let mut out = vec![0f32; 8];
+        let mut scratch = vec![0f32; 8];
+        layout.decode_one(q, scales[0], &codes, &mut scratch, &mut out);
+        out
+    }
+
+    #[test]
+    fn reads_return_decode_of_encode_and_memory_is_exact() {
+        let b = Arc::new(books(1));
+        let mut cache =
+            RvqCache::new(SHAPE, rope(), b.clone(), RvqOptions::default(), "x".into()).unwrap();
+        let tokens = 7;
+        let k = data(tokens * 16, 2);
+        let v = data(tokens * 16, 3);
+        // Append in two pieces (prefill then decode) to exercise both paths.
+        cache.append(1, &k[..5 * 16], &v[..5 * 16]).unwrap();
+        cache.append(1, &k[5 * 16..], &v[5 * 16..]).unwrap();
+        let (kl, vl) = (b.key_layout().unwrap(), b.value_layout().unwrap());
+        for h in 0..2 {
+            let mut keys = vec![0f32; tokens * 8];
+            let mut values = vec![0f32; tokens * 8];
+            cache.read_keys(1, h, 0..tokens, &mut keys).unwrap();
+            cache.read_values(1, h, 0..tokens, &mut values).unwrap();
+            for t in 0..tokens {
+                let src = (t * 2 + h) * 8;
+                let want_k = reference(b.layers[1].keys.as_ref().unwrap(), &kl, &k[src..src + 8]);
+                let want_v = reference(b.layers[1].values.as_ref().unwrap(), &vl, &v[src..src + 8]);
+                assert_eq!(&keys[t * 8..(t + 1) * 8], want_k.as_slice());
+                assert_eq!(&values[t * 8..(t + 1) * 8], want_v.as_slice());
+            }
+        }
+        // Memory: per vector ceil(2 groups × 3 stages × 3 bits / 8) = 3 bytes of codes + 2 of scale.
+        let m = cache.memory();
+        assert_eq!(m.elements, (tokens * 2 * 8 * 2) as u64);
+        assert_eq!(m.bytes, (tokens * 2 * 2 * (3 + 2)) as u64);
+        assert_eq!(m.fixed_bytes, 2 * 2 * 3 * 5 * 4 * 4);
+    }
+
+    #[test]
+    fn sinks_and_recent_window_stay_f16() {
+        let b = Arc::new(books(4));
+        let o = RvqOptions {
+            sinks: 2,
+            recent: 3,
+            ..RvqOptions::default()
+        };
+        let mut cache = RvqCache::new(SHAPE, rope(), b.clone(), o, "x".into()).unwrap();
+        let tokens = 9;
+        let k = data(tokens * 16, 5);
+        let v = data(tokens * 16, 6);
+        for t in 0..tokens {
+            cache
+                .append(0, &k[t * 16..(t + 1) * 16], &v[t * 16..(t + 1) * 16])
+                .unwrap();
+        }
+        let mut keys = vec![0f32; tokens * 8];
+        cache.read_keys(0, 1, 0..tokens, &mut keys).unwrap();
+        let kl = b.key_layout().unwrap();
+        for t in 0..tokens {
+            let src = &k[(t * 2 + 1) * 8..(t * 2 + 2) * 8];
+            let want: Vec<f32> = if t < 2 || t >= tokens - 3 {
+                src.iter().map(|&x| f16::from_f32(x).to_f32()).collect()
+            } else {
+                let f16_src: Vec<f32> = src.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+                reference(b.layers[0].keys.as_ref().unwrap(), &kl, &f16_src)
+            };
+            assert_eq!(&keys[t * 8..(t + 1) * 8], want.as_slice(), "position {t}");
+        }
+        // 5 positions in f16 (16 bytes per vector), 4 encoded (5 bytes), 2 heads, K and V.
+        assert_eq!(cache.memory().bytes, 2 * 2 * (5 * 16 + 4 * 5));
+    }
+
+    #[test]
+    fn codebook_files_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cb.safetensors");
+        books(7).save(&path).unwrap();
+        let back = Codebooks::load(&path).unwrap();
+        assert_eq!(back.layers[1].values, books(7).layers[1].values);
+        back.check_model(&identity()).unwrap();
+        let other = ModelIdentity {
+            file_sha256: "cd".repeat(32),
+            ..identity()
+        };
+        assert!(back
+            .check_model(&other)
+            .unwrap_err()
+            .to_string()
+            .contains("not for this model"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let cut = dir.path().join("cut.safetensors");
+        std::fs::write(&cut, &bytes[..bytes.len() - 7]).unwrap();
+        assert!(Codebooks::load(&cut)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated or corrupted"));
+        // Flip bytes inside the JSON header: no longer parses.
+        bytes[20] = b'{';
+        bytes[21] = b'}';
+        let bad = dir.path().join("bad.safetensors");
+        std::fs::write(&bad, &bytes).unwrap();
+        assert!(Codebooks::load(&bad).is_err());
+        // A model of another shape is refused by the cache.
+        let shape = CacheShape { layers: 3, ..SHAPE };
+        assert!(RvqCache::new(
+            shape,
+            rope(),
+            Arc::new(books(7)),
+            RvqOptions::default(),
+            "x".into()
+        )
+        .is_err());
+    }
+}
