@@ -148,18 +148,11 @@ pub fn ensure_calib(home: &Path, name: &str) -> Result<PathBuf> {
 }
 
 fn tempdir_in(home: &Path) -> Result<PathBuf> {
-    let p = home.join(format!(".fetch-{}-{}", std::process::id(), nanos()));
+    let p = home.join(format!(".fetch-{}", rvq::io::unique_suffix()));
     std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
     // Absolute, because the package clients run with this folder as their working directory.
     p.canonicalize()
         .with_context(|| format!("resolving {}", p.display()))
-}
-
-fn nanos() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
 }
 
 /// Runs a package client, turning "not installed" and registry refusals into clear errors.
@@ -232,20 +225,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Writes `bytes` to `dest` through a temporary file and a rename (atomic on one filesystem).
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
-    let parent = dest
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent", dest.display()))?;
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = parent.join(format!(
-        ".{}.{}.tmp",
-        dest.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, dest).with_context(|| format!("renaming into {}", dest.display()))?;
-    Ok(())
+    rvq::io::write_atomic(dest, bytes).with_context(|| format!("writing {}", dest.display()))
 }
 
 fn read_zip_entry(wheel: &Path, name: &str) -> Result<Vec<u8>> {

@@ -32,6 +32,24 @@ pub struct CalibConfig {
     pub text: String,
 }
 
+impl CalibConfig {
+    /// The paper's configuration (what `rvq-kv calibrate` does by default) on text `text`.
+    pub fn paper(text: &str) -> Self {
+        Self {
+            tokens: 16384,
+            ctx: 512,
+            train: TrainConfig::paper(),
+            key_grouping: Grouping::Strided,
+            value_grouping: Grouping::Contiguous,
+            quantize_keys: true,
+            quantize_values: true,
+            scaled: true,
+            skip_layers: vec![],
+            text: text.to_string(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct CalibTimings {
     pub capture_s: f64,

@@ -103,6 +103,8 @@ pub fn perplexity(
     let total: usize = plan.iter().map(|w| w.1).sum();
     let pb = progress::bar(total as u64, "tok", opts.quiet);
     pb.set_message(format!("ppl {spec}"));
+    // One cache for all windows: codebooks are loaded once, buffers reused.
+    let mut cache = model.new_cache(spec)?;
     let start = Instant::now();
     let mut nlls: Vec<f64> = Vec::new();
     let mut memory = MemoryReport::default();
@@ -114,8 +116,8 @@ pub fn perplexity(
                 window[0] = b;
             }
         }
-        let mut cache = model.new_cache(spec)?;
-        // Logits of rows first..len-1 predict tokens first+1..len.
+        cache.truncate(0); // every window starts from an empty cache
+                           // Logits of rows first..len-1 predict tokens first+1..len.
         let rows = len - first;
         let logits = model.forward(&window, 0, cache.as_mut(), Some(rows))?;
         let vocab = model.vocab();

@@ -81,7 +81,7 @@ fn logits_match_candle_transformers_quantized_llama() {
     let mut cache = m.new_cache("f32").unwrap();
     let ours = m.forward(&tokens, 0, cache.as_mut(), Some(1)).unwrap();
 
-    let path = eval::assets::model_path(&home());
+    let path = eval::assets::ensure_model(&home()).unwrap();
     let mut f = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let mut reference = ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
@@ -214,7 +214,7 @@ fn bad_inputs_are_clear_errors() {
     let e = llm::Model::load(&junk).err().unwrap().to_string();
     assert!(e.contains("not a readable GGUF"), "{e}");
     // Truncated GGUF: the real header, data cut off.
-    let real = std::fs::read(eval::assets::model_path(&home())).unwrap();
+    let real = std::fs::read(eval::assets::ensure_model(&home()).unwrap()).unwrap();
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &real[..real.len() / 3]).unwrap();
     let e = llm::Model::load(&cut).err().unwrap().to_string();

@@ -7,14 +7,12 @@ use eval::calibrate::{calibrate, CalibConfig};
 use eval::ppl::{perplexity, PplOptions, Protocol};
 use kvcache::codebooks::Codebooks;
 use rvq::rng::SplitMix64;
-use rvq::{Grouping, Rvq, TrainConfig};
+use rvq::{Rvq, TrainConfig};
 
 fn small_config(tokens: usize) -> CalibConfig {
     CalibConfig {
         tokens,
-        ctx: 512,
         train: TrainConfig {
-            dim: 32,
             size: 64,
             stages: 2,
             kmeans_sample: 4096,
@@ -22,13 +20,7 @@ fn small_config(tokens: usize) -> CalibConfig {
             batch: 256,
             ..TrainConfig::paper()
         },
-        key_grouping: Grouping::Strided,
-        value_grouping: Grouping::Contiguous,
-        quantize_keys: true,
-        quantize_values: true,
-        scaled: true,
-        skip_layers: vec![],
-        text: "wiki.utf8".into(),
+        ..CalibConfig::paper("wiki.utf8")
     }
 }
 

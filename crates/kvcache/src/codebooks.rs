@@ -107,21 +107,7 @@ impl Codebooks {
         let p = path.display().to_string();
         let err = |reason: String| CacheError::Codebooks(format!("{p}: {reason}"));
         let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| {
-            err(format!(
-                "not a valid safetensors file (truncated or corrupted?): {e}"
-            ))
-        })?;
-        let md = header.metadata().clone().unwrap_or_default();
-        if md.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(err(format!("not an {FORMAT} file")));
-        }
-        if md.get("format_version").map(String::as_str) != Some(&VERSION.to_string()) {
-            return Err(err(format!(
-                "format version {:?}; this build reads {VERSION}",
-                md.get("format_version")
-            )));
-        }
+        let md = io::checked_metadata(&bytes, FORMAT, VERSION).map_err(err)?;
         let field = |k: &str| {
             md.get(k)
                 .ok_or_else(|| err(format!("metadata lacks '{k}'")))

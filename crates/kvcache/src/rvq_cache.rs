@@ -490,6 +490,31 @@ mod tests {
     }
 
     #[test]
+    fn truncate_to_zero_is_a_fresh_cache() {
+        let b = Arc::new(books(2));
+        let o = RvqOptions {
+            sinks: 1,
+            recent: 2,
+            ..RvqOptions::default()
+        };
+        let mut fresh = RvqCache::new(SHAPE, rope(), b.clone(), o, "x".into()).unwrap();
+        let mut reused = fresh.clone();
+        reused
+            .append(0, &data(6 * 16, 8), &data(6 * 16, 9))
+            .unwrap();
+        reused.truncate(0);
+        assert_eq!(reused.memory().bytes, 0);
+        let (k, v) = (data(5 * 16, 10), data(5 * 16, 11));
+        fresh.append(0, &k, &v).unwrap();
+        reused.append(0, &k, &v).unwrap();
+        let (mut a, mut c) = (vec![0f32; 5 * 8], vec![0f32; 5 * 8]);
+        fresh.read_values(0, 1, 0..5, &mut a).unwrap();
+        reused.read_values(0, 1, 0..5, &mut c).unwrap();
+        assert_eq!(a, c);
+        assert_eq!(fresh.memory(), reused.memory());
+    }
+
+    #[test]
     fn codebook_files_are_validated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cb.safetensors");

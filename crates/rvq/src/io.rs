@@ -95,11 +95,43 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let tmp = dir.join(format!(".{name}.{}.tmp", unique_suffix()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
+}
+
+/// The JSON metadata of a safetensors file, after checking its `format` and `format_version`.
+pub fn checked_metadata(
+    bytes: &[u8],
+    format: &str,
+    version: u32,
+) -> std::result::Result<HashMap<String, String>, String> {
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| format!("not a valid safetensors file (truncated or corrupted?): {e}"))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    if meta.get("format").map(String::as_str) != Some(format) {
+        return Err(format!("not an {format} file"));
+    }
+    if meta.get("format_version").map(String::as_str) != Some(&version.to_string()) {
+        return Err(format!(
+            "format version {:?}; this build reads {version}",
+            meta.get("format_version")
+        ));
+    }
+    Ok(meta)
+}
+
+/// A suffix no other writer (process or thread) uses at the same time.
+pub fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub const FORMAT: &str = "rvq-codebooks";
@@ -123,21 +155,7 @@ impl Rvq {
             reason,
         };
         let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| {
-            err(format!(
-                "not a valid safetensors file (truncated or corrupted?): {e}"
-            ))
-        })?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        if meta.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(err(format!("not an {FORMAT} file")));
-        }
-        if meta.get("format_version").map(String::as_str) != Some(&VERSION.to_string()) {
-            return Err(err(format!(
-                "format version {:?}, this build reads {VERSION}",
-                meta.get("format_version")
-            )));
-        }
+        let meta = checked_metadata(&bytes, FORMAT, VERSION).map_err(err)?;
         let stages: usize = meta
             .get("stages")
             .and_then(|s| s.parse().ok())

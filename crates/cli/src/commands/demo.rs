@@ -5,7 +5,6 @@ use eval::calibrate::{calibrate, CalibConfig};
 use eval::generate::{generate, Sampling};
 use eval::ppl::{perplexity, PplOptions, Protocol};
 use kvcache::codebooks::Codebooks;
-use rvq::{Grouping, TrainConfig};
 use std::io::Write;
 
 #[derive(clap::Args)]
@@ -15,22 +14,6 @@ pub struct Args {
     /// Tokens of sotu-eval to measure
     #[arg(long, default_value_t = 4096)]
     max_tokens: usize,
-}
-
-/// The paper's configuration, as `rvq-kv calibrate` defaults.
-fn paper_config(text: &str) -> CalibConfig {
-    CalibConfig {
-        tokens: 16384,
-        ctx: 512,
-        train: TrainConfig::paper(),
-        key_grouping: Grouping::Strided,
-        value_grouping: Grouping::Contiguous,
-        quantize_keys: true,
-        quantize_values: true,
-        scaled: true,
-        skip_layers: vec![],
-        text: text.to_string(),
-    }
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -54,7 +37,7 @@ pub fn run(a: Args) -> Result<()> {
         let (books, t) = calibrate(
             &model,
             &calib_tokens,
-            &paper_config(&calib.display().to_string()),
+            &CalibConfig::paper(&calib.display().to_string()),
             false,
         )?;
         books.save(&books_path)?;
