@@ -222,6 +222,16 @@ fn bad_inputs_are_clear_errors() {
         e.contains("bytes at offset") || e.contains("remaining"),
         "{e}"
     );
+    // A valid GGUF of an architecture we do not run: named in the error.
+    let other = dir.path().join("mamba.gguf");
+    {
+        use candle_core::quantized::gguf_file::{write, Value};
+        let mut f = std::fs::File::create(&other).unwrap();
+        let arch = Value::String("mamba".into());
+        write(&mut f, &[("general.architecture", &arch)], &[]).unwrap();
+    }
+    let e = llm::Model::load(&other).err().unwrap().to_string();
+    assert!(e.contains("unsupported architecture 'mamba'"), "{e}");
     // Missing file.
     let e = llm::Model::load(&dir.path().join("nope.gguf"))
         .err()
