@@ -559,6 +559,24 @@ mod tests {
         assert!(mses[2] < 0.5, "{mses:?}");
     }
 
+    proptest::proptest! {
+        /// With k-means alone, each stage's centroids are means of the residuals they serve
+        /// (or unused), so on the training data the error cannot grow from stage to stage.
+        /// (EMA refinement keeps this in practice but does not guarantee it.)
+        #[test]
+        fn error_never_increases_with_stages(seed in proptest::prelude::any::<u64>(), dim in 1usize..6, size in 2usize..20, stages in 1usize..5) {
+            let n = 300;
+            let data = gaussian(n * dim, seed);
+            let cfg = TrainConfig { dim, size, stages, kmeans_sample: n, kmeans_iters: 4, ema_passes: 0, seed, ..TrainConfig::paper() };
+            let (_, report) = Rvq::train(&cfg, &SliceSource { data: &data, dim }).unwrap();
+            let mut previous = 1.0;
+            for s in &report.stages {
+                proptest::prop_assert!(s.relative_mse <= previous * (1.0 + 1e-6), "{:?}", report.stages);
+                previous = s.relative_mse;
+            }
+        }
+    }
+
     #[test]
     fn bad_training_inputs_are_errors() {
         let cfg = small_config();
