@@ -209,10 +209,10 @@ impl Rvq {
                         // The next stage sees the residual of the codebook before this update.
                         let before = rvq.codebook(k).to_vec();
                         state.update(batch, &idx, config);
-                        subtract_assigned(batch, d, &before, &idx);
                         if let Some(threshold) = config.dead_code_threshold {
                             dead_codes_replaced += state.replace_dead(threshold, batch, &mut rng);
                         }
+                        subtract_assigned(batch, d, &before, &idx);
                         state.write_codebook(rvq.codebook_mut(k), config);
                         rvq.refresh_norms(k);
                     }
@@ -418,12 +418,11 @@ impl EmaState {
         }
     }
 
-    /// Re-seeds codewords whose count fell below `threshold` with random vectors of `residual`
-    /// (the batch's input to this stage, before this stage's subtraction is undone by the
-    /// caller: here the post-subtraction residual, which is what this stage failed to explain).
-    fn replace_dead(&mut self, threshold: f32, residual: &[f32], rng: &mut SplitMix64) -> usize {
+    /// Re-seeds codewords whose count fell below `threshold` with random vectors of `input`,
+    /// this stage's input in the current batch (as vector-quantize-pytorch does).
+    fn replace_dead(&mut self, threshold: f32, input: &[f32], rng: &mut SplitMix64) -> usize {
         let d = self.d;
-        let m = residual.len() / d;
+        let m = input.len() / d;
         let mut replaced = 0;
         for j in 0..self.counts.len() {
             if self.counts[j] < threshold {
@@ -431,7 +430,7 @@ impl EmaState {
                 self.counts[j] = threshold;
                 for (s, v) in self.sums[j * d..(j + 1) * d]
                     .iter_mut()
-                    .zip(&residual[p * d..(p + 1) * d])
+                    .zip(&input[p * d..(p + 1) * d])
                 {
                     *s = v * threshold;
                 }
