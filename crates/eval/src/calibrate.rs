@@ -5,7 +5,7 @@ use crate::progress;
 use anyhow::{bail, Context, Result};
 use kvcache::codebooks::{CodebookMeta, Codebooks, LayerBooks, PartSettings};
 use kvcache::dense::F32Cache;
-use kvcache::{CacheError, CacheShape, KvCache, MemoryReport, Queries, Rope};
+use kvcache::{CacheError, CacheShape, KvCache, MemoryReport, Part, Queries, Rope};
 use llm::Model;
 use rvq::train::SliceSource;
 use rvq::{Grouping, Rvq, TrainConfig, VectorLayout};
@@ -96,23 +96,15 @@ impl KvCache for CaptureCache {
     fn len(&self, layer: usize) -> usize {
         self.inner.len(layer)
     }
-    fn read_keys(
+    fn read(
         &self,
-        l: usize,
-        h: usize,
-        p: Range<usize>,
+        layer: usize,
+        head: usize,
+        part: Part,
+        positions: Range<usize>,
         out: &mut [f32],
     ) -> Result<(), CacheError> {
-        self.inner.read_keys(l, h, p, out)
-    }
-    fn read_values(
-        &self,
-        l: usize,
-        h: usize,
-        p: Range<usize>,
-        out: &mut [f32],
-    ) -> Result<(), CacheError> {
-        self.inner.read_values(l, h, p, out)
+        self.inner.read(layer, head, part, positions, out)
     }
     fn attend(&self, layer: usize, q: &Queries, out: &mut [f32]) -> Result<(), CacheError> {
         self.inner.attend(layer, q, out)

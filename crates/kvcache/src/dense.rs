@@ -1,6 +1,6 @@
 //! Uncompressed caches: `f32` (exact) and `f16` (llama.cpp's default cache type).
 
-use crate::{check_append, check_read, CacheError, CacheShape, KvCache, MemoryReport, Rope};
+use crate::{check_append, check_read, CacheError, CacheShape, KvCache, MemoryReport, Part, Rope};
 use half::f16;
 use std::ops::Range;
 use std::sync::Arc;
@@ -100,33 +100,21 @@ impl<E: DenseElement> KvCache for DenseCache<E> {
         self.lens.get(layer).copied().unwrap_or(0)
     }
 
-    fn read_keys(
+    fn read(
         &self,
         layer: usize,
         head: usize,
+        part: Part,
         positions: Range<usize>,
         out: &mut [f32],
     ) -> Result<(), CacheError> {
         check_read(&self.shape, self.len(layer), layer, head, &positions, out)?;
+        let runs = match part {
+            Part::Keys => &self.keys,
+            Part::Values => &self.values,
+        };
         read_rows(
-            &self.keys[self.slot(layer, head)],
-            self.shape.head_dim,
-            positions,
-            out,
-        );
-        Ok(())
-    }
-
-    fn read_values(
-        &self,
-        layer: usize,
-        head: usize,
-        positions: Range<usize>,
-        out: &mut [f32],
-    ) -> Result<(), CacheError> {
-        check_read(&self.shape, self.len(layer), layer, head, &positions, out)?;
-        read_rows(
-            &self.values[self.slot(layer, head)],
+            &runs[self.slot(layer, head)],
             self.shape.head_dim,
             positions,
             out,

@@ -136,6 +136,13 @@ impl Compression {
     }
 }
 
+/// Which half of the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Keys = 0,
+    Values = 1,
+}
+
 pub trait KvCache: Send + Sync {
     fn shape(&self) -> CacheShape;
     /// The rotation applied to keys when they are read.
@@ -146,22 +153,36 @@ pub trait KvCache: Send + Sync {
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), CacheError>;
     /// Number of positions stored for `layer`.
     fn len(&self, layer: usize) -> usize;
-    /// Keys (before RoPE) of KV head `head` at `positions`, as f32 into `out` ([positions, head_dim]).
+    /// Keys (before RoPE) or values of KV head `head` at `positions`, as f32 into `out`
+    /// ([positions, head_dim]).
+    fn read(
+        &self,
+        layer: usize,
+        head: usize,
+        part: Part,
+        positions: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), CacheError>;
+    /// Keys before RoPE: `read(.., Part::Keys, ..)`.
     fn read_keys(
         &self,
         layer: usize,
         head: usize,
         positions: Range<usize>,
         out: &mut [f32],
-    ) -> Result<(), CacheError>;
-    /// Values of KV head `head` at `positions` into `out` ([positions, head_dim]).
+    ) -> Result<(), CacheError> {
+        self.read(layer, head, Part::Keys, positions, out)
+    }
+    /// Values: `read(.., Part::Values, ..)`.
     fn read_values(
         &self,
         layer: usize,
         head: usize,
         positions: Range<usize>,
         out: &mut [f32],
-    ) -> Result<(), CacheError>;
+    ) -> Result<(), CacheError> {
+        self.read(layer, head, Part::Values, positions, out)
+    }
     /// Attention output for `queries` over everything stored for `layer`.
     /// `out`: [tokens, q_heads, head_dim].
     fn attend(&self, layer: usize, queries: &Queries, out: &mut [f32]) -> Result<(), CacheError> {

@@ -3,7 +3,7 @@
 //! (attention sinks) and the last `recent` tokens, which are encoded when they leave the window.
 
 use crate::codebooks::Codebooks;
-use crate::{check_append, check_read, CacheError, CacheShape, KvCache, MemoryReport, Rope};
+use crate::{check_append, check_read, CacheError, CacheShape, KvCache, MemoryReport, Part, Rope};
 use half::f16;
 use rvq::pack::PackedRows;
 use rvq::{Rvq, VectorLayout};
@@ -290,27 +290,16 @@ impl KvCache for RvqCache {
         self.lens.get(layer).copied().unwrap_or(0)
     }
 
-    fn read_keys(
+    fn read(
         &self,
         layer: usize,
         head: usize,
+        part: Part,
         positions: Range<usize>,
         out: &mut [f32],
     ) -> Result<(), CacheError> {
         check_read(&self.shape, self.len(layer), layer, head, &positions, out)?;
-        self.parts[layer][0].read(head, positions, self.shape.head_dim, out);
-        Ok(())
-    }
-
-    fn read_values(
-        &self,
-        layer: usize,
-        head: usize,
-        positions: Range<usize>,
-        out: &mut [f32],
-    ) -> Result<(), CacheError> {
-        check_read(&self.shape, self.len(layer), layer, head, &positions, out)?;
-        self.parts[layer][1].read(head, positions, self.shape.head_dim, out);
+        self.parts[layer][part as usize].read(head, positions, self.shape.head_dim, out);
         Ok(())
     }
 
