@@ -25,37 +25,8 @@ pub struct Queries<'a> {
 /// Largest block of query rows attended at once: bounds the score matrix at long context.
 const QUERY_BLOCK: usize = 256;
 
-/// `c[m, n] = a[m, k] · b[n, k]ᵀ` (all row-major, single-threaded): the codec's kernel.
-pub use rvq::kernels::dot_products as matmul_bt;
-
-/// `c[m, n] = a[m, k] · b[k, n]` (all row-major, single-threaded).
-pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
-    // SAFETY: the assert above bounds every index the kernel touches given these strides.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
+/// The codec's row-major kernels: `matmul_bt` = a · bᵀ, `matmul` = a · b (single-threaded).
+pub use rvq::kernels::{dot_products as matmul_bt, matmul};
 
 /// Checks the query shape against the cache and returns the number of keys needed.
 pub fn check_queries<C: KvCache + ?Sized>(

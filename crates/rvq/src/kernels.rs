@@ -9,13 +9,36 @@ pub const BLOCK: usize = 256;
 /// `scores[m, n] = a[m, k] · b[n, k]ᵀ`, single-threaded (callers parallelise over blocks).
 pub fn dot_products(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], scores: &mut [f32]) {
     assert!(a.len() >= m * k && b.len() >= n * k && scores.len() >= m * n);
-    // SAFETY: the assert bounds every index reachable with these strides.
+    // b is [n, k]: column j of bᵀ starts at j·k, its rows are contiguous.
+    gemm_row_major(m, n, k, a, b, k as isize, 1, scores);
+}
+
+/// `c[m, n] = a[m, k] · b[k, n]`, all row-major, single-threaded.
+pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    gemm_row_major(m, n, k, a, b, 1, n as isize, c);
+}
+
+/// Row-major `c = a · B` where B's element (row r, column j) is `b[r·b_rs + j·b_cs]`.
+/// Callers assert that every index these strides reach lies inside the slices.
+#[allow(clippy::too_many_arguments)]
+fn gemm_row_major(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    b_cs: isize,
+    b_rs: isize,
+    c: &mut [f32],
+) {
+    // SAFETY: the callers' asserts bound every index reachable with these strides.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            scores.as_mut_ptr(),
+            c.as_mut_ptr(),
             1,
             n as isize,
             false,
@@ -23,8 +46,8 @@ pub fn dot_products(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], scores: 
             1,
             k as isize,
             b.as_ptr(),
-            k as isize,
-            1,
+            b_cs,
+            b_rs,
             0.0,
             1.0,
             false,
