@@ -16,8 +16,14 @@ use clap::{Parser, Subcommand};
         $RVQ_KV_HOME (default ./.rvq-kv). Every measuring command takes --json.\n\n\
         Cache specs (--cache):\n\
         \x20 f32, f16                     dense (f16 = llama.cpp's default cache)\n\
+        \x20 q8_0, q4_0[,rot][,post-rope]  llama.cpp's block formats (8.5 / 4.5 bits); rot = its\n\
+        \x20                              Hadamard rotation, post-rope = keys stored after RoPE\n\
+        \x20 int8, fp8[,rot][,post-rope]   per-head-vector absmax int8 / E4M3 with an f16 scale\n\
+        \x20 kivi2, kivi4[,group=G][,residual=R][,post-rope]  KIVI: keys per channel, values per\n\
+        \x20                              token, last R tokens in f16 (defaults G=32, R=32)\n\
         \x20 rvq:FILE.safetensors[,opts]  codes from `rvq-kv calibrate`; opts: sinks=S and recent=W\n\
-        \x20                              (first S / last W tokens kept in f16), beam=B, only=k|v",
+        \x20                              (first S / last W tokens kept in f16), beam=B, only=k|v,\n\
+        \x20                              stages=K (first K stages only)",
     after_help = "Start with `rvq-kv demo`."
 )]
 struct Cli {
@@ -35,6 +41,8 @@ enum Command {
     Ppl(commands::ppl::Args),
     /// Generate text (greedy or sampled) with a given KV cache
     Generate(commands::generate::Args),
+    /// Perplexity of many caches on the same tokens: markdown table and Δ-vs-bits plot
+    Compare(commands::compare::Args),
     /// Prefill/decode speed and cache bytes at several context lengths
     Bench(commands::bench::Args),
     /// The main job: fetch, calibrate paper-config codebooks (cached), perplexity table, generation
@@ -48,6 +56,7 @@ fn main() {
         Command::Calibrate(a) => commands::calibrate::run(a),
         Command::Ppl(a) => commands::ppl::run(a),
         Command::Generate(a) => commands::generate::run(a),
+        Command::Compare(a) => commands::compare::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Demo(a) => commands::demo::run(a),
     };

@@ -85,6 +85,53 @@ fn bad_inputs_give_clear_errors() {
         "must divide",
     );
     fails_with(&["fetch", "everything"], "unknown asset");
+    fails_with(
+        &["compare", "--cache", "q4_0", "--cache", "kivi2,group=0"],
+        "group=0",
+    );
+    fails_with(
+        &["ppl", "--cache", "kivi2,residual=-1"],
+        "not a whole number",
+    );
+}
+
+#[test]
+fn compare_writes_table_plot_and_json_with_f16_as_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let (md, svg) = (dir.path().join("c.md"), dir.path().join("c.svg"));
+    let (ok, out, err) = rvq_kv(&[
+        "compare",
+        "--cache",
+        "q4_0,rot,post-rope",
+        "--cache",
+        "kivi2",
+        "--ctx",
+        "256",
+        "--max-tokens",
+        "512",
+        "--report",
+        md.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("stdout is one JSON object");
+    let rows = v["rows"].as_array().unwrap();
+    let specs: Vec<&str> = rows.iter().map(|r| r["spec"].as_str().unwrap()).collect();
+    assert_eq!(specs, ["f16", "q4_0,rot,post-rope", "kivi2"]);
+    assert_eq!(rows[0]["delta_pct"], 0.0);
+    assert_eq!(rows[1]["bits_per_element"], 4.5);
+    // The reference's Δ is 0 and the others' Δ is their PPL against it.
+    let f16 = rows[0]["ppl"].as_f64().unwrap();
+    let q4 = rows[1]["ppl"].as_f64().unwrap();
+    let delta = rows[1]["delta_pct"].as_f64().unwrap();
+    assert!((delta - (q4 / f16 - 1.0) * 100.0).abs() < 1e-9);
+    let table = std::fs::read_to_string(&md).unwrap();
+    assert!(table.contains("| `kivi2` | 256 |"), "{table}");
+    assert!(std::fs::read_to_string(&svg)
+        .unwrap()
+        .contains("q4_0,rot,post-rope"));
 }
 
 #[test]

@@ -7,6 +7,7 @@ use kvcache::codebooks::{CodebookMeta, Codebooks, LayerBooks, PartSettings};
 use kvcache::dense::F32Cache;
 use kvcache::{CacheError, CacheShape, KvCache, MemoryReport, Part, Queries, Rope};
 use llm::Model;
+use rvq::hadamard::Hadamard;
 use rvq::train::SliceSource;
 use rvq::{Grouping, Rvq, TrainConfig, VectorLayout};
 use serde::Serialize;
@@ -27,6 +28,8 @@ pub struct CalibConfig {
     pub quantize_values: bool,
     /// Divide each head vector by its standard deviation (the paper).
     pub scaled: bool,
+    /// Hadamard-rotate each head vector before grouping (beyond the paper).
+    pub rotate: bool,
     pub skip_layers: Vec<usize>,
     /// Where the text came from (for the record).
     pub text: String,
@@ -44,6 +47,7 @@ impl CalibConfig {
             quantize_keys: true,
             quantize_values: true,
             scaled: true,
+            rotate: false,
             skip_layers: vec![],
             text: text.to_string(),
         }
@@ -167,8 +171,15 @@ pub fn calibrate(
         bail!("nothing to quantize: choose keys, values or both");
     }
     let d = cfg.train.dim;
-    let key_layout = VectorLayout::new(shape.head_dim, d, cfg.key_grouping, cfg.scaled)?;
-    let value_layout = VectorLayout::new(shape.head_dim, d, cfg.value_grouping, cfg.scaled)?;
+    let rotation = if cfg.rotate {
+        Some(Hadamard::largest_block(shape.head_dim).context("head_dim is 0")?)
+    } else {
+        None
+    };
+    let key_layout = VectorLayout::new(shape.head_dim, d, cfg.key_grouping, cfg.scaled)?
+        .with_rotation(rotation)?;
+    let value_layout = VectorLayout::new(shape.head_dim, d, cfg.value_grouping, cfg.scaled)?
+        .with_rotation(rotation)?;
     let tokens = &tokens[..cfg.tokens.min(tokens.len())];
     let vectors = tokens.len() * shape.kv_heads * key_layout.groups();
     if vectors < cfg.train.size {
@@ -224,6 +235,7 @@ pub fn calibrate(
             group_dim: d,
             grouping,
             scaled: cfg.scaled,
+            rotation,
         })
     };
     let meta = CodebookMeta {

@@ -3,7 +3,9 @@
 pub mod assets;
 pub mod bench;
 pub mod calibrate;
+pub mod compare;
 pub mod generate;
+pub mod plot;
 pub mod ppl;
 pub mod progress;
 pub mod text;

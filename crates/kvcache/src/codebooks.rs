@@ -3,6 +3,7 @@
 //! Stored as one safetensors file (tensors `layer.{l}.{k|v}.stage.{s}`, JSON metadata).
 
 use crate::{CacheError, ModelIdentity};
+use rvq::hadamard::Hadamard;
 use rvq::{io, Grouping, Rvq, TrainReport, VectorLayout};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,9 @@ pub struct PartSettings {
     pub group_dim: usize,
     pub grouping: Grouping,
     pub scaled: bool,
+    /// Hadamard rotation of each head vector before grouping (beyond the paper).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<Hadamard>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,6 +64,7 @@ impl Codebooks {
             group_dim: p.group_dim,
             grouping: p.grouping,
             scaled: p.scaled,
+            rotation: p.rotation,
         }
     }
 
@@ -141,6 +146,15 @@ impl Codebooks {
                         "layer {l} has {part} codebooks but no {part} settings"
                     ))
                 })?;
+                if let Some(h) = s.rotation {
+                    if !meta.model.head_dim.is_multiple_of(h.block()) {
+                        return Err(err(format!(
+                            "{part} rotation block {} does not divide head_dim {}",
+                            h.block(),
+                            meta.model.head_dim
+                        )));
+                    }
+                }
                 if q.dim() != s.group_dim || !meta.model.head_dim.is_multiple_of(s.group_dim) {
                     return Err(err(format!(
                         "layer {l} {part}: codeword dim {} vs group dim {}",

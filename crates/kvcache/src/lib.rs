@@ -11,6 +11,7 @@ pub mod codebooks;
 pub mod dense;
 pub mod rope;
 pub mod rvq_cache;
+pub mod scalar;
 pub mod spec;
 
 use std::ops::Range;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 
 pub use attention::Queries;
 pub use rope::{Rope, RopeLayout};
+pub use rvq::hadamard;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {

@@ -89,6 +89,28 @@ impl Rope {
         }
     }
 
+    /// Undoes [`Rope::rotate`]: rotates `x` back from position `pos` to position 0.
+    #[inline]
+    pub fn unrotate(&self, x: &mut [f32], pos: usize) {
+        let half = self.head_dim / 2;
+        let cos = &self.cos[pos * half..(pos + 1) * half];
+        let sin = &self.sin[pos * half..(pos + 1) * half];
+        let pair = |a: f32, b: f32, i: usize| (a * cos[i] + b * sin[i], b * cos[i] - a * sin[i]);
+        match self.layout {
+            RopeLayout::Interleaved => {
+                for i in 0..half {
+                    (x[2 * i], x[2 * i + 1]) = pair(x[2 * i], x[2 * i + 1], i);
+                }
+            }
+            RopeLayout::HalfSplit => {
+                let (lo, hi) = x.split_at_mut(half);
+                for i in 0..half {
+                    (lo[i], hi[i]) = pair(lo[i], hi[i], i);
+                }
+            }
+        }
+    }
+
     /// Rotates consecutive head vectors `xs` ([n, head_dim]) to positions `first_pos..first_pos + n`.
     pub fn rotate_rows(&self, xs: &mut [f32], first_pos: usize) {
         for (i, row) in xs.chunks_exact_mut(self.head_dim).enumerate() {
@@ -129,6 +151,14 @@ mod tests {
                 let r = reference(&x, pos, 10000.0, layout);
                 for (a, b) in y.iter().zip(&r) {
                     assert!((a - b).abs() < 1e-4, "{layout:?} pos {pos}: {a} vs {b}");
+                }
+                let mut back = y.clone();
+                rope.unrotate(&mut back, pos);
+                for (a, b) in back.iter().zip(&x) {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "unrotate {layout:?} pos {pos}: {a} vs {b}"
+                    );
                 }
                 let n0: f32 = x.iter().map(|v| v * v).sum();
                 let n1: f32 = y.iter().map(|v| v * v).sum();

@@ -20,6 +20,8 @@ pub struct RvqOptions {
     pub beam: usize,
     pub quantize_keys: bool,
     pub quantize_values: bool,
+    /// Use only the first K stages of the codebooks (`None`: all).
+    pub stages: Option<usize>,
 }
 
 impl Default for RvqOptions {
@@ -30,6 +32,7 @@ impl Default for RvqOptions {
             beam: 1,
             quantize_keys: true,
             quantize_values: true,
+            stages: None,
         }
     }
 }
@@ -89,7 +92,15 @@ impl RvqCache {
         }
         let part = |q: Option<&Rvq>, layout: Option<VectorLayout>, on: bool| {
             let quant = match (q, layout, on) {
-                (Some(q), Some(l), true) => Some((q.clone(), l)),
+                (Some(q), Some(l), true) => Some((
+                    match options.stages {
+                        Some(k) => q
+                            .truncated(k)
+                            .map_err(|e| CacheError::Codebooks(e.to_string()))?,
+                        None => q.clone(),
+                    },
+                    l,
+                )),
                 _ => None,
             };
             let rows = quant
@@ -102,25 +113,25 @@ impl RvqCache {
                 scales: vec![],
                 recent: vec![],
             };
-            PartStore {
+            Ok(PartStore {
                 quant,
                 heads: vec![head; shape.kv_heads],
-            }
+            })
         };
         let parts = books
             .layers
             .iter()
             .map(|b| {
-                [
-                    part(b.keys.as_ref(), books.key_layout(), options.quantize_keys),
+                Ok([
+                    part(b.keys.as_ref(), books.key_layout(), options.quantize_keys)?,
                     part(
                         b.values.as_ref(),
                         books.value_layout(),
                         options.quantize_values,
-                    ),
-                ]
+                    )?,
+                ])
             })
-            .collect();
+            .collect::<Result<_, CacheError>>()?;
         Ok(Self {
             shape,
             rope,
@@ -267,6 +278,9 @@ impl KvCache for RvqCache {
         if o.beam > 1 {
             s += &format!(",beam={}", o.beam);
         }
+        if let Some(k) = o.stages {
+            s += &format!(",stages={k}");
+        }
         match (o.quantize_keys, o.quantize_values) {
             (true, false) => s += ",only=k",
             (false, true) => s += ",only=v",
@@ -380,11 +394,13 @@ mod tests {
                 group_dim: 4,
                 grouping: Grouping::Strided,
                 scaled: true,
+                rotation: None,
             }),
             values: Some(PartSettings {
                 group_dim: 4,
                 grouping: Grouping::Contiguous,
                 scaled: true,
+                rotation: None,
             }),
             skipped_layers: vec![],
             calibration: serde_json::Value::Null,
@@ -414,7 +430,16 @@ mod tests {
 
     #[test]
     fn reads_return_decode_of_encode_and_memory_is_exact() {
-        let b = Arc::new(books(1));
+        for rotation in [None, rvq::hadamard::Hadamard::largest_block(8)] {
+            let mut b = books(1);
+            for p in [&mut b.meta.keys, &mut b.meta.values] {
+                p.as_mut().unwrap().rotation = rotation;
+            }
+            reads_return_decode_of_encode(Arc::new(b));
+        }
+    }
+
+    fn reads_return_decode_of_encode(b: Arc<Codebooks>) {
         let mut cache =
             RvqCache::new(SHAPE, rope(), b.clone(), RvqOptions::default(), "x".into()).unwrap();
         let tokens = 7;
@@ -442,6 +467,32 @@ mod tests {
         assert_eq!(m.elements, (tokens * 2 * 8 * 2) as u64);
         assert_eq!(m.bytes, (tokens * 2 * 2 * (3 + 2)) as u64);
         assert_eq!(m.fixed_bytes, 2 * 2 * 3 * 5 * 4 * 4);
+    }
+
+    #[test]
+    fn stages_option_uses_the_first_stages_only() {
+        let b = Arc::new(books(2));
+        let o = RvqOptions {
+            stages: Some(2),
+            ..RvqOptions::default()
+        };
+        let mut cache = RvqCache::new(SHAPE, rope(), b.clone(), o, "x".into()).unwrap();
+        let v = data(16, 7);
+        cache.append(0, &v, &v).unwrap();
+        let q = b.layers[0].values.as_ref().unwrap().truncated(2).unwrap();
+        let mut got = vec![0f32; 8];
+        cache.read_values(0, 0, 0..1, &mut got).unwrap();
+        assert_eq!(got, reference(&q, &b.value_layout().unwrap(), &v[..8]));
+        // 2 groups × 2 stages × 3 bits = 12 bits → 2 bytes of codes + 2 of scale per vector.
+        assert_eq!(cache.memory().bytes, 2 * 2 * (2 + 2));
+        let too_deep = RvqOptions {
+            stages: Some(4),
+            ..RvqOptions::default()
+        };
+        let e = RvqCache::new(SHAPE, rope(), b, too_deep, "x".into())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("stages=4"), "{e}");
     }
 
     #[test]

@@ -3,13 +3,18 @@
 use crate::codebooks::Codebooks;
 use crate::dense::{F16Cache, F32Cache};
 use crate::rvq_cache::{RvqCache, RvqOptions};
+use crate::scalar::{BlockCache, KiviCache, KiviOptions, ScalarFormat, StoredForm};
 use crate::{CacheConfig, CacheError, KvCache};
 use std::path::Path;
 use std::sync::Arc;
 
 /// Every spec form this build understands, for help texts and errors.
-pub const KNOWN_SPECS: &str =
-    "f32, f16, rvq:FILE.safetensors[,sinks=S][,recent=W][,beam=B][,only=k|v]";
+pub const KNOWN_SPECS: &str = "f32, f16, q8_0|q4_0|int8|fp8[,rot][,post-rope], \
+     kivi2|kivi4[,group=G][,residual=R][,post-rope], \
+     rvq:FILE.safetensors[,sinks=S][,recent=W][,beam=B][,only=k|v][,stages=K]";
+
+/// The scalar baselines `compare` runs by default, best quality first.
+pub const SCALAR_BASELINES: [&str; 6] = ["q8_0", "int8", "fp8", "q4_0", "kivi4", "kivi2"];
 
 /// Builds the cache a spec names for a model of the given geometry.
 pub fn build(spec: &str, config: &CacheConfig) -> Result<Box<dyn KvCache>, CacheError> {
@@ -24,13 +29,75 @@ pub fn build(spec: &str, config: &CacheConfig) -> Result<Box<dyn KvCache>, Cache
             other => other,
         });
     }
-    match kind.trim() {
-        "f32" => Ok(Box::new(F32Cache::new(config.shape, config.rope.clone()))),
-        "f16" => Ok(Box::new(F16Cache::new(config.shape, config.rope.clone()))),
-        other => Err(err(format!(
-            "unknown cache type '{other}' (known: {KNOWN_SPECS})"
-        ))),
+    let (shape, rope) = (config.shape, config.rope.clone());
+    let kind = kind.trim();
+    let cache: Box<dyn KvCache> = match kind {
+        "f32" | "f16" if !options.trim().is_empty() => {
+            return Err(err(format!("{kind} takes no options")))
+        }
+        "f32" => Box::new(F32Cache::new(shape, rope)),
+        "f16" => Box::new(F16Cache::new(shape, rope)),
+        "kivi2" | "kivi4" => {
+            let mut o = KiviOptions::new(if kind == "kivi2" { 2 } else { 4 });
+            let form = parse_scalar_options(options, shape.head_dim, |key, value| match key {
+                "group" => whole_number(key, value).map(|n| o.group = n),
+                "residual" => whole_number(key, value).map(|n| o.residual = n),
+                _ => Err(format!(
+                    "unknown kivi option '{key}' (known: group=G, residual=R, rot, post-rope)"
+                )),
+            })
+            .map_err(err)?;
+            Box::new(KiviCache::new(shape, rope, o, form).map_err(err)?)
+        }
+        other => match ScalarFormat::parse(other) {
+            Some(format) => {
+                let form = parse_scalar_options(options, shape.head_dim, |key, _| {
+                    Err(format!(
+                        "unknown {other} option '{key}' (known: rot, post-rope)"
+                    ))
+                })
+                .map_err(err)?;
+                Box::new(BlockCache::new(shape, rope, format, form).map_err(err)?)
+            }
+            None => {
+                return Err(err(format!(
+                    "unknown cache type '{other}' (known: {KNOWN_SPECS})"
+                )))
+            }
+        },
+    };
+    Ok(cache)
+}
+
+fn whole_number(key: &str, value: &str) -> Result<usize, String> {
+    value
+        .parse::<usize>()
+        .map_err(|_| format!("{key}={value}: not a whole number"))
+}
+
+/// Parses the options of a scalar cache: the flags `rot` and `post-rope`, and `key=value` pairs
+/// handed to `other`.
+fn parse_scalar_options(
+    options: &str,
+    head_dim: usize,
+    mut other: impl FnMut(&str, &str) -> Result<(), String>,
+) -> Result<StoredForm, String> {
+    let mut form = StoredForm::default();
+    for opt in options.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match opt {
+            "rot" => {
+                let (k, v) = StoredForm::llama_cpp_rotation(head_dim)?;
+                form.key_rotation = Some(k);
+                form.value_rotation = Some(v);
+            }
+            "post-rope" => form.post_rope = true,
+            _ => {
+                let (key, value) = opt.split_once('=').unwrap_or((opt, ""));
+                other(key, value)?
+            }
+        }
     }
+    Ok(form)
 }
 
 fn build_rvq(
@@ -61,6 +128,7 @@ fn build_rvq(
                     return Err(err("beam must be at least 1".into()));
                 }
             }
+            "stages" => o.stages = Some(number()?),
             "only" => match value {
                 "k" => o.quantize_values = false,
                 "v" => o.quantize_keys = false,
@@ -68,7 +136,7 @@ fn build_rvq(
             },
             _ => {
                 return Err(err(format!(
-                    "unknown rvq option '{key}' (known: sinks, recent, beam, only)"
+                    "unknown rvq option '{key}' (known: sinks, recent, beam, only, stages)"
                 )))
             }
         }
@@ -109,5 +177,55 @@ mod tests {
         assert_eq!(build("f32", &config).unwrap().spec(), "f32");
         let e = build("q3_z", &config).err().unwrap().to_string();
         assert!(e.contains("unknown cache type 'q3_z'"), "{e}");
+    }
+
+    #[test]
+    fn scalar_specs_round_trip_and_bad_options_are_named() {
+        let config = CacheConfig {
+            shape: CacheShape {
+                layers: 1,
+                kv_heads: 1,
+                head_dim: 64,
+            },
+            rope: Arc::new(Rope::new(64, 10000.0, 8, RopeLayout::Interleaved)),
+            model_id: None,
+        };
+        for spec in [
+            "q8_0",
+            "q4_0,rot",
+            "q4_0,rot,post-rope",
+            "int8,post-rope",
+            "fp8",
+            "kivi2,group=32,residual=32",
+            "kivi4,group=16,residual=64,post-rope",
+        ] {
+            assert_eq!(build(spec, &config).unwrap().spec(), spec);
+        }
+        assert_eq!(
+            build("kivi2", &config).unwrap().spec(),
+            "kivi2,group=32,residual=32"
+        );
+        for (spec, needle) in [
+            ("q4_0,fast", "unknown q4_0 option 'fast'"),
+            ("kivi2,group=0", "group=0"),
+            ("kivi2,residual=-1", "residual=-1: not a whole number"),
+            ("kivi4,residual=40", "multiple of group"),
+            ("f16,rot", "f16 takes no options"),
+        ] {
+            let e = build(spec, &config).err().unwrap().to_string();
+            assert!(e.contains(needle), "{spec}: {e}");
+        }
+        let odd = CacheConfig {
+            shape: CacheShape {
+                head_dim: 48,
+                ..config.shape
+            },
+            rope: Arc::new(Rope::new(48, 10000.0, 8, RopeLayout::Interleaved)),
+            model_id: None,
+        };
+        let e = build("q8_0", &odd).err().unwrap().to_string();
+        assert!(e.contains("multiple of 32"), "{e}");
+        let e = build("int8,rot", &odd).err().unwrap().to_string();
+        assert!(e.contains("multiple of 64"), "{e}");
     }
 }

@@ -3,8 +3,10 @@
 //! A vector of `vector_dim` channels is divided by its standard deviation (the scale, kept as
 //! f16) and split into `vector_dim / d` groups, each quantized by the same [`Rvq`]:
 //! `Contiguous` groups hold channels [g·d, (g+1)·d); `Strided` group g holds g, g+G, g+2G, …
-//! with G = vector_dim / d.
+//! with G = vector_dim / d. An optional Hadamard rotation of the whole vector comes first (and is
+//! undone after decoding): it spreads outlier channels over all groups.
 
+use crate::hadamard::Hadamard;
 use crate::{check_finite, Result, Rvq, RvqError};
 use half::f16;
 use serde::{Deserialize, Serialize};
@@ -36,6 +38,9 @@ pub struct VectorLayout {
     pub grouping: Grouping,
     /// Divide each vector by its standard deviation before quantizing.
     pub scaled: bool,
+    /// Rotate each vector before scaling and grouping (its own inverse after decoding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<Hadamard>,
 }
 
 impl VectorLayout {
@@ -55,7 +60,22 @@ impl VectorLayout {
             group_dim,
             grouping,
             scaled,
+            rotation: None,
         })
+    }
+
+    /// The same layout with vectors rotated by `rotation` first.
+    pub fn with_rotation(self, rotation: Option<Hadamard>) -> Result<Self> {
+        if let Some(h) = rotation {
+            if !self.vector_dim.is_multiple_of(h.block()) {
+                return Err(RvqError::Config(format!(
+                    "rotation block {} does not divide the vector dimension {}",
+                    h.block(),
+                    self.vector_dim
+                )));
+            }
+        }
+        Ok(Self { rotation, ..self })
     }
 
     pub fn groups(&self) -> usize {
@@ -121,10 +141,19 @@ impl VectorLayout {
         check_finite(x, "vectors")?;
         let mut groups = vec![0f32; x.len()];
         let mut scales = Vec::with_capacity(x.len() / self.vector_dim);
+        let mut rotated = vec![0f32; self.vector_dim];
         for (v, out) in x
             .chunks_exact(self.vector_dim)
             .zip(groups.chunks_exact_mut(self.vector_dim))
         {
+            let v = match self.rotation {
+                Some(h) => {
+                    rotated.copy_from_slice(v);
+                    h.apply(&mut rotated);
+                    &rotated[..]
+                }
+                None => v,
+            };
             let s = self.scale_of(v);
             self.split(v, out);
             out.iter_mut().for_each(|g| *g /= s);
@@ -163,6 +192,9 @@ impl VectorLayout {
             }
         }
         self.merge(scratch, out);
+        if let Some(h) = self.rotation {
+            h.apply(out);
+        }
         out.iter_mut().for_each(|x| *x *= scale);
     }
 
@@ -222,6 +254,38 @@ mod tests {
         let layout = VectorLayout::new(8, 2, Grouping::Contiguous, false).unwrap();
         layout.split(&v, &mut out);
         assert_eq!(out, v);
+    }
+
+    #[test]
+    fn rotated_layout_decodes_back_to_the_input() {
+        // With codebooks that hold every group exactly, decode(encode(x)) = x only if the
+        // rotation is undone after merging.
+        let layout = VectorLayout::new(4, 2, Grouping::Strided, true)
+            .unwrap()
+            .with_rotation(Some(Hadamard::new(4).unwrap()))
+            .unwrap();
+        let x = [0.3f32, -1.2, 2.0, 0.7];
+        let (groups, scales) = layout.to_groups(&x).unwrap();
+        let mut plain = vec![0f32; 4];
+        VectorLayout {
+            rotation: None,
+            ..layout
+        }
+        .merge(&groups, &mut plain);
+        assert!(plain
+            .iter()
+            .zip(&x)
+            .any(|(a, b)| (a * scales[0] - b).abs() > 0.1));
+        // One stage whose two codewords are the two groups: codes [0, 1] rebuild them exactly.
+        let rvq = Rvq::from_codebooks(2, 2, vec![groups.clone()]).unwrap();
+        let codes = [0u16, 1];
+        let (mut scratch, mut y) = (vec![0f32; 4], vec![0f32; 4]);
+        layout.decode_one(&rvq, scales[0], &codes, &mut scratch, &mut y);
+        for (a, b) in y.iter().zip(&x) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        let bad = VectorLayout::new(6, 2, Grouping::Strided, true).unwrap();
+        assert!(bad.with_rotation(Some(Hadamard::new(4).unwrap())).is_err());
     }
 
     #[test]

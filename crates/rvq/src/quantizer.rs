@@ -87,13 +87,26 @@ impl Rvq {
         if beam == 1 {
             self.encode_greedy(x, codes);
         } else {
-            let (d, k) = (self.dim, self.stages());
-            codes
-                .par_chunks_mut(k)
-                .zip(x.par_chunks(d))
-                .for_each(|(c, v)| self.encode_beam_one(v, beam, c));
+            self.encode_beam(x, beam, codes);
         }
         Ok(())
+    }
+
+    /// Truncates to the first `stages` stages. Training is stage by stage, so these are the
+    /// codebooks a `stages`-stage training with the same seed and data would learn.
+    pub fn truncated(&self, stages: usize) -> Result<Self> {
+        if stages == 0 || stages > self.stages() {
+            return Err(RvqError::Config(format!(
+                "stages={stages}: the quantizer has 1..={} stages",
+                self.stages()
+            )));
+        }
+        Ok(Self {
+            dim: self.dim,
+            size: self.size,
+            codebooks: self.codebooks[..stages].to_vec(),
+            norms: self.norms[..stages].to_vec(),
+        })
     }
 
     /// Greedy encoding, stage by stage over blocks of vectors.
@@ -121,8 +134,78 @@ impl Rvq {
             });
     }
 
-    /// Beam search for one vector (as faiss's ResidualQuantizer): each stage extends every kept
-    /// partial encoding by every codeword and keeps the `beam` with the smallest residual.
+    /// Beam search (as faiss's ResidualQuantizer): each stage extends every kept partial encoding
+    /// by every codeword and keeps the `beam` with the smallest residual. Blocks of vectors share
+    /// one matrix product per stage over all their hypotheses.
+    fn encode_beam(&self, x: &[f32], beam: usize, codes: &mut [u16]) {
+        let (d, k) = (self.dim, self.stages());
+        codes
+            .par_chunks_mut(kernels::BLOCK * k)
+            .zip(x.par_chunks(kernels::BLOCK * d))
+            .for_each(|(codes, xb)| self.encode_beam_block(xb, beam, codes));
+    }
+
+    fn encode_beam_block(&self, xb: &[f32], beam: usize, out: &mut [u16]) {
+        let (d, c, k) = (self.dim, self.size, self.stages());
+        let m = xb.len() / d;
+        // Hypotheses of vector r: rows r·nb..(r+1)·nb of `residuals` [m·nb, d], `norms` [m·nb],
+        // `codes` [m·nb, k]. One hypothesis (the vector itself) before stage 0.
+        let mut nb = 1;
+        let mut residuals = xb.to_vec();
+        let mut norms: Vec<f32> = kernels::row_norms(xb, d);
+        let mut codes = vec![0u16; m * k];
+        let mut scores = Vec::new();
+        let mut best: Vec<(f32, usize, usize)> = Vec::with_capacity(beam);
+        for s in 0..k {
+            scores.resize(m * nb * c, 0.0);
+            dot_products(m * nb, c, d, &residuals, &self.codebooks[s], &mut scores);
+            let keep = beam.min(nb * c);
+            let mut next_res = vec![0f32; m * keep * d];
+            let mut next_norms = vec![0f32; m * keep];
+            let mut next_codes = vec![0u16; m * keep * k];
+            for r in 0..m {
+                // The `keep` smallest (distance, hypothesis, code), in order; candidates come in
+                // increasing (hypothesis, code), so equal distances keep the earlier one first.
+                best.clear();
+                for b in 0..nb {
+                    let h = r * nb + b;
+                    let row = &scores[h * c..(h + 1) * c];
+                    for (j, (&dot, &cn)) in row.iter().zip(&self.norms[s]).enumerate() {
+                        let dist = norms[h] + cn - 2.0 * dot;
+                        if best.len() == keep && dist >= best[keep - 1].0 {
+                            continue;
+                        }
+                        let at = best.partition_point(|e| e.0 <= dist);
+                        if best.len() == keep {
+                            best.pop();
+                        }
+                        best.insert(at, (dist, b, j));
+                    }
+                }
+                for (slot, &(_, b, j)) in best.iter().enumerate() {
+                    let (from, to) = (r * nb + b, r * keep + slot);
+                    let dst = &mut next_res[to * d..(to + 1) * d];
+                    for ((y, a), w) in dst
+                        .iter_mut()
+                        .zip(&residuals[from * d..(from + 1) * d])
+                        .zip(self.codeword(s, j))
+                    {
+                        *y = a - w;
+                    }
+                    next_norms[to] = dst.iter().map(|v| v * v).sum();
+                    next_codes[to * k..to * k + s].copy_from_slice(&codes[from * k..from * k + s]);
+                    next_codes[to * k + s] = j as u16;
+                }
+            }
+            (residuals, norms, codes, nb) = (next_res, next_norms, next_codes, keep);
+        }
+        for r in 0..m {
+            out[r * k..(r + 1) * k].copy_from_slice(&codes[r * nb * k..(r * nb + 1) * k]);
+        }
+    }
+
+    /// Slow reference of beam search for one vector, written the obvious way.
+    #[cfg(test)]
     fn encode_beam_one(&self, x: &[f32], beam: usize, out: &mut [u16]) {
         let (d, c, k) = (self.dim, self.size, self.stages());
         // Each beam: (residual [d], its squared norm, codes so far)
@@ -220,6 +303,7 @@ impl Rvq {
     }
 }
 
+#[cfg(test)]
 fn cmp_cand(a: &(f32, usize, usize), b: &(f32, usize, usize)) -> std::cmp::Ordering {
     a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
 }
@@ -316,6 +400,42 @@ mod tests {
             q.encode_beam_one(&x[i * d..(i + 1) * d], 1, &mut b[i * k..(i + 1) * k]);
         }
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn blocked_beam_matches_the_per_vector_reference() {
+        let mut rng = SplitMix64::new(8);
+        let (d, c, k) = (8, 37, 4);
+        let cbs = (0..k)
+            .map(|s| {
+                random(c * d, &mut rng)
+                    .iter()
+                    .map(|v| v / (s + 1) as f32)
+                    .collect()
+            })
+            .collect();
+        let q = Rvq::from_codebooks(d, c, cbs).unwrap();
+        let n = 600; // more than two blocks
+        let x = random(n * d, &mut rng);
+        for beam in [2, 5, 200] {
+            let mut fast = vec![0u16; n * k];
+            q.encode(&x, beam, &mut fast).unwrap();
+            let mut slow = vec![0u16; n * k];
+            for i in 0..n {
+                q.encode_beam_one(&x[i * d..(i + 1) * d], beam, &mut slow[i * k..(i + 1) * k]);
+            }
+            assert_eq!(fast, slow, "beam {beam}");
+        }
+    }
+
+    #[test]
+    fn truncated_keeps_the_first_stages() {
+        let mut rng = SplitMix64::new(3);
+        let cbs: Vec<Vec<f32>> = (0..3).map(|_| random(4 * 2, &mut rng)).collect();
+        let q = Rvq::from_codebooks(2, 4, cbs.clone()).unwrap();
+        let t = q.truncated(2).unwrap();
+        assert_eq!(t, Rvq::from_codebooks(2, 4, cbs[..2].to_vec()).unwrap());
+        assert!(q.truncated(0).is_err() && q.truncated(4).is_err());
     }
 
     #[test]

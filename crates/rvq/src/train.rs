@@ -558,6 +558,23 @@ mod tests {
         assert!(mses[2] < 0.5, "{mses:?}");
     }
 
+    #[test]
+    fn fewer_stages_learn_the_first_stages_of_more() {
+        // What makes `stages=K` on a deeper quantizer an honest depth ablation.
+        let data = gaussian(4 * 3000, 2);
+        let src = SliceSource {
+            data: &data,
+            dim: 4,
+        };
+        let deep = TrainConfig {
+            stages: 4,
+            ..small_config()
+        };
+        let (a, _) = Rvq::train(&deep, &src).unwrap();
+        let (b, _) = Rvq::train(&TrainConfig { stages: 2, ..deep }, &src).unwrap();
+        assert_eq!(a.truncated(2).unwrap(), b);
+    }
+
     proptest::proptest! {
         /// With k-means alone, each stage's centroids are means of the residuals they serve
         /// (or unused), so on the training data the error cannot grow from stage to stage.

@@ -48,6 +48,10 @@ pub struct Args {
     /// Do not divide head vectors by their standard deviation
     #[arg(long)]
     no_scale: bool,
+    /// Hadamard-rotate each head vector before grouping, and back after decoding (beyond the
+    /// paper; llama.cpp does this for its q4_0/q8_0 caches)
+    #[arg(long)]
+    rotate: bool,
     /// Vectors sampled for k-means
     #[arg(long, default_value_t = 32768)]
     kmeans_sample: usize,
@@ -120,6 +124,7 @@ pub fn run(a: Args) -> Result<()> {
         quantize_keys,
         quantize_values,
         scaled: !a.no_scale,
+        rotate: a.rotate,
         skip_layers: a.skip_layers,
         text: text_path.display().to_string(),
     };

@@ -17,7 +17,7 @@ pub struct Args {
     /// Wrap the prompt in the model's chat template (from the GGUF metadata)
     #[arg(long)]
     chat: bool,
-    /// KV cache spec: f32, f16, rvq:FILE.safetensors[,options]
+    /// KV cache spec (see `rvq-kv --help`): f16, q8_0, q4_0,rot, int8, fp8, kivi2, rvq:FILE, …
     #[arg(long, default_value = "f16")]
     cache: String,
     /// Maximum new tokens

@@ -14,7 +14,7 @@ pub struct Args {
     /// Text to measure (default: sotu-eval, fetched on first use)
     #[arg(long)]
     text: Option<PathBuf>,
-    /// KV cache spec: f32, f16, rvq:FILE.safetensors[,sinks=S][,recent=W][,beam=B][,only=k|v]
+    /// KV cache spec (see `rvq-kv --help`): f16, q8_0, q4_0,rot, int8, fp8, kivi2, rvq:FILE, …
     #[arg(long, default_value = "f16")]
     cache: String,
     /// Window (chunk) length in tokens
