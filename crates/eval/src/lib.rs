@@ -3,6 +3,7 @@
 pub mod assets;
 pub mod bench;
 pub mod calibrate;
+pub mod codec_bench;
 pub mod compare;
 pub mod generate;
 pub mod plot;
