@@ -41,6 +41,8 @@ enum Command {
     Ppl(commands::ppl::Args),
     /// Generate text (greedy or sampled) with a given KV cache
     Generate(commands::generate::Args),
+    /// Zero-shot multiple-choice accuracy (acc, acc_norm) on a benchmark task with a given cache
+    Mc(commands::mc::Args),
     /// Perplexity of many caches on the same tokens: markdown table and Δ-vs-bits plot
     Compare(commands::compare::Args),
     /// Prefill/decode speed and cache bytes at several context lengths
@@ -56,6 +58,7 @@ fn main() {
         Command::Calibrate(a) => commands::calibrate::run(a),
         Command::Ppl(a) => commands::ppl::run(a),
         Command::Generate(a) => commands::generate::run(a),
+        Command::Mc(a) => commands::mc::run(a),
         Command::Compare(a) => commands::compare::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Demo(a) => commands::demo::run(a),

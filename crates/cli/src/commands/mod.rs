@@ -5,4 +5,5 @@ pub mod compare;
 pub mod demo;
 pub mod fetch;
 pub mod generate;
+pub mod mc;
 pub mod ppl;

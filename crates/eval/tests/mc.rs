@@ -1,0 +1,57 @@
+//! `mc` on the real model: the shared-prefix scorer against an independent computation.
+
+mod common;
+
+use eval::assets::{self, Asset};
+use eval::mc::{load_items, task_file, Choice, ModelScorer, Scorer};
+use llm::ops::log_prob;
+
+/// Log-likelihood of a continuation the slow, independent way: one forward pass over the whole
+/// context + continuation string from an empty cache, summing the continuation tokens' log-probs.
+/// It shares nothing with the scorer: no prefix reuse, no cache copies, no context/continuation
+/// token split other than counting the context's own tokens.
+fn full_forward_ll(choice: &Choice) -> f64 {
+    let model = common::model();
+    let tok = &model.tokenizer;
+    let ctx = tok.encode(choice.context.trim_end(), tok.add_bos).unwrap();
+    let whole = tok
+        .encode(
+            &format!("{}{}", choice.context, choice.continuation),
+            tok.add_bos,
+        )
+        .unwrap();
+    let mut cache = model.new_cache("f32").unwrap();
+    let logits = model.forward(&whole, 0, cache.as_mut(), None).unwrap();
+    let vocab = model.vocab();
+    (ctx.len()..whole.len())
+        .map(|t| log_prob(&logits[(t - 1) * vocab..t * vocab], whole[t] as usize))
+        .sum()
+}
+
+#[test]
+fn shared_prefix_scores_equal_full_forward_scores_on_arc_easy() {
+    let home = common::home();
+    assets::ensure(&home, Asset::Bench).unwrap();
+    let file = task_file(&assets::bench_dir(&home), "arc_easy", "rc_0shot").unwrap();
+    let items = load_items(&file).unwrap();
+    assert_eq!(
+        items.len(),
+        570,
+        "arc_easy rc_0shot holds 570 items (DATA.md)"
+    );
+    let mut scorer = ModelScorer {
+        model: common::model(),
+        spec: "f32".into(),
+    };
+    for item in &items[..4] {
+        let fast = scorer.score(&item.choices).unwrap();
+        for (c, ll) in item.choices.iter().zip(&fast) {
+            let slow = full_forward_ll(c);
+            assert!(ll.is_finite() && *ll < 0.0);
+            assert!(
+                (ll - slow).abs() < 2e-3 * slow.abs().max(1.0),
+                "{ll} vs {slow}: {c:?}"
+            );
+        }
+    }
+}
