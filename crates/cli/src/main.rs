@@ -23,7 +23,8 @@ use clap::{Parser, Subcommand};
         \x20                              token, last R tokens in f16 (defaults G=32, R=32)\n\
         \x20 rvq:FILE.safetensors[,opts]  codes from `rvq-kv calibrate`; opts: sinks=S and recent=W\n\
         \x20                              (first S / last W tokens kept in f16), beam=B, only=k|v,\n\
-        \x20                              stages=K (first K stages only)",
+        \x20                              stages=K (first K stages only), values=decode|histogram\n\
+        \x20                              (attention on values; default: the cheaper by a cost model)",
     after_help = "Start with `rvq-kv demo`."
 )]
 struct Cli {

@@ -70,14 +70,72 @@ pub fn check_queries<C: KvCache + ?Sized>(
     Ok(needed)
 }
 
-/// Attention through dense reads of the cache. `out`: [tokens, q_heads, head_dim].
+/// Positions read from the cache at once: the block's keys or values stay in L1/L2 while they
+/// are used, instead of materialising the whole context densely.
+pub const KEY_BLOCK: usize = 256;
+
+/// Turns one KV head's attention weights into outputs: `probs` [rows, n] over positions
+/// `first_key..first_key + n` (zero outside each row's mask) → `out` [rows, hd].
+pub type ValueReducer<'a> =
+    dyn Fn(usize, &[f32], usize, usize, &mut [f32]) -> Result<(), CacheError> + Sync + 'a;
+
+/// Attention through dense block reads of the cache. `out`: [tokens, q_heads, head_dim].
 pub fn dense_attention<C: KvCache + ?Sized>(
     cache: &C,
     layer: usize,
     queries: &Queries,
     out: &mut [f32],
 ) -> Result<(), CacheError> {
-    let needed = check_queries(cache, layer, queries, out)?;
+    let hd = cache.shape().head_dim;
+    let reduce = |h: usize, probs: &[f32], first_key: usize, n: usize, out: &mut [f32]| {
+        dense_values(cache, layer, h, probs, first_key, n, hd, out)
+    };
+    attention_with(cache, layer, queries, out, &reduce)
+}
+
+/// Σ_t probs[r, t] · v_t over positions `first_key..first_key + n`, reading values in blocks.
+#[allow(clippy::too_many_arguments)]
+pub fn dense_values<C: KvCache + ?Sized>(
+    cache: &C,
+    layer: usize,
+    head: usize,
+    probs: &[f32],
+    first_key: usize,
+    n: usize,
+    hd: usize,
+    out: &mut [f32],
+) -> Result<(), CacheError> {
+    let rows = out.len() / hd;
+    out.fill(0.0);
+    let mut block = vec![0f32; KEY_BLOCK.min(n) * hd];
+    let mut p = vec![0f32; rows * KEY_BLOCK.min(n)];
+    let mut partial = vec![0f32; rows * hd];
+    for b0 in (0..n).step_by(KEY_BLOCK) {
+        let len = KEY_BLOCK.min(n - b0);
+        let vals = &mut block[..len * hd];
+        cache.read_values(layer, head, first_key + b0..first_key + b0 + len, vals)?;
+        let p = &mut p[..rows * len];
+        for r in 0..rows {
+            p[r * len..(r + 1) * len].copy_from_slice(&probs[r * n + b0..r * n + b0 + len]);
+        }
+        matmul(rows, hd, len, p, vals, &mut partial);
+        for (o, x) in out.iter_mut().zip(&partial) {
+            *o += x;
+        }
+    }
+    Ok(())
+}
+
+/// Causal attention whose scores come from keys read (and rotated) block by block, and whose
+/// values are reduced by `reduce_values`, so a backend can reduce on its compressed form.
+pub fn attention_with<C: KvCache + ?Sized>(
+    cache: &C,
+    layer: usize,
+    queries: &Queries,
+    out: &mut [f32],
+    reduce_values: &ValueReducer,
+) -> Result<(), CacheError> {
+    check_queries(cache, layer, queries, out)?;
     let shape = cache.shape();
     let (hd, kv_heads) = (shape.head_dim, shape.kv_heads);
     let group = queries.q_heads / kv_heads;
@@ -85,22 +143,11 @@ pub fn dense_attention<C: KvCache + ?Sized>(
         Some(w) => (queries.first_pos + 1).saturating_sub(w),
         None => 0,
     };
-    let rope = cache.rope();
 
     // One task per KV head; each returns its [tokens, group, head_dim] slab.
     let per_head: Vec<Result<Vec<f32>, CacheError>> = (0..kv_heads)
         .into_par_iter()
-        .map(|h| {
-            let n_keys = needed - first_key;
-            let mut keys = vec![0f32; n_keys * hd]; // [n_keys, hd]
-            let mut values = vec![0f32; n_keys * hd]; // [n_keys, hd]
-            cache.read_keys(layer, h, first_key..needed, &mut keys)?;
-            cache.read_values(layer, h, first_key..needed, &mut values)?;
-            rope.rotate_rows(&mut keys, first_key);
-            Ok(attend_one_head(
-                queries, h, group, hd, first_key, &keys, &values,
-            ))
-        })
+        .map(|h| attend_one_head(cache, layer, queries, h, group, first_key, reduce_values))
         .collect();
 
     for (h, slab) in per_head.into_iter().enumerate() {
@@ -116,19 +163,22 @@ pub fn dense_attention<C: KvCache + ?Sized>(
     Ok(())
 }
 
-/// Softmax attention of the `group` query heads of KV head `h` over rotated `keys`/`values`
-/// ([n_keys, hd], starting at position `first_key`). Returns [tokens, group, hd].
-pub fn attend_one_head(
+/// Softmax attention of the `group` query heads of KV head `h` over positions `first_key..`.
+/// Returns [tokens, group, hd].
+fn attend_one_head<C: KvCache + ?Sized>(
+    cache: &C,
+    layer: usize,
     queries: &Queries,
     h: usize,
     group: usize,
-    hd: usize,
     first_key: usize,
-    keys: &[f32],
-    values: &[f32],
-) -> Vec<f32> {
+    reduce_values: &ValueReducer,
+) -> Result<Vec<f32>, CacheError> {
+    let hd = cache.shape().head_dim;
+    let rope = cache.rope();
     let n = queries.tokens;
     let mut result = vec![0f32; n * group * hd];
+    let mut keys = vec![0f32; KEY_BLOCK * hd];
     let mut i0 = 0;
     while i0 < n {
         let i1 = (i0 + QUERY_BLOCK).min(n);
@@ -145,7 +195,19 @@ pub fn attend_one_head(
             }
         }
         let mut scores = vec![0f32; rows * t_end]; // [rows, t_end]
-        matmul_bt(rows, t_end, hd, &q, keys, &mut scores);
+        let mut block_scores = vec![0f32; rows * KEY_BLOCK.min(t_end)];
+        for b0 in (0..t_end).step_by(KEY_BLOCK) {
+            let len = KEY_BLOCK.min(t_end - b0);
+            let k = &mut keys[..len * hd];
+            cache.read_keys(layer, h, first_key + b0..first_key + b0 + len, k)?;
+            rope.rotate_rows(k, first_key + b0);
+            let bs = &mut block_scores[..rows * len];
+            matmul_bt(rows, len, hd, &q, k, bs);
+            for r in 0..rows {
+                scores[r * t_end + b0..r * t_end + b0 + len]
+                    .copy_from_slice(&bs[r * len..(r + 1) * len]);
+            }
+        }
         for i in i0..i1 {
             let pos = queries.first_pos + i;
             let lo = match queries.window {
@@ -163,12 +225,16 @@ pub fn attend_one_head(
                 );
             }
         }
-        let mut o = vec![0f32; rows * hd];
-        matmul(rows, hd, t_end, &scores, values, &mut o);
-        result[i0 * group * hd..i1 * group * hd].copy_from_slice(&o);
+        reduce_values(
+            h,
+            &scores,
+            first_key,
+            t_end,
+            &mut result[i0 * group * hd..i1 * group * hd],
+        )?;
         i0 = i1;
     }
-    result
+    Ok(result)
 }
 
 /// In place: row[lo..hi] = softmax(row[lo..hi] * scale), zero elsewhere.

@@ -2,6 +2,7 @@
 
 use crate::{check_append, check_read, CacheError, CacheShape, KvCache, MemoryReport, Part, Rope};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -10,6 +11,12 @@ pub trait DenseElement: Copy + Send + Sync + 'static {
     const NAME: &'static str;
     fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
+    /// `dst[i] = src[i].to_f32()`, vectorized where the type allows.
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
 }
 
 impl DenseElement for f32 {
@@ -29,6 +36,10 @@ impl DenseElement for f16 {
     }
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        // F16C when the CPU has it (detected at run time by `half`), software otherwise.
+        src.convert_to_f32_slice(dst);
     }
 }
 
@@ -64,10 +75,7 @@ impl<E: DenseElement> DenseCache<E> {
 }
 
 fn read_rows<E: DenseElement>(src: &[E], hd: usize, positions: Range<usize>, out: &mut [f32]) {
-    let src = &src[positions.start * hd..positions.end * hd];
-    for (o, s) in out.iter_mut().zip(src) {
-        *o = s.to_f32();
-    }
+    E::to_f32_slice(&src[positions.start * hd..positions.end * hd], out);
 }
 
 impl<E: DenseElement> KvCache for DenseCache<E> {
@@ -251,6 +259,37 @@ mod tests {
             attention::dense_attention(&inc, 1, &queries, &mut o).unwrap();
             for (a, b) in o.iter().zip(&want[t * q_heads * 8..]) {
                 assert!((a - b).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn attention_across_several_key_and_query_blocks_matches_reference() {
+        let s = shape();
+        let rope = Arc::new(Rope::new(8, 10000.0, 1024, RopeLayout::HalfSplit));
+        let tokens = 2 * attention::KEY_BLOCK + 37;
+        let round =
+            |x: Vec<f32>| -> Vec<f32> { x.iter().map(|&a| f16::from_f32(a).to_f32()).collect() };
+        let (k, v) = (round(data(tokens * 16, 0.5)), round(data(tokens * 16, 2.5)));
+        let q = data(tokens * 4 * 8, 4.0);
+        let want = reference_attention(&k, &v, &q, &rope, s, 4, 0);
+        for mut cache in [
+            Box::new(F32Cache::new(s, rope.clone())) as Box<dyn KvCache>,
+            Box::new(F16Cache::new(s, rope.clone())),
+        ] {
+            cache.append(0, &k, &v).unwrap();
+            let queries = Queries {
+                q: &q,
+                tokens,
+                q_heads: 4,
+                first_pos: 0,
+                scale: 1.0 / 8f32.sqrt(),
+                window: None,
+            };
+            let mut out = vec![0f32; q.len()];
+            cache.attend(0, &queries, &mut out).unwrap();
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "{}: {a} vs {b}", cache.spec());
             }
         }
     }

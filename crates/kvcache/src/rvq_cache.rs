@@ -3,8 +3,12 @@
 //! (attention sinks) and the last `recent` tokens, which are encoded when they leave the window.
 
 use crate::codebooks::Codebooks;
-use crate::{check_append, check_read, CacheError, CacheShape, KvCache, MemoryReport, Part, Rope};
+use crate::{
+    attention, check_append, check_read, CacheError, CacheShape, KvCache, MemoryReport, Part,
+    Queries, Rope,
+};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rvq::pack::PackedRows;
 use rvq::{Rvq, VectorLayout};
 use std::ops::Range;
@@ -22,6 +26,32 @@ pub struct RvqOptions {
     pub quantize_values: bool,
     /// Use only the first K stages of the codebooks (`None`: all).
     pub stages: Option<usize>,
+    /// How attention reduces coded values.
+    pub values: ValuePath,
+}
+
+/// How attention turns weights over coded values into outputs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ValuePath {
+    /// Whichever the cost model says is cheaper for this many rows and tokens.
+    #[default]
+    Auto,
+    /// Decode values block by block, then multiply.
+    Decode,
+    /// Per-stage histograms of the weights over the codes, times the codebooks.
+    Histogram,
+}
+
+impl std::str::FromStr for ValuePath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "decode" => Ok(Self::Decode),
+            "histogram" => Ok(Self::Histogram),
+            o => Err(format!("values={o}: expected auto, decode or histogram")),
+        }
+    }
 }
 
 impl Default for RvqOptions {
@@ -33,6 +63,7 @@ impl Default for RvqOptions {
             quantize_keys: true,
             quantize_values: true,
             stages: None,
+            values: ValuePath::Auto,
         }
     }
 }
@@ -146,6 +177,11 @@ impl RvqCache {
     pub fn codebooks(&self) -> &Codebooks {
         &self.books
     }
+
+    /// Switches how attention reduces coded values (to compare the paths on one cache state).
+    pub fn set_value_path(&mut self, path: ValuePath) {
+        self.options.values = path;
+    }
 }
 
 impl PartStore {
@@ -208,25 +244,158 @@ impl PartStore {
         Ok(())
     }
 
+    /// Where positions live: sinks `[0, a)`, codes `[a, b)`, recent window `[b, len)`.
+    fn spans(&self, head: usize, hd: usize) -> (usize, usize) {
+        let store = &self.heads[head];
+        let a = store.sinks.len() / hd;
+        (a, a + store.scales.len())
+    }
+
     fn read(&self, head: usize, positions: Range<usize>, hd: usize, out: &mut [f32]) {
         let store = &self.heads[head];
-        let n_sinks = store.sinks.len() / hd;
-        let n_codes = store.scales.len();
-        let mut codes = Vec::new();
-        let mut scratch = vec![0f32; hd];
-        for (i, pos) in positions.enumerate() {
-            let dst = &mut out[i * hd..(i + 1) * hd];
-            if pos < n_sinks {
-                copy_f16(&store.sinks[pos * hd..(pos + 1) * hd], dst);
-            } else if pos < n_sinks + n_codes {
-                let (q, layout) = self.quant.as_ref().expect("codes imply a quantizer");
-                let r = pos - n_sinks;
-                codes.resize(layout.groups() * q.stages(), 0);
-                store.codes.get(r, &mut codes);
-                layout.decode_one(q, store.scales[r].to_f32(), &codes, &mut scratch, dst);
-            } else {
-                let r = pos - n_sinks - n_codes;
-                copy_f16(&store.recent[r * hd..(r + 1) * hd], dst);
+        let (a, b) = self.spans(head, hd);
+        let clip = |lo: usize, hi: usize| {
+            let start = positions.start.max(lo);
+            start..positions.end.min(hi).max(start)
+        };
+        let dst =
+            |r: &Range<usize>| (r.start - positions.start) * hd..(r.end - positions.start) * hd;
+        let sinks = clip(0, a);
+        if !sinks.is_empty() {
+            copy_f16(
+                &store.sinks[sinks.start * hd..sinks.end * hd],
+                &mut out[dst(&sinks)],
+            );
+        }
+        let coded = clip(a, b);
+        if !coded.is_empty() {
+            let (q, layout) = self.quant.as_ref().expect("codes imply a quantizer");
+            let row = layout.groups() * q.stages();
+            let mut codes = vec![0u16; coded.len() * row];
+            for (i, c) in codes.chunks_exact_mut(row).enumerate() {
+                store.codes.get(coded.start - a + i, c);
+            }
+            let scales: Vec<f32> = store.scales[coded.start - a..coded.end - a]
+                .iter()
+                .map(|s| s.to_f32())
+                .collect();
+            layout.decode_rows(q, &scales, &codes, &mut out[dst(&coded)]);
+        }
+        let recent = clip(b, usize::MAX);
+        if !recent.is_empty() {
+            copy_f16(
+                &store.recent[(recent.start - b) * hd..(recent.end - b) * hd],
+                &mut out[dst(&recent)],
+            );
+        }
+    }
+
+    /// Σ_t probs[r, t] · v_t over `first_key..first_key + n` (see [`attention::ValueReducer`]).
+    /// Windows are read densely; coded positions either are decoded block by block, or — when the
+    /// cost model says it is cheaper — never decoded: each row's weights p_t·s_t are accumulated
+    /// into one histogram per stage and group over the codes, and each histogram is multiplied by
+    /// its codebook once.
+    #[allow(clippy::too_many_arguments)]
+    fn reduce_values(
+        &self,
+        path: ValuePath,
+        head: usize,
+        probs: &[f32],
+        first_key: usize,
+        n: usize,
+        hd: usize,
+        out: &mut [f32],
+    ) {
+        let rows = out.len() / hd;
+        out.fill(0.0);
+        let (a, b) = self.spans(head, hd);
+        let end = first_key + n;
+        let coded = first_key.max(a)..end.min(b).max(first_key.max(a));
+        let use_histogram = match (&self.quant, path) {
+            (None, _) | (_, ValuePath::Decode) => false,
+            (Some(_), ValuePath::Histogram) => true,
+            (Some((q, layout)), ValuePath::Auto) => {
+                histogram_is_cheaper(rows, coded.len(), q, layout)
+            }
+        };
+        let dense_span = |span: Range<usize>, out: &mut [f32]| {
+            let mut vals = vec![0f32; attention::KEY_BLOCK.min(span.len()) * hd];
+            let mut acc = vec![0f32; rows * hd];
+            let mut p = vec![];
+            for b0 in span.clone().step_by(attention::KEY_BLOCK) {
+                let len = attention::KEY_BLOCK.min(span.end - b0);
+                self.read(head, b0..b0 + len, hd, &mut vals[..len * hd]);
+                p.clear();
+                for r in 0..rows {
+                    let at = r * n + b0 - first_key;
+                    p.extend_from_slice(&probs[at..at + len]);
+                }
+                attention::matmul(rows, hd, len, &p, &vals[..len * hd], &mut acc);
+                for (o, x) in out.iter_mut().zip(&acc) {
+                    *o += x;
+                }
+            }
+        };
+        if !use_histogram {
+            dense_span(first_key..end, out);
+            return;
+        }
+        dense_span(first_key..coded.start, out);
+        dense_span(coded.end..end, out);
+        let (q, layout) = self.quant.as_ref().expect("histogram implies a quantizer");
+        let store = &self.heads[head];
+        let (k, groups, c, d) = (q.stages(), layout.groups(), q.size(), layout.group_dim);
+        // hist[stage·groups + g][code][r] = Σ_t p[r, t] · s_t over tokens t with that code.
+        let mut hist = vec![0f32; k * groups * c * rows];
+        let mut codes = vec![0u16; groups * k];
+        let mut w = vec![0f32; rows];
+        for t in coded.clone() {
+            store.codes.get(t - a, &mut codes);
+            let s = store.scales[t - a].to_f32();
+            for (r, wr) in w.iter_mut().enumerate() {
+                *wr = probs[r * n + t - first_key] * s;
+            }
+            for g in 0..groups {
+                for st in 0..k {
+                    let code = codes[g * k + st] as usize;
+                    let at = ((st * groups + g) * c + code) * rows;
+                    for (h, &wr) in hist[at..at + rows].iter_mut().zip(&w) {
+                        *h += wr;
+                    }
+                }
+            }
+        }
+        // Each histogram times its codebook, Σ_c hist[c][r] · C_st[c] → group g of row r. A
+        // hand loop: with a handful of rows a matrix-product library spends more time packing
+        // the codebook than multiplying.
+        let mut coded_out = vec![0f32; rows * hd];
+        let mut sum = vec![0f32; rows * d];
+        for g in 0..groups {
+            sum.fill(0.0);
+            for st in 0..k {
+                let book = q.codebook(st);
+                let h = &hist[(st * groups + g) * c * rows..][..c * rows];
+                for (code, weights) in h.chunks_exact(rows).enumerate() {
+                    let cw = &book[code * d..(code + 1) * d];
+                    for (acc, &wr) in sum.chunks_exact_mut(d).zip(weights) {
+                        if wr != 0.0 {
+                            axpy(acc, wr, cw);
+                        }
+                    }
+                }
+            }
+            for r in 0..rows {
+                let o = &mut coded_out[r * hd..(r + 1) * hd];
+                layout.write_group(g, &sum[r * d..(r + 1) * d], 1.0, o);
+            }
+        }
+        for (o, x) in out.chunks_exact_mut(hd).zip(coded_out.chunks_exact_mut(hd)) {
+            // The rotation is linear: undo it once on the weighted sum, not per token.
+            if let Some(h) = layout.rotation {
+                h.apply(x);
+            }
+            for (a, b) in o.iter_mut().zip(x.iter()) {
+                *a += b;
             }
         }
     }
@@ -253,10 +422,37 @@ impl PartStore {
     }
 }
 
-fn copy_f16(src: &[f16], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = s.to_f32();
+/// Cost model of the value reduction over `n` coded tokens for `rows` query rows, in units of
+/// one scalar add: decoding costs n·K·G·d gather-adds plus the n·rows·hd product; the histogram
+/// costs n·K·G·rows scattered adds plus rows·K·G·C·d multiply-adds in matrix products, which run
+/// about 4× faster per element than gathers.
+fn histogram_is_cheaper(rows: usize, n: usize, q: &Rvq, layout: &VectorLayout) -> bool {
+    let (k, g, c, d) = (q.stages(), layout.groups(), q.size(), layout.group_dim);
+    let hd = layout.vector_dim;
+    let decode = n * k * g * d + n * rows * hd / 4;
+    let histogram = n * k * g * rows + rows * k * g * c * d / 4;
+    histogram < decode
+}
+
+/// `acc += a · x`, unrolled for the paper's d = 32.
+#[inline]
+fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
+    if let (Ok(acc), Ok(x)) = (
+        <&mut [f32; 32]>::try_from(&mut *acc),
+        <&[f32; 32]>::try_from(x),
+    ) {
+        for j in 0..32 {
+            acc[j] += a * x[j];
+        }
+        return;
     }
+    for (s, v) in acc.iter_mut().zip(x) {
+        *s += a * v;
+    }
+}
+
+fn copy_f16(src: &[f16], dst: &mut [f32]) {
+    src.convert_to_f32_slice(dst);
 }
 
 impl KvCache for RvqCache {
@@ -280,6 +476,11 @@ impl KvCache for RvqCache {
         }
         if let Some(k) = o.stages {
             s += &format!(",stages={k}");
+        }
+        match o.values {
+            ValuePath::Auto => {}
+            ValuePath::Decode => s += ",values=decode",
+            ValuePath::Histogram => s += ",values=histogram",
         }
         match (o.quantize_keys, o.quantize_values) {
             (true, false) => s += ",only=k",
@@ -315,6 +516,16 @@ impl KvCache for RvqCache {
         check_read(&self.shape, self.len(layer), layer, head, &positions, out)?;
         self.parts[layer][part as usize].read(head, positions, self.shape.head_dim, out);
         Ok(())
+    }
+
+    fn attend(&self, layer: usize, queries: &Queries, out: &mut [f32]) -> Result<(), CacheError> {
+        let hd = self.shape.head_dim;
+        let values = &self.parts[layer][Part::Values as usize];
+        let reduce = |h: usize, probs: &[f32], first_key: usize, n: usize, o: &mut [f32]| {
+            values.reduce_values(self.options.values, h, probs, first_key, n, hd, o);
+            Ok(())
+        };
+        attention::attention_with(self, layer, queries, out, &reduce)
     }
 
     fn memory(&self) -> MemoryReport {
@@ -458,8 +669,12 @@ mod tests {
                 let src = (t * 2 + h) * 8;
                 let want_k = reference(b.layers[1].keys.as_ref().unwrap(), &kl, &k[src..src + 8]);
                 let want_v = reference(b.layers[1].values.as_ref().unwrap(), &vl, &v[src..src + 8]);
-                assert_eq!(&keys[t * 8..(t + 1) * 8], want_k.as_slice());
-                assert_eq!(&values[t * 8..(t + 1) * 8], want_v.as_slice());
+                // Equal up to float rounding (the fast decoder scales before rotating back).
+                for (got, want) in [(&keys, &want_k), (&values, &want_v)] {
+                    for (a, b) in got[t * 8..(t + 1) * 8].iter().zip(want) {
+                        assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+                    }
+                }
             }
         }
         // Memory: per vector ceil(2 groups × 3 stages × 3 bits / 8) = 3 bytes of codes + 2 of scale.
@@ -467,6 +682,47 @@ mod tests {
         assert_eq!(m.elements, (tokens * 2 * 8 * 2) as u64);
         assert_eq!(m.bytes, (tokens * 2 * 2 * (3 + 2)) as u64);
         assert_eq!(m.fixed_bytes, 2 * 2 * 3 * 5 * 4 * 4);
+    }
+
+    #[test]
+    fn histogram_and_decode_value_paths_give_the_same_attention() {
+        let b = Arc::new(books(6));
+        let tokens = 40;
+        let k = data(tokens * 16, 11);
+        let v = data(tokens * 16, 12);
+        let q = data(tokens * 4 * 8, 13);
+        let cache_with = |values| {
+            let o = RvqOptions {
+                sinks: 2,
+                recent: 5,
+                values,
+                ..RvqOptions::default()
+            };
+            let mut c = RvqCache::new(SHAPE, rope(), b.clone(), o, "x".into()).unwrap();
+            c.append(0, &k, &v).unwrap();
+            c
+        };
+        for (first, rows) in [(0, tokens), (tokens - 1, 1), (tokens - 3, 3)] {
+            let queries = Queries {
+                q: &q[first * 32..(first + rows) * 32],
+                tokens: rows,
+                q_heads: 4,
+                first_pos: first,
+                scale: 0.3,
+                window: None,
+            };
+            let mut reference = vec![0f32; rows * 32];
+            let decode = cache_with(ValuePath::Decode);
+            // The generic path reads dense values through `read`: an independent reference.
+            attention::dense_attention(&decode, 0, &queries, &mut reference).unwrap();
+            for path in [ValuePath::Decode, ValuePath::Histogram, ValuePath::Auto] {
+                let mut out = vec![0f32; rows * 32];
+                cache_with(path).attend(0, &queries, &mut out).unwrap();
+                for (a, r) in out.iter().zip(&reference) {
+                    assert!((a - r).abs() < 1e-5, "{path:?} rows {rows}: {a} vs {r}");
+                }
+            }
+        }
     }
 
     #[test]

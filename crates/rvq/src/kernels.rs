@@ -9,6 +9,16 @@ pub const BLOCK: usize = 256;
 /// `scores[m, n] = a[m, k] · b[n, k]ᵀ`, single-threaded (callers parallelise over blocks).
 pub fn dot_products(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], scores: &mut [f32]) {
     assert!(a.len() >= m * k && b.len() >= n * k && scores.len() >= m * n);
+    if m <= FEW_ROWS {
+        // A decode step's few query rows: packing b for a matrix product would cost more than
+        // the products themselves.
+        for (j, bj) in b.chunks_exact(k).take(n).enumerate() {
+            for i in 0..m {
+                scores[i * n + j] = dot(&a[i * k..(i + 1) * k], bj);
+            }
+        }
+        return;
+    }
     // b is [n, k]: column j of bᵀ starts at j·k, its rows are contiguous.
     gemm_row_major(m, n, k, a, b, k as isize, 1, scores);
 }
@@ -16,7 +26,41 @@ pub fn dot_products(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], scores: 
 /// `c[m, n] = a[m, k] · b[k, n]`, all row-major, single-threaded.
 pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    if m <= FEW_ROWS {
+        c[..m * n].fill(0.0);
+        for (r, br) in b.chunks_exact(n).take(k).enumerate() {
+            for i in 0..m {
+                let w = a[i * k + r];
+                for (x, y) in c[i * n..(i + 1) * n].iter_mut().zip(br) {
+                    *x += w * y;
+                }
+            }
+        }
+        return;
+    }
     gemm_row_major(m, n, k, a, b, 1, n as isize, c);
+}
+
+/// Up to this many rows of `a`, the products are plain loops instead of a matrix product.
+const FEW_ROWS: usize = 4;
+
+/// Dot product with 8 independent partial sums (vectorizes; same order on every run).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Row-major `c = a · B` where B's element (row r, column j) is `b[r·b_rs + j·b_cs]`.
@@ -169,6 +213,38 @@ fn argmin_lanes(dots: &[f32], norms: &[f32]) -> (usize, f32) {
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
+
+    #[test]
+    fn products_match_the_slow_definition_for_few_and_many_rows() {
+        let mut rng = SplitMix64::new(12);
+        for (m, n, k) in [
+            (1, 7, 5),
+            (3, 300, 64),
+            (4, 9, 17),
+            (5, 33, 8),
+            (70, 40, 32),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            let b: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
+            let mut got = vec![0f32; m * n];
+            dot_products(m, n, k, &a, &b, &mut got); // b as [n, k]
+            let mut got_mm = vec![0f32; m * n];
+            let bt: Vec<f32> = (0..k * n).map(|i| b[(i % n) * k + i / n]).collect(); // [k, n]
+            matmul(m, n, k, &a, &bt, &mut got_mm);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|r| a[i * k + r] as f64 * b[j * k + r] as f64)
+                        .sum();
+                    assert!((got[i * n + j] as f64 - want).abs() < 1e-4, "{m}x{n}x{k}");
+                    assert!(
+                        (got_mm[i * n + j] as f64 - want).abs() < 1e-4,
+                        "{m}x{n}x{k}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn dispatched_argmin_equals_portable_including_ties() {

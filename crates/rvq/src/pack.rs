@@ -28,7 +28,28 @@ pub fn pack_row(codes: &[u16], bits: u32, out: &mut [u8]) {
 
 /// Unpacks `out.len()` codes of `bits` bits from `bytes`.
 pub fn unpack_row(bytes: &[u8], bits: u32, out: &mut [u16]) {
-    let mut bitpos = 0usize;
+    // Fast path: each code lies within the 8 bytes starting at its first byte, so one
+    // unaligned 64-bit load, a shift and a mask extract it; codes too close to the end of the
+    // row for an 8-byte load take the bit-by-bit path.
+    let bits = bits as usize;
+    let mask = (1u64 << bits) - 1;
+    let mut done = 0;
+    for (i, o) in out.iter_mut().enumerate() {
+        let bitpos = i * bits;
+        let byte = bitpos / 8;
+        let Some(window) = bytes.get(byte..byte + 8) else {
+            break;
+        };
+        let word = u64::from_le_bytes(window.try_into().expect("8 bytes"));
+        *o = ((word >> (bitpos % 8)) & mask) as u16;
+        done = i + 1;
+    }
+    unpack_bits(bytes, bits as u32, done, &mut out[done..]);
+}
+
+/// The obvious bit-by-bit unpacking of codes `first..first + out.len()`.
+fn unpack_bits(bytes: &[u8], bits: u32, first: usize, out: &mut [u16]) {
+    let mut bitpos = first * bits as usize;
     for o in out.iter_mut() {
         let mut v = 0u32;
         let mut got = 0usize;
@@ -83,11 +104,15 @@ impl PackedRows {
         pack_row(codes, self.bits, &mut self.bytes[start..]);
     }
     pub fn get(&self, row: usize, out: &mut [u16]) {
-        unpack_row(
-            &self.bytes[row * self.row_bytes..(row + 1) * self.row_bytes],
-            self.bits,
-            out,
+        // Up to 7 bytes past the row go along (bits outside a code are masked off), so the
+        // 64-bit fast path of `unpack_row` reaches the row's last codes too.
+        let start = row * self.row_bytes;
+        assert!(
+            start + self.row_bytes <= self.bytes.len(),
+            "row {row} out of range"
         );
+        let end = (start + self.row_bytes + 7).min(self.bytes.len());
+        unpack_row(&self.bytes[start..end], self.bits, out);
     }
     pub fn truncate(&mut self, rows: usize) {
         self.bytes.truncate(rows * self.row_bytes);

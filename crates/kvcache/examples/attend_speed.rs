@@ -1,0 +1,113 @@
+//! Decode-step attention cost of one layer at long context, RVQ vs dense caches, as ratios:
+//! `cargo run --release -p kvcache --example attend_speed -- [context] [reps]`.
+//! Random paper-shaped codebooks (d = 32, C = 2048, K = 8), SmolLM2's geometry (3 KV heads of 64,
+//! 9 query heads). The model's own per-token work is not included: see `rvq-kv bench` for that.
+use kvcache::codebooks::{CodebookMeta, Codebooks, LayerBooks, PartSettings};
+use kvcache::dense::{F16Cache, F32Cache};
+use kvcache::rvq_cache::{RvqCache, RvqOptions};
+use kvcache::{CacheShape, KvCache, ModelIdentity, Queries, Rope, RopeLayout};
+use rvq::rng::SplitMix64;
+use rvq::{Grouping, Rvq};
+use std::sync::Arc;
+use std::time::Instant;
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let ctx: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(8192);
+    let reps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let shape = CacheShape {
+        layers: 1,
+        kv_heads: 3,
+        head_dim: 64,
+    };
+    let rope = Arc::new(Rope::new(64, 100000.0, ctx + 1, RopeLayout::Interleaved));
+    let mut rng = SplitMix64::new(1);
+    let mut rvq = || {
+        let cbs = (0..8)
+            .map(|s| {
+                (0..2048 * 32)
+                    .map(|_| rng.normal() / (s + 1) as f32)
+                    .collect()
+            })
+            .collect();
+        Rvq::from_codebooks(32, 2048, cbs).unwrap()
+    };
+    let part = |grouping| PartSettings {
+        group_dim: 32,
+        grouping,
+        scaled: true,
+        rotation: None,
+    };
+    let books = Codebooks {
+        meta: CodebookMeta {
+            model: ModelIdentity {
+                architecture: "llama".into(),
+                layers: 1,
+                kv_heads: 3,
+                head_dim: 64,
+                file_sha256: String::new(),
+            },
+            keys: Some(part(Grouping::Strided)),
+            values: Some(part(Grouping::Contiguous)),
+            skipped_layers: vec![],
+            calibration: serde_json::Value::Null,
+            reports: vec![(None, None)],
+        },
+        layers: vec![LayerBooks {
+            keys: Some(rvq()),
+            values: Some(rvq()),
+        }],
+    };
+    let mut caches: Vec<(&str, Box<dyn KvCache>)> = vec![
+        ("f32", Box::new(F32Cache::new(shape, rope.clone()))),
+        ("f16", Box::new(F16Cache::new(shape, rope.clone()))),
+        (
+            "rvq",
+            Box::new(
+                RvqCache::new(
+                    shape,
+                    rope.clone(),
+                    Arc::new(books),
+                    RvqOptions::default(),
+                    "random".into(),
+                )
+                .unwrap(),
+            ),
+        ),
+    ];
+    let mut rng = SplitMix64::new(2);
+    let k: Vec<f32> = (0..ctx * 192).map(|_| rng.normal()).collect();
+    let v: Vec<f32> = (0..ctx * 192).map(|_| rng.normal()).collect();
+    let q: Vec<f32> = (0..9 * 64).map(|_| rng.normal()).collect();
+    let mut base = 0.0;
+    println!("| cache | attend ms (1 query, {ctx} keys; fastest of {reps}) | speed vs f16 |\n|---|---:|---:|");
+    let mut rows = vec![];
+    for (name, cache) in caches.iter_mut() {
+        cache.append(0, &k, &v).unwrap();
+        let queries = Queries {
+            q: &q,
+            tokens: 1,
+            q_heads: 9,
+            first_pos: ctx - 1,
+            scale: 0.125,
+            window: None,
+        };
+        let mut out = vec![0f32; 9 * 64];
+        cache.attend(0, &queries, &mut out).unwrap();
+        // The fastest of `reps` calls: the least disturbed by other work on the machine.
+        let ms = (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                cache.attend(0, &queries, &mut out).unwrap();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .fold(f64::INFINITY, f64::min);
+        if *name == "f16" {
+            base = ms;
+        }
+        rows.push((name.to_string(), ms));
+    }
+    for (name, ms) in rows {
+        println!("| {name} | {ms:.3} | {:.2}x |", base / ms);
+    }
+}
