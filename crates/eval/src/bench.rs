@@ -1,24 +1,116 @@
-//! Speed and memory of whole-model prefill and decode per cache, at several context lengths.
+//! Speed and memory of whole-model prefill and decode per cache, at several context lengths,
+//! with the time split between the model's own work, attention and cache appends (encoding).
 
 use anyhow::{bail, Result};
+use kvcache::{CacheError, CacheShape, KvCache, MemoryReport, Part, Queries, Rope};
 use llm::Model;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-#[derive(Clone, Debug, Serialize)]
+/// A cache wrapper that clocks the time spent in `append` (storing, i.e. encoding) and in
+/// `attend` (attention), so a forward pass splits into model / attention / encode.
+pub struct TimedCache {
+    inner: Box<dyn KvCache>,
+    append_ns: AtomicU64,
+    attend_ns: AtomicU64,
+}
+
+impl TimedCache {
+    pub fn new(inner: Box<dyn KvCache>) -> Self {
+        Self {
+            inner,
+            append_ns: AtomicU64::new(0),
+            attend_ns: AtomicU64::new(0),
+        }
+    }
+    /// (append, attend) seconds since the last call, and resets the clocks.
+    pub fn take(&self) -> (f64, f64) {
+        let a = self.append_ns.swap(0, Ordering::Relaxed) as f64 * 1e-9;
+        let b = self.attend_ns.swap(0, Ordering::Relaxed) as f64 * 1e-9;
+        (a, b)
+    }
+}
+
+fn clocked<T>(clock: &AtomicU64, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let out = f();
+    clock.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    out
+}
+
+impl KvCache for TimedCache {
+    fn shape(&self) -> CacheShape {
+        self.inner.shape()
+    }
+    fn rope(&self) -> &Rope {
+        self.inner.rope()
+    }
+    fn spec(&self) -> String {
+        self.inner.spec()
+    }
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), CacheError> {
+        clocked(&self.append_ns, || self.inner.append(layer, k, v))
+    }
+    fn len(&self, layer: usize) -> usize {
+        self.inner.len(layer)
+    }
+    fn read(
+        &self,
+        layer: usize,
+        head: usize,
+        part: Part,
+        positions: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), CacheError> {
+        self.inner.read(layer, head, part, positions, out)
+    }
+    fn attend(&self, layer: usize, queries: &Queries, out: &mut [f32]) -> Result<(), CacheError> {
+        clocked(&self.attend_ns, || self.inner.attend(layer, queries, out))
+    }
+    fn memory(&self) -> MemoryReport {
+        self.inner.memory()
+    }
+    fn truncate(&mut self, len: usize) {
+        self.inner.truncate(len)
+    }
+    fn box_clone(&self) -> Box<dyn KvCache> {
+        Box::new(TimedCache::new(self.inner.box_clone()))
+    }
+}
+
+/// Peak resident memory of this process so far (VmHWM), where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BenchRow {
     pub cache: String,
     pub ctx: usize,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
+    /// Per decode step, milliseconds: the model's own work (matmuls, norms), attention, and
+    /// storing the new token (encoding, for compressed caches).
+    pub decode_model_ms: f64,
+    pub decode_attention_ms: f64,
+    pub decode_encode_ms: f64,
+    /// Encoding's share of a decode step.
+    pub encode_fraction: f64,
     pub cache_bytes: u64,
     pub bits_per_element: f64,
+    /// Peak resident memory of the process that measured this row (when run alone).
+    pub peak_rss_bytes: Option<u64>,
     /// Speeds relative to the first cache in the list, measured in the same run.
     pub prefill_ratio: f64,
     pub decode_ratio: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BenchReport {
     pub threads: usize,
     pub rows: Vec<BenchRow>,
@@ -26,19 +118,24 @@ pub struct BenchReport {
 
 impl BenchReport {
     pub fn table(&self) -> String {
-        let mut s = "| cache | ctx | prefill tok/s | decode tok/s | prefill × | decode × | cache bytes | bits/elem |\n\
-             |---|---|---|---|---|---|---|---|\n".to_string();
+        let mut s = "| cache | ctx | prefill tok/s | decode tok/s | prefill × | decode × | decode ms: model / attention / encode | cache MB | bits/elem | peak RSS MB |\n\
+             |---|---:|---:|---:|---:|---:|---|---:|---:|---:|\n".to_string();
         for r in &self.rows {
             s += &format!(
-                "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {} | {:.2} |\n",
+                "| {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} / {:.1} / {:.2} | {:.1} | {:.2} | {} |\n",
                 r.cache,
                 r.ctx,
                 r.prefill_tokens_per_s,
                 r.decode_tokens_per_s,
                 r.prefill_ratio,
                 r.decode_ratio,
-                r.cache_bytes,
-                r.bits_per_element
+                r.decode_model_ms,
+                r.decode_attention_ms,
+                r.decode_encode_ms,
+                r.cache_bytes as f64 / 1e6,
+                r.bits_per_element,
+                r.peak_rss_bytes
+                    .map_or("-".into(), |b| format!("{:.0}", b as f64 / 1e6))
             );
         }
         s
@@ -78,19 +175,23 @@ pub fn run(
         let mut base: Option<(f64, f64)> = None;
         for spec in caches {
             eprintln!("bench: {spec} at ctx {ctx}");
-            let mut cache = model.new_cache(spec)?;
+            let mut cache = TimedCache::new(model.new_cache(spec)?);
             let t = Instant::now();
             let mut logits = Vec::new();
             for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-                logits = model.forward(chunk, i * PREFILL_CHUNK, cache.as_mut(), Some(1))?;
+                logits = model.forward(chunk, i * PREFILL_CHUNK, &mut cache, Some(1))?;
             }
             let prefill = prefill_len as f64 / t.elapsed().as_secs_f64();
+            cache.take();
             let t = Instant::now();
             for step in 0..decode_steps {
                 let next = crate::generate::argmax(&logits);
-                logits = model.forward(&[next], prefill_len + step, cache.as_mut(), Some(1))?;
+                logits = model.forward(&[next], prefill_len + step, &mut cache, Some(1))?;
             }
-            let decode = decode_steps as f64 / t.elapsed().as_secs_f64();
+            let secs = t.elapsed().as_secs_f64();
+            let (encode_s, attend_s) = cache.take();
+            let decode = decode_steps as f64 / secs;
+            let per_step = |x: f64| x * 1e3 / decode_steps as f64;
             let (bp, bd) = *base.get_or_insert((prefill, decode));
             let mem = cache.memory();
             rows.push(BenchRow {
@@ -98,8 +199,15 @@ pub fn run(
                 ctx,
                 prefill_tokens_per_s: prefill,
                 decode_tokens_per_s: decode,
+                decode_model_ms: per_step(secs - encode_s - attend_s),
+                decode_attention_ms: per_step(attend_s),
+                decode_encode_ms: per_step(encode_s),
+                encode_fraction: encode_s / secs,
                 cache_bytes: mem.bytes,
                 bits_per_element: mem.bits_per_element(),
+                peak_rss_bytes: (caches.len() == 1 && contexts.len() == 1)
+                    .then(peak_rss_bytes)
+                    .flatten(),
                 prefill_ratio: prefill / bp,
                 decode_ratio: decode / bd,
             });
@@ -109,4 +217,26 @@ pub fn run(
         threads: rayon::current_num_threads(),
         rows,
     })
+}
+
+impl BenchReport {
+    /// Recomputes the speed ratios against the first cache of each context (for rows measured
+    /// in separate processes).
+    pub fn rebase(&mut self) {
+        let firsts: Vec<(usize, f64, f64)> = {
+            let mut seen = vec![];
+            for r in &self.rows {
+                if !seen.iter().any(|&(c, _, _)| c == r.ctx) {
+                    seen.push((r.ctx, r.prefill_tokens_per_s, r.decode_tokens_per_s));
+                }
+            }
+            seen
+        };
+        for r in &mut self.rows {
+            if let Some(&(_, p, d)) = firsts.iter().find(|f| f.0 == r.ctx) {
+                r.prefill_ratio = r.prefill_tokens_per_s / p;
+                r.decode_ratio = r.decode_tokens_per_s / d;
+            }
+        }
+    }
 }

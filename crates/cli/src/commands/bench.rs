@@ -14,12 +14,17 @@ pub struct Args {
     what: String,
     #[command(flatten)]
     model: ModelArgs,
-    /// Cache specs to compare (repeat the flag)
-    #[arg(long = "cache", default_values = ["f32", "f16"])]
+    /// Cache specs to compare (repeat the flag); the first is the reference of the ratios.
+    /// Default: f16, q8_0, q4_0, kivi2 and the demo's paper-config RVQ codebooks if calibrated
+    #[arg(long = "cache")]
     caches: Vec<String>,
-    /// Context lengths, comma-separated
-    #[arg(long = "ctx", default_values_t = [512, 2048, 8192], value_delimiter = ',')]
+    /// Context lengths, comma-separated (at most the model's context length, 8192 for SmolLM2)
+    #[arg(long = "ctx", default_values_t = [1024, 4096, 8192], value_delimiter = ',')]
     contexts: Vec<usize>,
+    /// Measure every cache and context in this process, instead of one child process each (a
+    /// child per row is what makes its peak RSS that row's own)
+    #[arg(long)]
+    in_process: bool,
     /// Decode steps timed after each prefill
     #[arg(long, default_value_t = 16)]
     decode_steps: usize,
@@ -51,13 +56,70 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn run_model(a: Args) -> Result<()> {
-    let model = a.model.load()?;
-    let report = eval::bench::run(&model, &a.caches, &a.contexts, a.decode_steps)?;
+    let caches = if a.caches.is_empty() {
+        default_caches()
+    } else {
+        a.caches.clone()
+    };
+    let report = if a.in_process || caches.len() * a.contexts.len() == 1 {
+        let model = a.model.load()?;
+        eval::bench::run(&model, &caches, &a.contexts, a.decode_steps)?
+    } else {
+        isolated(&a, &caches)?
+    };
     if a.json {
         return print_json(&report);
     }
-    eprintln!("{}", report.table());
+    println!("{}", report.table());
     Ok(())
+}
+
+/// f16, the scalar formats llama.cpp and KIVI users know, and the paper-config RVQ cache when
+/// `rvq-kv demo` (or calibrate) has written its codebooks.
+fn default_caches() -> Vec<String> {
+    let mut caches: Vec<String> = ["f16", "q8_0", "q4_0", "kivi2"].map(String::from).into();
+    let books = eval::assets::home().join("codebooks/smollm2-paper.safetensors");
+    if books.is_file() {
+        caches.push(format!("rvq:{}", books.display()));
+    } else {
+        eprintln!(
+            "rvq-kv: no {} yet (run `rvq-kv demo`): benchmarking without an RVQ cache",
+            books.display()
+        );
+    }
+    caches
+}
+
+/// Threads the children run with (they inherit the environment, so the same pool size).
+fn rows_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// One child process per (context, cache), so each row's peak RSS is its own.
+fn isolated(a: &Args, caches: &[String]) -> Result<eval::bench::BenchReport> {
+    let exe = std::env::current_exe()?;
+    let mut rows = vec![];
+    for &ctx in &a.contexts {
+        for spec in caches {
+            let out = std::process::Command::new(&exe)
+                .args(["bench", "model", "--model", &a.model.model, "--cache", spec])
+                .args(["--ctx", &ctx.to_string()])
+                .args(["--decode-steps", &a.decode_steps.to_string(), "--json"])
+                .stderr(std::process::Stdio::inherit())
+                .output()?;
+            if !out.status.success() {
+                bail!("benchmarking {spec} at ctx {ctx} failed (see above)");
+            }
+            let r: eval::bench::BenchReport = serde_json::from_slice(&out.stdout)?;
+            rows.extend(r.rows);
+        }
+    }
+    let mut report = eval::bench::BenchReport {
+        threads: rows_threads(),
+        rows,
+    };
+    report.rebase();
+    Ok(report)
 }
 
 fn run_codec(a: Args) -> Result<()> {
