@@ -5,10 +5,12 @@
 #   3. writes docs/ablation.md (table) and docs/ablation.svg (Δ PPL vs bits/element).
 # Depth K is ablated by reading the first K stages of the 8-stage paper codebooks (`stages=K`):
 # training is stage by stage, so they are exactly what a K-stage calibration learns.
-# Usage: scripts/ablation.sh [max-tokens]   (default 16384; about 2 hours on 2 cores)
+# Usage: scripts/ablation.sh [max-tokens] [contexts]   (defaults 16384 and 512,2048: about 3 hours
+# on 2 cores; `scripts/ablation.sh 8192 512` is the quick version, about 1 hour)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOKENS="${1:-16384}"
+CONTEXTS="${2:-512,2048}"
 HOME_DIR="${RVQ_KV_HOME:-.rvq-kv}"
 BOOKS="$HOME_DIR/codebooks/ablation"
 mkdir -p "$BOOKS"
@@ -39,10 +41,10 @@ P="$BOOKS/paper.safetensors"
   --rvq "$BOOKS/c256.safetensors" --rvq "$BOOKS/c1024.safetensors" --rvq "$BOOKS/d64.safetensors" \
   --rvq "$BOOKS/keys-contiguous.safetensors" \
   --rvq "$P,only=k" --rvq "$P,only=v" \
-  --rvq "$P,beam=4" \
+  --rvq "$P,beam=2" \
   --rvq "$BOOKS/dead-codes.safetensors" \
   --rvq "$P,sinks=4" --rvq "$P,recent=32" --rvq "$P,sinks=4,recent=32" \
   --rvq "$BOOKS/rotate.safetensors" \
-  --ctx 512,2048 --max-tokens "$TOKENS" --protocol llama.cpp \
+  --ctx "$CONTEXTS" --max-tokens "$TOKENS" --protocol llama.cpp \
   --report docs/ablation.md --plot docs/ablation.svg --json > docs/ablation.json
 echo "ablation: wrote docs/ablation.md, docs/ablation.svg, docs/ablation.json" >&2

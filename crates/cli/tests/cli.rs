@@ -113,6 +113,10 @@ fn compare_writes_table_plot_and_json_with_f16_as_reference() {
         md.to_str().unwrap(),
         "--plot",
         svg.to_str().unwrap(),
+        "--task",
+        "arc_easy",
+        "--task-limit",
+        "2",
         "--json",
     ]);
     assert!(ok, "{err}");
@@ -127,8 +131,15 @@ fn compare_writes_table_plot_and_json_with_f16_as_reference() {
     let q4 = rows[1]["ppl"].as_f64().unwrap();
     let delta = rows[1]["delta_pct"].as_f64().unwrap();
     assert!((delta - (q4 / f16 - 1.0) * 100.0).abs() < 1e-9);
+    let scores = rows[2]["tasks"].as_array().unwrap();
+    assert_eq!(scores[0]["task"], "arc_easy");
+    assert_eq!(scores[0]["items"], 2);
     let table = std::fs::read_to_string(&md).unwrap();
     assert!(table.contains("| `kivi2` | 256 |"), "{table}");
+    assert!(
+        table.contains("arc_easy (2 items) acc / acc_norm"),
+        "{table}"
+    );
     assert!(std::fs::read_to_string(&svg)
         .unwrap()
         .contains("q4_0,rot,post-rope"));

@@ -14,7 +14,20 @@ pub struct CompareOptions {
     pub contexts: Vec<usize>,
     pub max_tokens: Option<usize>,
     pub protocol: Protocol,
+    /// Multiple-choice tasks scored with every cache: (name, request file).
+    pub tasks: Vec<(String, std::path::PathBuf)>,
+    /// Items per task (all when `None`).
+    pub task_limit: Option<usize>,
     pub quiet: bool,
+}
+
+/// Accuracy of one cache on one task.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskScore {
+    pub task: String,
+    pub items: usize,
+    pub acc: f64,
+    pub acc_norm: f64,
 }
 
 /// The reference every row is compared with.
@@ -35,6 +48,8 @@ pub struct CompareRow {
     /// Codebooks and other bytes that do not grow with context.
     pub fixed_bytes: u64,
     pub tokens_per_s: f64,
+    /// Multiple-choice accuracy per task (measured once per cache, on the first context's row).
+    pub tasks: Vec<TaskScore>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -84,7 +99,19 @@ pub fn compare(
         for spec in &specs {
             let r = perplexity(model, tokens, spec, &ppl_opts)?;
             let base = *reference.get_or_insert(r.ppl);
-            let row = row_of(&r, base);
+            let mut row = row_of(&r, base);
+            if ctx == opts.contexts[0] {
+                for (task, file) in &opts.tasks {
+                    let m =
+                        crate::mc::run(model, file, task, "", spec, opts.task_limit, opts.quiet)?;
+                    row.tasks.push(TaskScore {
+                        task: task.clone(),
+                        items: m.items,
+                        acc: m.acc.value,
+                        acc_norm: m.acc_norm.value,
+                    });
+                }
+            }
             on_row(&row);
             rows.push(row);
         }
@@ -104,6 +131,7 @@ fn row_of(r: &PplResult, reference_ppl: f64) -> CompareRow {
         cache_bytes: r.memory.bytes,
         fixed_bytes: r.memory.fixed_bytes,
         tokens_per_s: r.tokens_per_s,
+        tasks: vec![],
     }
 }
 
@@ -132,11 +160,30 @@ impl CompareReport {
             "Model `{}`, text `{}`, {} tokens, protocol {:?}. Δ is against f16 at the same context.\n\n",
             self.model, self.text, self.tokens, self.protocol
         );
-        s += "| cache | ctx | PPL | Δ vs f16 | bits/element | × vs f16 | cache bytes at ctx | fixed bytes |\n";
-        s += "|---|---:|---:|---:|---:|---:|---:|---:|\n";
+        let tasks: Vec<String> = self
+            .rows
+            .iter()
+            .flat_map(|r| {
+                r.tasks
+                    .iter()
+                    .map(|t| format!("{} ({} items)", t.task, t.items))
+            })
+            .fold(vec![], |mut v, t| {
+                if !v.contains(&t) {
+                    v.push(t);
+                }
+                v
+            });
+        s += "| cache | ctx | PPL | Δ vs f16 | bits/element | × vs f16 | cache bytes at ctx | fixed bytes |";
+        for t in &tasks {
+            s += &format!(" {t} acc / acc_norm |");
+        }
+        s += "\n|---|---:|---:|---:|---:|---:|---:|---:|";
+        s += &"---:|".repeat(tasks.len());
+        s += "\n";
         for r in &self.rows {
             s += &format!(
-                "| `{}` | {} | {:.4} ± {:.4} | {:+.2}% | {:.3} | {:.2} | {} | {} |\n",
+                "| `{}` | {} | {:.4} ± {:.4} | {:+.2}% | {:.3} | {:.2} | {} | {} |",
                 short_label(&r.spec),
                 r.ctx,
                 r.ppl,
@@ -147,6 +194,13 @@ impl CompareReport {
                 r.cache_bytes,
                 r.fixed_bytes
             );
+            for i in 0..tasks.len() {
+                match r.tasks.get(i) {
+                    Some(t) => s += &format!(" {:.4} / {:.4} |", t.acc, t.acc_norm),
+                    None => s += " |",
+                }
+            }
+            s += "\n";
         }
         s
     }
@@ -190,6 +244,7 @@ mod tests {
             cache_bytes: 0,
             fixed_bytes: 0,
             tokens_per_s: 0.0,
+            tasks: vec![],
         }
     }
 

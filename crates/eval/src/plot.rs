@@ -106,6 +106,7 @@ mod tests {
             cache_bytes: 0,
             fixed_bytes: 0,
             tokens_per_s: 0.0,
+            tasks: vec![],
         };
         let mut report = CompareReport {
             model: "m".into(),

@@ -40,6 +40,15 @@ pub struct Args {
     /// windows: score every token after the first of each window; llama.cpp: as llama-perplexity
     #[arg(long, default_value = "llama.cpp")]
     protocol: Protocol,
+    /// Also score these multiple-choice tasks with every cache (repeatable; see `rvq-kv mc`)
+    #[arg(long = "task", value_name = "NAME")]
+    tasks: Vec<String>,
+    /// Items per task
+    #[arg(long)]
+    task_limit: Option<usize>,
+    /// Request variant of the tasks
+    #[arg(long, default_value = "rc_0shot")]
+    variant: String,
     /// Write the markdown table here (it is also printed)
     #[arg(long)]
     report: Option<PathBuf>,
@@ -68,11 +77,22 @@ pub fn run(a: Args) -> Result<()> {
         with_reference(&specs).len(),
         a.ctx
     );
+    let mut tasks = vec![];
+    if !a.tasks.is_empty() {
+        let home = eval::assets::home();
+        eval::assets::ensure(&home, eval::assets::Asset::Bench)?;
+        for t in &a.tasks {
+            let file = eval::mc::task_file(&eval::assets::bench_dir(&home), t, &a.variant)?;
+            tasks.push((t.clone(), file));
+        }
+    }
     let opts = CompareOptions {
         specs,
         contexts: a.ctx.clone(),
         max_tokens: Some(a.max_tokens),
         protocol: a.protocol,
+        tasks,
+        task_limit: a.task_limit,
         quiet: false,
     };
     let rows = compare(&model, &tokens, &opts, |r| {
