@@ -29,29 +29,28 @@ fn full_forward_ll(choice: &Choice) -> f64 {
 }
 
 #[test]
-fn shared_prefix_scores_equal_full_forward_scores_on_arc_easy() {
+fn shared_prefix_scores_equal_full_forward_scores() {
     let home = common::home();
     assets::ensure(&home, Asset::Bench).unwrap();
-    let file = task_file(&assets::bench_dir(&home), "arc_easy", "rc_0shot").unwrap();
-    let items = load_items(&file).unwrap();
-    assert_eq!(
-        items.len(),
-        570,
-        "arc_easy rc_0shot holds 570 items (DATA.md)"
-    );
+    let bench = assets::bench_dir(&home);
     let mut scorer = ModelScorer {
         model: common::model(),
         spec: "f32".into(),
     };
-    for item in &items[..4] {
-        let fast = scorer.score(&item.choices).unwrap();
-        for (c, ll) in item.choices.iter().zip(&fast) {
-            let slow = full_forward_ll(c);
-            assert!(ll.is_finite() && *ll < 0.0);
-            assert!(
-                (ll - slow).abs() < 2e-3 * slow.abs().max(1.0),
-                "{ll} vs {slow}: {c:?}"
-            );
+    // arc_easy: one context, varying continuations; winogrande: varying contexts, one continuation.
+    for (task, count, take) in [("arc_easy", 570, 4), ("winogrande", 1267, 2)] {
+        let items = load_items(&task_file(&bench, task, "rc_0shot").unwrap()).unwrap();
+        assert_eq!(items.len(), count, "{task} rc_0shot items");
+        for item in &items[..take] {
+            let fast = scorer.score(&item.choices).unwrap();
+            for (c, ll) in item.choices.iter().zip(&fast) {
+                let slow = full_forward_ll(c);
+                assert!(ll.is_finite() && *ll < 0.0);
+                assert!(
+                    (ll - slow).abs() < 2e-3 * slow.abs().max(1.0),
+                    "{task}: {ll} vs {slow}: {c:?}"
+                );
+            }
         }
     }
 }
