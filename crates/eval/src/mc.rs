@@ -161,13 +161,23 @@ pub trait Scorer {
     fn score(&mut self, choices: &[Choice]) -> Result<Vec<f64>>;
 }
 
-/// Scores with a model and a cache spec, sharing each distinct context's prefill.
+/// Scores with a model and a cache, sharing each distinct context's prefill.
 pub struct ModelScorer<'a> {
-    pub model: &'a Model,
-    pub spec: String,
+    model: &'a Model,
+    /// An empty cache built once from the spec; each context starts from a copy of it, so the
+    /// spec is parsed and its codebooks loaded once per run, not once per item.
+    empty: Box<dyn KvCache>,
 }
 
-impl ModelScorer<'_> {
+impl<'a> ModelScorer<'a> {
+    /// Fails at once on a bad spec, before a long run.
+    pub fn new(model: &'a Model, spec: &str) -> Result<Self> {
+        Ok(Self {
+            model,
+            empty: model.new_cache(spec)?,
+        })
+    }
+
     /// Tokens of context and continuation as lm-evaluation-harness splits them: the context
     /// alone, and the rest of the tokenized whole (a context's trailing space moves to the
     /// continuation first).
@@ -203,7 +213,7 @@ impl Scorer for ModelScorer<'_> {
                 continue;
             }
             let ctx = &split[i].0;
-            let mut prefix: Box<dyn KvCache> = self.model.new_cache(&self.spec)?;
+            let mut prefix = self.empty.box_clone();
             // Logits of the context's last token predict each continuation's first token.
             let last = self.model.forward(ctx, 0, prefix.as_mut(), Some(1))?;
             for j in i..choices.len() {
@@ -323,11 +333,7 @@ pub fn run(
         }
         items.truncate(n);
     }
-    model.new_cache(spec)?; // a bad spec fails before the long run
-    let mut scorer = ModelScorer {
-        model,
-        spec: spec.to_string(),
-    };
+    let mut scorer = ModelScorer::new(model, spec)?;
     let start = Instant::now();
     let (acc, norm) = evaluate(&items, &mut scorer, quiet)?;
     Ok(McResult {

@@ -33,10 +33,7 @@ fn shared_prefix_scores_equal_full_forward_scores() {
     let home = common::home();
     assets::ensure(&home, Asset::Bench).unwrap();
     let bench = assets::bench_dir(&home);
-    let mut scorer = ModelScorer {
-        model: common::model(),
-        spec: "f32".into(),
-    };
+    let mut scorer = ModelScorer::new(common::model(), "f32").unwrap();
     // arc_easy: one context, varying continuations; winogrande: varying contexts, one continuation.
     for (task, count, take) in [("arc_easy", 570, 4), ("winogrande", 1267, 2)] {
         let items = load_items(&task_file(&bench, task, "rc_0shot").unwrap()).unwrap();
