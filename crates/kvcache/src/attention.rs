@@ -6,6 +6,7 @@
 
 use crate::{CacheError, KvCache};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Queries of one layer, already rotated to their positions.
 #[derive(Clone, Copy, Debug)]
@@ -105,18 +106,36 @@ pub fn dense_values<C: KvCache + ?Sized>(
     hd: usize,
     out: &mut [f32],
 ) -> Result<(), CacheError> {
-    let rows = out.len() / hd;
     out.fill(0.0);
-    let mut block = vec![0f32; KEY_BLOCK.min(n) * hd];
-    let mut p = vec![0f32; rows * KEY_BLOCK.min(n)];
+    let read = |span: Range<usize>, vals: &mut [f32]| cache.read_values(layer, head, span, vals);
+    accumulate_values(read, probs, first_key, n, first_key..first_key + n, hd, out)
+}
+
+/// `out` ([rows, hd]) += Σ_{t ∈ span} probs[r, t − first_key] · v_t, where `probs` is
+/// [rows, n] over positions `first_key..first_key + n` and `read` fills values of a position
+/// range; values are read `KEY_BLOCK` positions at a time.
+pub fn accumulate_values(
+    read: impl Fn(Range<usize>, &mut [f32]) -> Result<(), CacheError>,
+    probs: &[f32],
+    first_key: usize,
+    n: usize,
+    span: Range<usize>,
+    hd: usize,
+    out: &mut [f32],
+) -> Result<(), CacheError> {
+    let rows = out.len() / hd;
+    let block = KEY_BLOCK.min(span.len());
+    let mut vals = vec![0f32; block * hd];
+    let mut p = vec![0f32; rows * block];
     let mut partial = vec![0f32; rows * hd];
-    for b0 in (0..n).step_by(KEY_BLOCK) {
-        let len = KEY_BLOCK.min(n - b0);
-        let vals = &mut block[..len * hd];
-        cache.read_values(layer, head, first_key + b0..first_key + b0 + len, vals)?;
+    for b0 in span.clone().step_by(KEY_BLOCK) {
+        let len = KEY_BLOCK.min(span.end - b0);
+        let vals = &mut vals[..len * hd];
+        read(b0..b0 + len, vals)?;
         let p = &mut p[..rows * len];
         for r in 0..rows {
-            p[r * len..(r + 1) * len].copy_from_slice(&probs[r * n + b0..r * n + b0 + len]);
+            let at = r * n + b0 - first_key;
+            p[r * len..(r + 1) * len].copy_from_slice(&probs[at..at + len]);
         }
         matmul(rows, hd, len, p, vals, &mut partial);
         for (o, x) in out.iter_mut().zip(&partial) {

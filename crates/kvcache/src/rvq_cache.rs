@@ -85,7 +85,8 @@ struct HeadStore {
 #[derive(Clone, Debug)]
 struct PartStore {
     /// `None`: stored in f16 in full.
-    quant: Option<(Rvq, VectorLayout)>,
+    /// Shared, so that copying a cache (one per choice in `mc`) does not copy codebooks.
+    quant: Option<(Arc<Rvq>, VectorLayout)>,
     heads: Vec<HeadStore>,
 }
 
@@ -124,19 +125,21 @@ impl RvqCache {
         let part = |q: Option<&Rvq>, layout: Option<VectorLayout>, on: bool| {
             let quant = match (q, layout, on) {
                 (Some(q), Some(l), true) => Some((
-                    match options.stages {
+                    Arc::new(match options.stages {
                         Some(k) => q
                             .truncated(k)
                             .map_err(|e| CacheError::Codebooks(e.to_string()))?,
                         None => q.clone(),
-                    },
+                    }),
                     l,
                 )),
                 _ => None,
             };
             let rows = quant
                 .as_ref()
-                .map_or(0, |(q, l): &(Rvq, VectorLayout)| l.groups() * q.stages());
+                .map_or(0, |(q, l): &(Arc<Rvq>, VectorLayout)| {
+                    l.groups() * q.stages()
+                });
             let bits = quant.as_ref().map_or(1, |(q, _)| q.code_bits());
             let head = HeadStore {
                 sinks: vec![],
@@ -318,23 +321,14 @@ impl PartStore {
                 histogram_is_cheaper(rows, coded.len(), q, layout)
             }
         };
+        // Windows (and everything, when decoding) are read densely.
         let dense_span = |span: Range<usize>, out: &mut [f32]| {
-            let mut vals = vec![0f32; attention::KEY_BLOCK.min(span.len()) * hd];
-            let mut acc = vec![0f32; rows * hd];
-            let mut p = vec![];
-            for b0 in span.clone().step_by(attention::KEY_BLOCK) {
-                let len = attention::KEY_BLOCK.min(span.end - b0);
-                self.read(head, b0..b0 + len, hd, &mut vals[..len * hd]);
-                p.clear();
-                for r in 0..rows {
-                    let at = r * n + b0 - first_key;
-                    p.extend_from_slice(&probs[at..at + len]);
-                }
-                attention::matmul(rows, hd, len, &p, &vals[..len * hd], &mut acc);
-                for (o, x) in out.iter_mut().zip(&acc) {
-                    *o += x;
-                }
-            }
+            let read = |r: Range<usize>, vals: &mut [f32]| {
+                self.read(head, r, hd, vals);
+                Ok(())
+            };
+            attention::accumulate_values(read, probs, first_key, n, span, hd, out)
+                .expect("reading an in-range span of a part cannot fail");
         };
         if !use_histogram {
             dense_span(first_key..end, out);
