@@ -228,24 +228,30 @@ pub fn pareto_front(rows: &[&CompareRow]) -> Vec<usize> {
     front
 }
 
+/// A row with only what plots and fronts look at, for tests.
+#[cfg(test)]
+pub(crate) fn test_row(spec: &str, ctx: usize, bits: f64, delta: f64) -> CompareRow {
+    CompareRow {
+        spec: spec.into(),
+        ctx,
+        ppl: 1.0,
+        ppl_stderr: 0.0,
+        delta_pct: delta,
+        bits_per_element: bits,
+        compression_vs_f16: 16.0 / bits,
+        cache_bytes: 0,
+        fixed_bytes: 0,
+        tokens_per_s: 0.0,
+        tasks: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn row(spec: &str, bits: f64, delta: f64) -> CompareRow {
-        CompareRow {
-            spec: spec.into(),
-            ctx: 512,
-            ppl: 1.0,
-            ppl_stderr: 0.0,
-            delta_pct: delta,
-            bits_per_element: bits,
-            compression_vs_f16: 16.0 / bits,
-            cache_bytes: 0,
-            fixed_bytes: 0,
-            tokens_per_s: 0.0,
-            tasks: vec![],
-        }
+        test_row(spec, 512, bits, delta)
     }
 
     #[test]

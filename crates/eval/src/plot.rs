@@ -95,19 +95,7 @@ mod tests {
 
     #[test]
     fn renders_every_point_and_refuses_an_empty_report() {
-        let row = |spec: &str, ctx, bits, delta| CompareRow {
-            spec: spec.into(),
-            ctx,
-            ppl: 1.0,
-            ppl_stderr: 0.0,
-            delta_pct: delta,
-            bits_per_element: bits,
-            compression_vs_f16: 16.0 / bits,
-            cache_bytes: 0,
-            fixed_bytes: 0,
-            tokens_per_s: 0.0,
-            tasks: vec![],
-        };
+        let row = crate::compare::test_row;
         let mut report = CompareReport {
             model: "m".into(),
             text: "t".into(),

@@ -359,18 +359,23 @@ mod tests {
         codes
     }
 
-    #[test]
-    fn greedy_matches_reference() {
-        let mut rng = SplitMix64::new(11);
-        let (d, c, k) = (6, 19, 4);
-        let cbs = (0..k)
+    /// K random codebooks, stage s scaled by 1/(s+1) like a trained quantizer's.
+    fn shrinking_codebooks(rng: &mut SplitMix64, d: usize, c: usize, k: usize) -> Vec<Vec<f32>> {
+        (0..k)
             .map(|s| {
-                random(c * d, &mut rng)
+                random(c * d, rng)
                     .iter()
                     .map(|v| v / (s + 1) as f32)
                     .collect()
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn greedy_matches_reference() {
+        let mut rng = SplitMix64::new(11);
+        let (d, c, k) = (6, 19, 4);
+        let cbs = shrinking_codebooks(&mut rng, d, c, k);
         let q = Rvq::from_codebooks(d, c, cbs).unwrap();
         let x = random(300 * d, &mut rng);
         let mut codes = vec![0u16; 300 * k];
@@ -406,14 +411,7 @@ mod tests {
     fn blocked_beam_matches_the_per_vector_reference() {
         let mut rng = SplitMix64::new(8);
         let (d, c, k) = (8, 37, 4);
-        let cbs = (0..k)
-            .map(|s| {
-                random(c * d, &mut rng)
-                    .iter()
-                    .map(|v| v / (s + 1) as f32)
-                    .collect()
-            })
-            .collect();
+        let cbs = shrinking_codebooks(&mut rng, d, c, k);
         let q = Rvq::from_codebooks(d, c, cbs).unwrap();
         let n = 600; // more than two blocks
         let x = random(n * d, &mut rng);
