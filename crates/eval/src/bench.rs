@@ -44,8 +44,8 @@ impl KvCache for TimedCache {
     fn shape(&self) -> CacheShape {
         self.inner.shape()
     }
-    fn rope(&self) -> &Rope {
-        self.inner.rope()
+    fn rope(&self, layer: usize) -> &Rope {
+        self.inner.rope(layer)
     }
     fn spec(&self) -> String {
         self.inner.spec()
@@ -74,6 +74,9 @@ impl KvCache for TimedCache {
     }
     fn truncate(&mut self, len: usize) {
         self.inner.truncate(len)
+    }
+    fn forget_before(&mut self, layer: usize, pos: usize) {
+        self.inner.forget_before(layer, pos)
     }
     fn box_clone(&self) -> Box<dyn KvCache> {
         Box::new(TimedCache::new(self.inner.box_clone()))

@@ -5,7 +5,7 @@ use crate::progress;
 use anyhow::{bail, Context, Result};
 use kvcache::codebooks::{CodebookMeta, Codebooks, LayerBooks, PartSettings};
 use kvcache::dense::F32Cache;
-use kvcache::{CacheError, CacheShape, KvCache, MemoryReport, Part, Queries, Rope};
+use kvcache::{CacheError, CacheShape, KvCache, LayerRopes, MemoryReport, Part, Queries, Rope};
 use llm::Model;
 use rvq::hadamard::Hadamard;
 use rvq::train::SliceSource;
@@ -72,7 +72,7 @@ pub struct CaptureCache {
 }
 
 impl CaptureCache {
-    pub fn new(shape: CacheShape, rope: Arc<Rope>, captured: Arc<Mutex<Captured>>) -> Self {
+    pub fn new(shape: CacheShape, rope: Arc<LayerRopes>, captured: Arc<Mutex<Captured>>) -> Self {
         Self {
             inner: F32Cache::new(shape, rope),
             captured,
@@ -84,8 +84,8 @@ impl KvCache for CaptureCache {
     fn shape(&self) -> CacheShape {
         self.inner.shape()
     }
-    fn rope(&self) -> &Rope {
-        self.inner.rope()
+    fn rope(&self, layer: usize) -> &Rope {
+        self.inner.rope(layer)
     }
     fn spec(&self) -> String {
         "f32 (capturing)".into()
@@ -119,6 +119,9 @@ impl KvCache for CaptureCache {
     fn truncate(&mut self, len: usize) {
         self.inner.truncate(len)
     }
+    fn forget_before(&mut self, layer: usize, pos: usize) {
+        self.inner.forget_before(layer, pos)
+    }
     fn box_clone(&self) -> Box<dyn KvCache> {
         Box::new(self.clone())
     }
@@ -131,7 +134,7 @@ pub fn capture(model: &Model, tokens: &[u32], ctx: usize, quiet: bool) -> Result
     let pb = progress::bar(tokens.len() as u64, "tok", quiet);
     pb.set_message("capturing K/V");
     for window in tokens.chunks(ctx) {
-        let mut cache = CaptureCache::new(shape, model.llama.rope().clone(), captured.clone());
+        let mut cache = CaptureCache::new(shape, model.net.ropes().clone(), captured.clone());
         model.forward(window, 0, &mut cache, Some(1))?;
         pb.inc(window.len() as u64);
     }

@@ -20,7 +20,8 @@ fn main() {
         kv_heads: 3,
         head_dim: 64,
     };
-    let rope = Arc::new(Rope::new(64, 100000.0, ctx + 1, RopeLayout::Interleaved));
+    let rope: Arc<kvcache::LayerRopes> =
+        Arc::new(Rope::new(64, 100000.0, ctx + 1, RopeLayout::Interleaved).into());
     let mut rng = SplitMix64::new(1);
     let mut rvq = || {
         let cbs = (0..8)

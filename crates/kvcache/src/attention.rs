@@ -194,7 +194,7 @@ fn attend_one_head<C: KvCache + ?Sized>(
     reduce_values: &ValueReducer,
 ) -> Result<Vec<f32>, CacheError> {
     let hd = cache.shape().head_dim;
-    let rope = cache.rope();
+    let rope = cache.rope(layer);
     let n = queries.tokens;
     let mut result = vec![0f32; n * group * hd];
     let mut keys = vec![0f32; KEY_BLOCK * hd];

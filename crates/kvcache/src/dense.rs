@@ -1,6 +1,8 @@
 //! Uncompressed caches: `f32` (exact) and `f16` (llama.cpp's default cache type).
 
-use crate::{check_append, check_read, CacheError, CacheShape, KvCache, MemoryReport, Part, Rope};
+use crate::{
+    check_append, check_read, CacheError, CacheShape, KvCache, LayerRopes, MemoryReport, Part, Rope,
+};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use std::ops::Range;
@@ -47,18 +49,21 @@ impl DenseElement for f16 {
 #[derive(Clone)]
 pub struct DenseCache<E: DenseElement> {
     shape: CacheShape,
-    rope: Arc<Rope>,
+    rope: Arc<LayerRopes>,
     // [layers * kv_heads] of [tokens, head_dim]
     keys: Vec<Vec<E>>,
     values: Vec<Vec<E>>,
     lens: Vec<usize>,
+    /// [layers]: positions dropped from the front (sliding-window layers); the runs hold
+    /// positions `forgotten[l]..lens[l]`.
+    forgotten: Vec<usize>,
 }
 
 pub type F32Cache = DenseCache<f32>;
 pub type F16Cache = DenseCache<f16>;
 
 impl<E: DenseElement> DenseCache<E> {
-    pub fn new(shape: CacheShape, rope: Arc<Rope>) -> Self {
+    pub fn new(shape: CacheShape, rope: Arc<LayerRopes>) -> Self {
         let slots = shape.layers * shape.kv_heads;
         Self {
             shape,
@@ -66,6 +71,7 @@ impl<E: DenseElement> DenseCache<E> {
             keys: vec![Vec::new(); slots],
             values: vec![Vec::new(); slots],
             lens: vec![0; shape.layers],
+            forgotten: vec![0; shape.layers],
         }
     }
 
@@ -82,8 +88,8 @@ impl<E: DenseElement> KvCache for DenseCache<E> {
     fn shape(&self) -> CacheShape {
         self.shape
     }
-    fn rope(&self) -> &Rope {
-        &self.rope
+    fn rope(&self, layer: usize) -> &Rope {
+        self.rope.layer(layer)
     }
     fn spec(&self) -> String {
         E::NAME.to_string()
@@ -117,6 +123,14 @@ impl<E: DenseElement> KvCache for DenseCache<E> {
         out: &mut [f32],
     ) -> Result<(), CacheError> {
         check_read(&self.shape, self.len(layer), layer, head, &positions, out)?;
+        let first = self.forgotten[layer];
+        if positions.start < first {
+            return Err(CacheError::Shape(format!(
+                "positions {positions:?} of layer {layer} were dropped (sliding window: \
+                 positions before {first} are gone)"
+            )));
+        }
+        let positions = positions.start - first..positions.end - first;
         let runs = match part {
             Part::Keys => &self.keys,
             Part::Values => &self.values,
@@ -140,13 +154,34 @@ impl<E: DenseElement> KvCache for DenseCache<E> {
     }
 
     fn truncate(&mut self, len: usize) {
-        let hd = self.shape.head_dim;
-        for run in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            run.truncate(len * hd);
+        let (heads, hd) = (self.shape.kv_heads, self.shape.head_dim);
+        for layer in 0..self.shape.layers {
+            let first = self.forgotten[layer].min(len);
+            self.forgotten[layer] = first;
+            self.lens[layer] = self.lens[layer].min(len);
+            for h in 0..heads {
+                let slot = self.slot(layer, h);
+                self.keys[slot].truncate((len - first) * hd);
+                self.values[slot].truncate((len - first) * hd);
+            }
         }
-        for l in &mut self.lens {
-            *l = (*l).min(len);
+    }
+
+    fn forget_before(&mut self, layer: usize, pos: usize) {
+        let Some(&first) = self.forgotten.get(layer) else {
+            return;
+        };
+        let pos = pos.min(self.lens[layer]);
+        if pos <= first {
+            return;
         }
+        let drop = (pos - first) * self.shape.head_dim;
+        for h in 0..self.shape.kv_heads {
+            let slot = self.slot(layer, h);
+            self.keys[slot].drain(..drop);
+            self.values[slot].drain(..drop);
+        }
+        self.forgotten[layer] = pos;
     }
 
     fn box_clone(&self) -> Box<dyn KvCache> {
@@ -171,7 +206,7 @@ mod tests {
         (0..n).map(|i| ((i as f32 + seed) * 0.731).sin()).collect()
     }
 
-    /// Slow reference: attention with explicit loops in f64.
+    /// Slow reference: attention of queries at positions 0.. with explicit loops in f64.
     fn reference_attention(
         k: &[f32],
         v: &[f32],
@@ -179,7 +214,7 @@ mod tests {
         rope: &Rope,
         s: CacheShape,
         q_heads: usize,
-        first_pos: usize,
+        window: Option<usize>,
     ) -> Vec<f32> {
         let hd = s.head_dim;
         let n = q.len() / (q_heads * hd);
@@ -189,9 +224,10 @@ mod tests {
             for qh in 0..q_heads {
                 let h = qh / group;
                 let qv = &q[(i * q_heads + qh) * hd..][..hd];
-                let pos = first_pos + i;
+                let pos = i;
+                let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
                 let mut scores = vec![];
-                for t in 0..=pos {
+                for t in lo..=pos {
                     let mut key = k[(t * s.kv_heads + h) * hd..][..hd].to_vec();
                     rope.rotate(&mut key, t);
                     let d: f64 = qv
@@ -203,7 +239,7 @@ mod tests {
                 }
                 let m = scores.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
-                for (t, sc) in scores.iter().enumerate() {
+                for (t, sc) in (lo..).zip(&scores) {
                     let p = (sc - m).exp() / z;
                     for c in 0..hd {
                         out[(i * q_heads + qh) * hd + c] +=
@@ -216,9 +252,66 @@ mod tests {
     }
 
     #[test]
+    fn sliding_window_layers_forget_what_no_query_sees() {
+        let (s, window, tokens, q_heads) = (shape(), 3, 8, 4);
+        let rope: Arc<LayerRopes> =
+            Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::HalfSplit).into());
+        let row = s.kv_heads * s.head_dim;
+        let (k, v) = (data(tokens * row, 1.0), data(tokens * row, 4.0));
+        let q = data(tokens * q_heads * 8, 9.0);
+        let want = reference_attention(&k, &v, &q, rope.layer(1), s, q_heads, Some(window));
+        // Prefill 2 tokens, then decode one at a time, forgetting as the model does.
+        let mut cache = F16Cache::new(s, rope.clone());
+        let mut pos = 0;
+        for n in [2, 1, 1, 1, 1, 1, 1] {
+            cache
+                .append(
+                    1,
+                    &k[pos * row..(pos + n) * row],
+                    &v[pos * row..(pos + n) * row],
+                )
+                .unwrap();
+            let qs = &q[pos * q_heads * 8..(pos + n) * q_heads * 8];
+            let mut out = vec![0f32; qs.len()];
+            let queries = Queries {
+                q: qs,
+                tokens: n,
+                q_heads,
+                first_pos: pos,
+                scale: 1.0 / 8f32.sqrt(),
+                window: Some(window),
+            };
+            cache.attend(1, &queries, &mut out).unwrap();
+            cache.forget_before(1, (pos + n + 1).saturating_sub(window));
+            for (a, b) in out.iter().zip(&want[pos * q_heads * 8..]) {
+                assert!((a - b).abs() < 2e-3, "pos {pos}: {a} vs {b}");
+            }
+            pos += n;
+        }
+        assert_eq!(cache.len(1), tokens);
+        // Positions 6 and 7 are all the next query needs; 0..6 are gone and reported so.
+        assert_eq!(cache.memory().elements, (2 * row * 2) as u64);
+        let mut buf = vec![0f32; 8];
+        let e = cache.read(1, 0, Part::Keys, 5..6, &mut buf).unwrap_err();
+        assert!(e.to_string().contains("dropped"), "{e}");
+        cache.read(1, 1, Part::Values, 7..8, &mut buf).unwrap();
+        assert_eq!(
+            buf,
+            v[7 * row + 8..8 * row]
+                .iter()
+                .map(|&x| f16::from_f32(x).to_f32())
+                .collect::<Vec<_>>()
+        );
+        // Truncating below the forgotten part leaves an empty, consistent layer.
+        cache.truncate(4);
+        assert_eq!((cache.len(1), cache.memory().elements), (4, 0));
+    }
+
+    #[test]
     fn f32_cache_attention_matches_reference_in_prefill_and_decode() {
         let s = shape();
-        let rope = Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::Interleaved));
+        let rope: Arc<LayerRopes> =
+            Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::Interleaved).into());
         let tokens = 5;
         let k = data(tokens * 16, 0.0);
         let v = data(tokens * 16, 3.0);
@@ -237,7 +330,7 @@ mod tests {
             window: None,
         };
         cache.attend(1, &queries, &mut out).unwrap();
-        let want = reference_attention(&k, &v, &q, &rope, s, q_heads, 0);
+        let want = reference_attention(&k, &v, &q, rope.layer(1), s, q_heads, None);
         for (a, b) in out.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
@@ -266,13 +359,14 @@ mod tests {
     #[test]
     fn attention_across_several_key_and_query_blocks_matches_reference() {
         let s = shape();
-        let rope = Arc::new(Rope::new(8, 10000.0, 1024, RopeLayout::HalfSplit));
+        let rope: Arc<LayerRopes> =
+            Arc::new(Rope::new(8, 10000.0, 1024, RopeLayout::HalfSplit).into());
         let tokens = 2 * attention::KEY_BLOCK + 37;
         let round =
             |x: Vec<f32>| -> Vec<f32> { x.iter().map(|&a| f16::from_f32(a).to_f32()).collect() };
         let (k, v) = (round(data(tokens * 16, 0.5)), round(data(tokens * 16, 2.5)));
         let q = data(tokens * 4 * 8, 4.0);
-        let want = reference_attention(&k, &v, &q, &rope, s, 4, 0);
+        let want = reference_attention(&k, &v, &q, rope.layer(1), s, 4, None);
         for mut cache in [
             Box::new(F32Cache::new(s, rope.clone())) as Box<dyn KvCache>,
             Box::new(F16Cache::new(s, rope.clone())),
@@ -297,7 +391,8 @@ mod tests {
     #[test]
     fn f16_cache_rounds_and_counts_bytes() {
         let s = shape();
-        let rope = Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::Interleaved));
+        let rope: Arc<LayerRopes> =
+            Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::Interleaved).into());
         let mut cache = F16Cache::new(s, rope);
         let k = data(3 * 16, 1.0);
         let v = data(3 * 16, 2.0);
@@ -319,7 +414,8 @@ mod tests {
     #[test]
     fn bad_appends_and_reads_are_errors() {
         let s = shape();
-        let rope = Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::Interleaved));
+        let rope: Arc<LayerRopes> =
+            Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::Interleaved).into());
         let mut cache = F32Cache::new(s, rope);
         assert!(matches!(
             cache.append(0, &[0.0; 15], &[0.0; 15]),

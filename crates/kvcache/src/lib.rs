@@ -18,7 +18,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 pub use attention::Queries;
-pub use rope::{Rope, RopeLayout};
+pub use rope::{LayerRopes, Rope, RopeLayout};
 pub use rvq::hadamard;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,7 @@ pub struct CacheShape {
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
     pub shape: CacheShape,
-    pub rope: Arc<Rope>,
+    pub rope: Arc<LayerRopes>,
     /// Identity of the model (architecture, file hash) for caches that carry learned state.
     pub model_id: Option<ModelIdentity>,
 }
@@ -147,8 +147,8 @@ pub enum Part {
 
 pub trait KvCache: Send + Sync {
     fn shape(&self) -> CacheShape;
-    /// The rotation applied to keys when they are read.
-    fn rope(&self) -> &Rope;
+    /// The rotation applied to the keys of `layer` when they are read.
+    fn rope(&self, layer: usize) -> &Rope;
     /// The spec string that rebuilds this cache, e.g. `f16`.
     fn spec(&self) -> String;
     /// Appends new positions to `layer`. `k`, `v`: [tokens, kv_heads, head_dim]; keys before RoPE.
@@ -194,6 +194,12 @@ pub trait KvCache: Send + Sync {
     /// Keeps the first `len` positions of every layer (used to score several continuations of
     /// one shared context).
     fn truncate(&mut self, len: usize);
+    /// No query will read positions before `pos` of `layer` again (a sliding-window layer): the
+    /// backend may free them, and reads of freed positions then fail. `len` is unchanged. The
+    /// default keeps everything (correct, just not smaller).
+    fn forget_before(&mut self, layer: usize, pos: usize) {
+        let _ = (layer, pos);
+    }
     fn box_clone(&self) -> Box<dyn KvCache>;
 
     fn is_empty(&self, layer: usize) -> bool {

@@ -12,6 +12,49 @@ pub enum RopeLayout {
     HalfSplit,
 }
 
+/// The RoPE table of every layer. Most models use one table for all layers; gemma3 uses one base
+/// for its sliding-window layers and another for its global ones.
+#[derive(Clone, Debug)]
+pub struct LayerRopes {
+    tables: Vec<Rope>,
+    /// [layers]: index into `tables`; empty when one table serves every layer.
+    table_of_layer: Vec<usize>,
+}
+
+impl LayerRopes {
+    /// One table per layer kind: layer `l` uses `tables[table_of_layer[l]]`.
+    pub fn per_layer(tables: Vec<Rope>, table_of_layer: Vec<usize>) -> Self {
+        assert!(
+            table_of_layer.iter().all(|&t| t < tables.len()),
+            "a layer names a RoPE table that does not exist"
+        );
+        assert!(
+            tables.windows(2).all(|w| w[0].head_dim == w[1].head_dim),
+            "RoPE tables of one model share head_dim"
+        );
+        Self {
+            tables,
+            table_of_layer,
+        }
+    }
+
+    /// The table of `layer`.
+    #[inline]
+    pub fn layer(&self, layer: usize) -> &Rope {
+        &self.tables[self.table_of_layer.get(layer).copied().unwrap_or(0)]
+    }
+}
+
+/// One table for every layer.
+impl From<Rope> for LayerRopes {
+    fn from(rope: Rope) -> Self {
+        Self {
+            tables: vec![rope],
+            table_of_layer: Vec::new(),
+        }
+    }
+}
+
 /// Precomputed rotation table for positions `0..max_positions`.
 #[derive(Clone, Debug)]
 pub struct Rope {

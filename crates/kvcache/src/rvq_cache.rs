@@ -4,8 +4,8 @@
 
 use crate::codebooks::Codebooks;
 use crate::{
-    attention, check_append, check_read, CacheError, CacheShape, KvCache, MemoryReport, Part,
-    Queries, Rope,
+    attention, check_append, check_read, CacheError, CacheShape, KvCache, LayerRopes, MemoryReport,
+    Part, Queries, Rope,
 };
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -93,7 +93,7 @@ struct PartStore {
 #[derive(Clone)]
 pub struct RvqCache {
     shape: CacheShape,
-    rope: Arc<Rope>,
+    rope: Arc<LayerRopes>,
     books: Arc<Codebooks>,
     options: RvqOptions,
     path: String,
@@ -105,7 +105,7 @@ pub struct RvqCache {
 impl RvqCache {
     pub fn new(
         shape: CacheShape,
-        rope: Arc<Rope>,
+        rope: Arc<LayerRopes>,
         books: Arc<Codebooks>,
         options: RvqOptions,
         path: String,
@@ -453,8 +453,8 @@ impl KvCache for RvqCache {
     fn shape(&self) -> CacheShape {
         self.shape
     }
-    fn rope(&self) -> &Rope {
-        &self.rope
+    fn rope(&self, layer: usize) -> &Rope {
+        self.rope.layer(layer)
     }
     fn spec(&self) -> String {
         let o = &self.options;
@@ -619,8 +619,8 @@ mod tests {
         (0..n).map(|_| (rng.unit() as f32 - 0.5) * 3.0).collect()
     }
 
-    fn rope() -> Arc<Rope> {
-        Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::Interleaved))
+    fn rope() -> Arc<LayerRopes> {
+        Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::Interleaved).into())
     }
 
     /// Slow reference of one stored head vector: scale = f16(std), strided/contiguous split,

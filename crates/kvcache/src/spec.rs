@@ -171,7 +171,7 @@ mod tests {
                 kv_heads: 1,
                 head_dim: 4,
             },
-            rope: Arc::new(Rope::new(4, 10000.0, 8, RopeLayout::Interleaved)),
+            rope: Arc::new(Rope::new(4, 10000.0, 8, RopeLayout::Interleaved).into()),
             model_id: None,
         };
         assert_eq!(build("f16", &config).unwrap().spec(), "f16");
@@ -188,7 +188,7 @@ mod tests {
                 kv_heads: 1,
                 head_dim: 64,
             },
-            rope: Arc::new(Rope::new(64, 10000.0, 8, RopeLayout::Interleaved)),
+            rope: Arc::new(Rope::new(64, 10000.0, 8, RopeLayout::Interleaved).into()),
             model_id: None,
         };
         for spec in [
@@ -221,7 +221,7 @@ mod tests {
                 head_dim: 48,
                 ..config.shape
             },
-            rope: Arc::new(Rope::new(48, 10000.0, 8, RopeLayout::Interleaved)),
+            rope: Arc::new(Rope::new(48, 10000.0, 8, RopeLayout::Interleaved).into()),
             model_id: None,
         };
         let e = build("q8_0", &odd).err().unwrap().to_string();

@@ -9,7 +9,7 @@ pub enum LlmError {
     },
     #[error("{path} is not a readable GGUF file: {reason}")]
     NotGguf { path: PathBuf, reason: String },
-    #[error("unsupported architecture '{0}' (supported: llama)")]
+    #[error("unsupported architecture '{0}' (supported: llama, qwen2, gemma3)")]
     UnsupportedArchitecture(String),
     #[error("GGUF metadata: {0}")]
     Metadata(String),

@@ -2,8 +2,9 @@
 
 use crate::error::{LlmError, Result};
 use crate::gguf::GgufFile;
-use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
+use crate::transformer::{ModelConfig, Transformer};
+use crate::{gemma3, llama, qwen2};
 use kvcache::{CacheConfig, CacheShape, KvCache, ModelIdentity};
 use sha2::{Digest, Sha256};
 use std::io::Read;
@@ -13,7 +14,7 @@ use std::sync::OnceLock;
 pub struct Model {
     pub path: PathBuf,
     pub architecture: String,
-    pub llama: Llama,
+    pub net: Transformer,
     pub tokenizer: Tokenizer,
     sha256: OnceLock<String>,
 }
@@ -22,22 +23,24 @@ impl Model {
     pub fn load(path: &Path) -> Result<Self> {
         let mut gguf = GgufFile::open(path)?;
         let architecture = gguf.string("general.architecture")?;
-        if architecture != "llama" {
-            return Err(LlmError::UnsupportedArchitecture(architecture));
-        }
-        let llama = Llama::load(&mut gguf)?;
+        let net = match architecture.as_str() {
+            "llama" => llama::load(&mut gguf)?,
+            "qwen2" => qwen2::load(&mut gguf)?,
+            "gemma3" => gemma3::load(&mut gguf)?,
+            _ => return Err(LlmError::UnsupportedArchitecture(architecture)),
+        };
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         Ok(Self {
             path: path.into(),
             architecture,
-            llama,
+            net,
             tokenizer,
             sha256: OnceLock::new(),
         })
     }
 
     pub fn cache_shape(&self) -> CacheShape {
-        let c = &self.llama.config;
+        let c = &self.net.config;
         CacheShape {
             layers: c.layers,
             kv_heads: c.kv_heads,
@@ -46,7 +49,7 @@ impl Model {
     }
 
     pub fn context_len(&self) -> usize {
-        self.llama.config.context_len
+        self.net.config.context_len
     }
 
     /// sha256 of the model file (computed once, on first use).
@@ -93,7 +96,7 @@ impl Model {
     pub fn cache_config(&self, with_identity: bool) -> Result<CacheConfig> {
         Ok(CacheConfig {
             shape: self.cache_shape(),
-            rope: self.llama.rope().clone(),
+            rope: self.net.ropes().clone(),
             model_id: if with_identity {
                 Some(self.identity()?)
             } else {
@@ -118,10 +121,14 @@ impl Model {
         cache: &mut dyn KvCache,
         logit_rows: Option<usize>,
     ) -> Result<Vec<f32>> {
-        self.llama.forward(tokens, first_pos, cache, logit_rows)
+        self.net.forward(tokens, first_pos, cache, logit_rows)
     }
 
     pub fn vocab(&self) -> usize {
-        self.llama.config.vocab
+        self.net.config.vocab
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.net.config
     }
 }

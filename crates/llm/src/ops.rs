@@ -12,12 +12,45 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
+/// In place: RMSNorm of each `weight.len()`-long row of `x` times `weight` (per-head q/k norms).
+pub fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
+    let d = weight.len();
+    for row in x.chunks_exact_mut(d) {
+        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (mean_sq + eps).sqrt();
+        row.iter_mut().zip(weight).for_each(|(v, w)| *v *= inv * w);
+    }
+}
+
+/// In place: adds `bias` to every row of `x` ([rows, bias.len()]).
+pub fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+    }
+}
+
 /// SwiGLU: rows of `gate_up` are [gate (ffn) | up (ffn)]; returns silu(gate) * up, [rows, ffn].
 pub fn silu_mul(gate_up: &[f32], ffn: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(gate_up.len() / 2);
     for row in gate_up.chunks_exact(2 * ffn) {
         let (gate, up) = row.split_at(ffn);
         out.extend(gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
+    }
+    out
+}
+
+/// GELU, tanh approximation (as ggml and PyTorch's `gelu(approximate="tanh")`).
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// GeGLU: rows of `gate_up` are [gate (ffn) | up (ffn)]; returns gelu(gate) * up, [rows, ffn].
+pub fn gelu_tanh_mul(gate_up: &[f32], ffn: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(gate_up.len() / 2);
+    for row in gate_up.chunks_exact(2 * ffn) {
+        let (gate, up) = row.split_at(ffn);
+        out.extend(gate.iter().zip(up).map(|(&g, u)| gelu_tanh(g) * u));
     }
     out
 }
@@ -46,6 +79,25 @@ mod tests {
         let y = silu_mul(&[0.0, 1.0, 5.0, 2.0], 2);
         assert_eq!(y[0], 0.0);
         assert!((y[1] - 2.0 / (1.0 + (-1f32).exp())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rms_norm_rows_matches_rms_norm() {
+        let x: Vec<f32> = (0..12).map(|i| i as f32 - 5.0).collect();
+        let w = [0.5f32, 1.0, 2.0];
+        let mut y = x.clone();
+        rms_norm_rows(&mut y, &w, 1e-6);
+        assert_eq!(y, rms_norm(&x, &w, 1e-6));
+    }
+
+    #[test]
+    fn gelu_tanh_closed_form() {
+        assert_eq!(gelu_tanh(0.0), 0.0);
+        // Reference values of PyTorch's gelu(approximate="tanh").
+        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);
+        assert!((gelu_tanh(-2.0) - (-0.045_402_3)).abs() < 1e-5);
+        let y = gelu_tanh_mul(&[1.0, 3.0], 1);
+        assert!((y[0] - 3.0 * 0.841_192).abs() < 1e-5);
     }
 
     #[test]

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// GGUF file, or the name of a fetched model (smollm2)
+    /// GGUF file, or the name of a model fetched on first use: smollm2 (SmolLM2-135M-Instruct,
+    /// llama) or gemma3-270m (Gemma 3 270M, gemma3)
     #[arg(long, default_value = "smollm2")]
     pub model: String,
 }
@@ -16,6 +17,7 @@ impl ModelArgs {
     pub fn path(&self) -> Result<PathBuf> {
         match self.model.as_str() {
             "smollm2" => assets::ensure_model(&assets::home()),
+            "gemma3-270m" | "gemma3" => assets::ensure_gemma3(&assets::home()),
             path => Ok(PathBuf::from(path)),
         }
     }
@@ -28,9 +30,9 @@ impl ModelArgs {
         eprintln!(
             "rvq-kv: loaded {} ({} layers, {} KV heads x {}) in {:.1}s",
             path.display(),
-            model.llama.config.layers,
-            model.llama.config.kv_heads,
-            model.llama.config.head_dim,
+            model.config().layers,
+            model.config().kv_heads,
+            model.config().head_dim,
             t.elapsed().as_secs_f64()
         );
         Ok(model)

@@ -3,7 +3,7 @@ use eval::assets::{self, Asset};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// What to fetch: model (smollm2), calib, eval, bench, or all
+    /// What to fetch: model (smollm2), calib, eval, bench, gemma3 (Gemma 3 270M), or all
     #[arg(default_value = "all")]
     what: String,
 }

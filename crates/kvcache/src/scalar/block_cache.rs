@@ -1,14 +1,16 @@
 //! A cache that stores every head vector in a [`ScalarFormat`] (`q8_0`, `q4_0`, `int8`, `fp8`).
 
 use super::{ScalarFormat, StoredForm};
-use crate::{check_append, check_read, CacheError, CacheShape, KvCache, MemoryReport, Part, Rope};
+use crate::{
+    check_append, check_read, CacheError, CacheShape, KvCache, LayerRopes, MemoryReport, Part, Rope,
+};
 use std::ops::Range;
 use std::sync::Arc;
 
 #[derive(Clone)]
 pub struct BlockCache {
     shape: CacheShape,
-    rope: Arc<Rope>,
+    rope: Arc<LayerRopes>,
     format: ScalarFormat,
     form: StoredForm,
     row_bytes: usize,
@@ -20,7 +22,7 @@ pub struct BlockCache {
 impl BlockCache {
     pub fn new(
         shape: CacheShape,
-        rope: Arc<Rope>,
+        rope: Arc<LayerRopes>,
         format: ScalarFormat,
         form: StoredForm,
     ) -> Result<Self, String> {
@@ -46,8 +48,8 @@ impl KvCache for BlockCache {
     fn shape(&self) -> CacheShape {
         self.shape
     }
-    fn rope(&self) -> &Rope {
-        &self.rope
+    fn rope(&self, layer: usize) -> &Rope {
+        self.rope.layer(layer)
     }
     fn spec(&self) -> String {
         format!("{}{}", self.format.name(), self.form.spec_suffix())
@@ -64,7 +66,7 @@ impl KvCache for BlockCache {
                 for h in 0..heads {
                     row.copy_from_slice(&x[(t * heads + h) * hd..][..hd]);
                     self.form
-                        .to_stored(part, &self.rope, first_pos + t, &mut row);
+                        .to_stored(part, self.rope.layer(layer), first_pos + t, &mut row);
                     self.format.encode(&row, &mut bytes);
                     let slot = self.slot(layer, h);
                     self.rows[part as usize][slot].extend_from_slice(&bytes);
@@ -93,7 +95,7 @@ impl KvCache for BlockCache {
         for (pos, o) in positions.zip(out.chunks_exact_mut(hd)) {
             self.format
                 .decode(&stored[pos * self.row_bytes..][..self.row_bytes], o);
-            self.form.from_stored(part, &self.rope, pos, o);
+            self.form.from_stored(part, self.rope.layer(layer), pos, o);
         }
         Ok(())
     }
@@ -152,7 +154,8 @@ mod tests {
                         value_rotation: rotate.then_some(vr),
                         post_rope,
                     };
-                    let mut cache = BlockCache::new(s, rope.clone(), format, form).unwrap();
+                    let mut cache =
+                        BlockCache::new(s, Arc::new((*rope).clone().into()), format, form).unwrap();
                     // Two appends: positions must continue across them.
                     cache.append(1, &k[..3 * 128], &v[..3 * 128]).unwrap();
                     cache.append(1, &k[3 * 128..], &v[3 * 128..]).unwrap();
@@ -192,7 +195,13 @@ mod tests {
             .map(|i| rng.normal() * if i % 64 == 5 { 30.0 } else { 1.0 })
             .collect();
         let err = |form: StoredForm| {
-            let mut cache = BlockCache::new(s, rope.clone(), ScalarFormat::Q4_0, form).unwrap();
+            let mut cache = BlockCache::new(
+                s,
+                Arc::new((*rope).clone().into()),
+                ScalarFormat::Q4_0,
+                form,
+            )
+            .unwrap();
             cache.append(0, &k, &k).unwrap();
             let mut got = vec![0f32; tokens * 64];
             cache.read_keys(0, 0, 0..tokens, &mut got).unwrap();

@@ -9,7 +9,9 @@
 //! q = round((x − min)/scale) clamped to 0..2^bits−1, read back as q·scale + min.
 
 use super::StoredForm;
-use crate::{check_append, check_read, CacheError, CacheShape, KvCache, MemoryReport, Part, Rope};
+use crate::{
+    check_append, check_read, CacheError, CacheShape, KvCache, LayerRopes, MemoryReport, Part, Rope,
+};
 use half::f16;
 use rvq::pack::PackedRows;
 use std::ops::Range;
@@ -69,7 +71,7 @@ struct Store {
 #[derive(Clone)]
 pub struct KiviCache {
     shape: CacheShape,
-    rope: Arc<Rope>,
+    rope: Arc<LayerRopes>,
     options: KiviOptions,
     form: StoredForm,
     /// [layers × kv_heads] of [keys, values].
@@ -100,7 +102,7 @@ fn quantize(xs: &[f32], bits: u32, codes: &mut [u16]) -> (f16, f16) {
 impl KiviCache {
     pub fn new(
         shape: CacheShape,
-        rope: Arc<Rope>,
+        rope: Arc<LayerRopes>,
         options: KiviOptions,
         form: StoredForm,
     ) -> Result<Self, String> {
@@ -227,8 +229,8 @@ impl KvCache for KiviCache {
     fn shape(&self) -> CacheShape {
         self.shape
     }
-    fn rope(&self) -> &Rope {
-        &self.rope
+    fn rope(&self, layer: usize) -> &Rope {
+        self.rope.layer(layer)
     }
     fn spec(&self) -> String {
         let o = &self.options;
@@ -253,7 +255,7 @@ impl KvCache for KiviCache {
                 for t in 0..tokens {
                     row.copy_from_slice(&x[(t * heads + h) * hd..][..hd]);
                     self.form
-                        .to_stored(part, &self.rope, first_pos + t, &mut row);
+                        .to_stored(part, self.rope.layer(layer), first_pos + t, &mut row);
                     store.tail.extend(row.iter().map(|&a| f16::from_f32(a)));
                 }
                 match part {
@@ -291,7 +293,7 @@ impl KvCache for KiviCache {
                     *x = y.to_f32();
                 }
             }
-            self.form.from_stored(part, &self.rope, pos, o);
+            self.form.from_stored(part, self.rope.layer(layer), pos, o);
         }
         Ok(())
     }
@@ -344,7 +346,8 @@ mod tests {
             kv_heads: 2,
             head_dim: HD,
         };
-        let rope = Arc::new(Rope::new(HD, 10000.0, 256, RopeLayout::Interleaved));
+        let rope: Arc<LayerRopes> =
+            Arc::new(Rope::new(HD, 10000.0, 256, RopeLayout::Interleaved).into());
         KiviCache::new(shape, rope, options, StoredForm::default()).unwrap()
     }
 

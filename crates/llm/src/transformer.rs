@@ -1,0 +1,361 @@
+//! The decoder-only transformer that llama, qwen2 and gemma3 share, on candle matmuls, with
+//! attention through a [`KvCache`]. Each architecture file reads its GGUF metadata and weights
+//! into this one structure; the optional weights (q/k/v biases, q/k norms, post-norms) are what
+//! tell the architectures apart at run time. Two differences from `quantized_llama.rs` matter
+//! here: keys go into the cache *before* RoPE, and every position (prefill included) attends to
+//! keys and values read back from the cache.
+
+use crate::error::{LlmError, Result};
+use crate::gguf::GgufFile;
+use crate::linear::Linear;
+use crate::ops::{add_bias, gelu_tanh_mul, rms_norm, rms_norm_rows, silu_mul};
+use candle_core::Tensor;
+use kvcache::{KvCache, LayerRopes, Queries};
+use std::sync::Arc;
+
+/// Shape and hyper-parameters, as read from the GGUF metadata.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ModelConfig {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub rms_eps: f32,
+    pub context_len: usize,
+    /// Multiplies the scores q·k (1/sqrt(head_dim) unless the architecture says otherwise).
+    pub attention_scale: f32,
+    /// Multiplies the token embeddings (gemma3: sqrt(hidden)).
+    pub embedding_scale: f32,
+    pub activation: Activation,
+    /// [layers]: the sliding window of each layer (a query at p sees keys > p - window), or
+    /// `None` for global attention.
+    pub windows: Vec<Option<usize>>,
+}
+
+/// The gated feed-forward's activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Activation {
+    /// SwiGLU (llama, qwen2).
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (gemma).
+    GeluTanh,
+}
+
+impl ModelConfig {
+    /// The hyper-parameters every architecture stores under `{arch}.…`.
+    pub fn read_common(g: &GgufFile, arch: &str) -> Result<Self> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let hidden = g.usize(&key("embedding_length"))?;
+        let heads = g.usize(&key("attention.head_count"))?;
+        let kv_heads = if g.has(&key("attention.head_count_kv")) {
+            g.usize(&key("attention.head_count_kv"))?
+        } else {
+            heads
+        };
+        let head_dim = if g.has(&key("attention.key_length")) {
+            g.usize(&key("attention.key_length"))?
+        } else if g.has(&key("rope.dimension_count")) {
+            g.usize(&key("rope.dimension_count"))?
+        } else {
+            hidden / heads.max(1)
+        };
+        let vocab = match g.content.tensor_infos.get("token_embd.weight") {
+            Some(info) => info.shape.dims()[0],
+            None => return Err(LlmError::Metadata("no token_embd.weight tensor".into())),
+        };
+        let layers = g.usize(&key("block_count"))?;
+        let cfg = Self {
+            vocab,
+            hidden,
+            layers,
+            heads,
+            kv_heads,
+            head_dim,
+            ffn: g.usize(&key("feed_forward_length"))?,
+            rms_eps: g.f32(&key("attention.layer_norm_rms_epsilon"))?,
+            context_len: g.usize(&key("context_length"))?,
+            attention_scale: 1.0 / (head_dim as f32).sqrt(),
+            embedding_scale: 1.0,
+            activation: Activation::Silu,
+            windows: vec![None; layers],
+        };
+        if cfg.heads == 0
+            || cfg.kv_heads == 0
+            || !cfg.heads.is_multiple_of(cfg.kv_heads)
+            || !cfg.head_dim.is_multiple_of(2)
+            || cfg.layers == 0
+            || cfg.hidden == 0
+        {
+            return Err(LlmError::Metadata(format!(
+                "inconsistent {arch} shape: {cfg:?}"
+            )));
+        }
+        Ok(cfg)
+    }
+
+    /// RoPE base from `{arch}.rope.freq_base`, else `default`.
+    pub fn rope_base(g: &GgufFile, arch: &str, default: f32) -> Result<f32> {
+        let key = format!("{arch}.rope.freq_base");
+        if g.has(&key) {
+            g.f32(&key)
+        } else {
+            Ok(default)
+        }
+    }
+}
+
+/// Which optional weights a layer has: an architecture file says what to load.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LayerWeights {
+    /// q/k/v projection biases (qwen2).
+    pub qkv_bias: bool,
+    /// RMSNorm of each query and key head before RoPE (gemma3).
+    pub qk_norm: bool,
+    /// RMSNorm of the attention and feed-forward outputs before the residual add (gemma3).
+    pub post_norms: bool,
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    /// q, k and v projections stacked: [heads*hd + 2*kv_heads*hd, hidden]
+    qkv: Linear,
+    /// [heads*hd + 2*kv_heads*hd]
+    qkv_bias: Option<Vec<f32>>,
+    /// [head_dim] each
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    /// [hidden, heads*hd]
+    attn_out: Linear,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    /// gate and up stacked: [2*ffn, hidden]
+    gate_up: Linear,
+    /// [hidden, ffn]
+    down: Linear,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+pub struct Transformer {
+    pub config: ModelConfig,
+    /// [vocab, hidden]
+    embeddings: Tensor,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    /// [vocab, hidden]; the embeddings when tied.
+    output: Linear,
+    ropes: Arc<LayerRopes>,
+}
+
+fn vec1(t: Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+impl Transformer {
+    /// Loads the weights GGUF names `blk.{i}.…` (llama.cpp's names) for `config`.
+    pub fn load(
+        g: &mut GgufFile,
+        config: ModelConfig,
+        weights: LayerWeights,
+        ropes: LayerRopes,
+    ) -> Result<Self> {
+        let c = &config;
+        let (h, hd) = (c.hidden, c.head_dim);
+        let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
+        let embeddings = g.tensor_f32("token_embd.weight", &[c.vocab, h])?;
+        let mut layers = Vec::with_capacity(c.layers);
+        for i in 0..c.layers {
+            let p = |n: &str| format!("blk.{i}.{n}");
+            let norm = |g: &mut GgufFile, n: &str, len: usize| -> Result<Vec<f32>> {
+                vec1(g.tensor_f32(&p(n), &[len])?)
+            };
+            let q = g.tensor_f32(&p("attn_q.weight"), &[q_dim, h])?;
+            let k = g.tensor_f32(&p("attn_k.weight"), &[kv_dim, h])?;
+            let v = g.tensor_f32(&p("attn_v.weight"), &[kv_dim, h])?;
+            let gate = g.tensor_f32(&p("ffn_gate.weight"), &[c.ffn, h])?;
+            let up = g.tensor_f32(&p("ffn_up.weight"), &[c.ffn, h])?;
+            let qkv_bias = if weights.qkv_bias {
+                let mut b = norm(g, "attn_q.bias", q_dim)?;
+                b.extend(norm(g, "attn_k.bias", kv_dim)?);
+                b.extend(norm(g, "attn_v.bias", kv_dim)?);
+                Some(b)
+            } else {
+                None
+            };
+            let (q_norm, k_norm) = if weights.qk_norm {
+                (
+                    Some(norm(g, "attn_q_norm.weight", hd)?),
+                    Some(norm(g, "attn_k_norm.weight", hd)?),
+                )
+            } else {
+                (None, None)
+            };
+            let (post_attn_norm, post_ffn_norm) = if weights.post_norms {
+                (
+                    Some(norm(g, "post_attention_norm.weight", h)?),
+                    Some(norm(g, "post_ffw_norm.weight", h)?),
+                )
+            } else {
+                (None, None)
+            };
+            layers.push(Layer {
+                attn_norm: norm(g, "attn_norm.weight", h)?,
+                qkv: Linear::new(Tensor::cat(&[q, k, v], 0)?),
+                qkv_bias,
+                q_norm,
+                k_norm,
+                attn_out: Linear::new(g.tensor_f32(&p("attn_output.weight"), &[h, q_dim])?),
+                post_attn_norm,
+                ffn_norm: norm(g, "ffn_norm.weight", h)?,
+                gate_up: Linear::new(Tensor::cat(&[gate, up], 0)?),
+                down: Linear::new(g.tensor_f32(&p("ffn_down.weight"), &[h, c.ffn])?),
+                post_ffn_norm,
+            });
+        }
+        let output_norm = vec1(g.tensor_f32("output_norm.weight", &[h])?)?;
+        let output = if g.has_tensor("output.weight") {
+            Linear::new(g.tensor_f32("output.weight", &[c.vocab, h])?)
+        } else {
+            Linear::new(embeddings.clone())
+        };
+        Ok(Self {
+            config,
+            embeddings,
+            layers,
+            output_norm,
+            output,
+            ropes: Arc::new(ropes),
+        })
+    }
+
+    pub fn ropes(&self) -> &Arc<LayerRopes> {
+        &self.ropes
+    }
+
+    fn check_inputs(&self, tokens: &[u32], first_pos: usize, cache: &dyn KvCache) -> Result<()> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(LlmError::Input("forward needs at least one token".into()));
+        }
+        if first_pos + n > c.context_len {
+            return Err(LlmError::Input(format!(
+                "positions up to {} exceed the model's context length {}",
+                first_pos + n,
+                c.context_len
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            return Err(LlmError::Input(format!(
+                "token id {bad} outside the vocabulary ({})",
+                c.vocab
+            )));
+        }
+        let shape = cache.shape();
+        if (shape.layers, shape.kv_heads, shape.head_dim) != (c.layers, c.kv_heads, c.head_dim) {
+            return Err(LlmError::Input(format!(
+                "cache shape {shape:?} does not fit this model ({} layers, {} KV heads x {})",
+                c.layers, c.kv_heads, c.head_dim
+            )));
+        }
+        for l in 0..c.layers {
+            if cache.len(l) != first_pos {
+                return Err(LlmError::Input(format!(
+                    "cache layer {l} holds {} positions, forward starts at {first_pos}",
+                    cache.len(l)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` at positions `first_pos..` through the model, appending their K/V to `cache`.
+    /// Returns logits [rows, vocab] for the last `logit_rows` tokens (all when `None`).
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        first_pos: usize,
+        cache: &mut dyn KvCache,
+        logit_rows: Option<usize>,
+    ) -> Result<Vec<f32>> {
+        self.check_inputs(tokens, first_pos, cache)?;
+        let c = &self.config;
+        let n = tokens.len();
+        let (h, hd) = (c.hidden, c.head_dim);
+        let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
+        let ids = Tensor::new(tokens, self.embeddings.device())?;
+        let mut x = vec1(self.embeddings.index_select(&ids, 0)?)?; // [n, hidden]
+        if c.embedding_scale != 1.0 {
+            x.iter_mut().for_each(|v| *v *= c.embedding_scale);
+        }
+        let mut attn = vec![0f32; n * q_dim]; // [n, heads, hd]
+        for (l, layer) in self.layers.iter().enumerate() {
+            let normed = rms_norm(&x, &layer.attn_norm, c.rms_eps); // [n, hidden]
+            let mut qkv = layer.qkv.forward(&normed, n)?; // [n, q_dim + 2*kv_dim]
+            if let Some(b) = &layer.qkv_bias {
+                add_bias(&mut qkv, b);
+            }
+            let row = q_dim + 2 * kv_dim;
+            let mut q = Vec::with_capacity(n * q_dim); // [n, heads, hd]
+            let mut k = Vec::with_capacity(n * kv_dim); // [n, kv_heads, hd], pre-RoPE
+            let mut v = Vec::with_capacity(n * kv_dim); // [n, kv_heads, hd]
+            for r in qkv.chunks_exact(row) {
+                q.extend_from_slice(&r[..q_dim]);
+                k.extend_from_slice(&r[q_dim..q_dim + kv_dim]);
+                v.extend_from_slice(&r[q_dim + kv_dim..]);
+            }
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                rms_norm_rows(&mut q, qn, c.rms_eps);
+                rms_norm_rows(&mut k, kn, c.rms_eps);
+            }
+            // Queries are rotated now; keys only when attention reads them from the cache.
+            let rope = self.ropes.layer(l);
+            for (i, qi) in q.chunks_exact_mut(q_dim).enumerate() {
+                for head in qi.chunks_exact_mut(hd) {
+                    rope.rotate(head, first_pos + i);
+                }
+            }
+            cache.append(l, &k, &v)?;
+            let window = c.windows[l];
+            let queries = Queries {
+                q: &q,
+                tokens: n,
+                q_heads: c.heads,
+                first_pos,
+                scale: c.attention_scale,
+                window,
+            };
+            cache.attend(l, &queries, &mut attn)?;
+            if let Some(w) = window {
+                // The next query (position first_pos + n) sees keys > first_pos + n - w.
+                cache.forget_before(l, (first_pos + n + 1).saturating_sub(w));
+            }
+            let mut o = layer.attn_out.forward(&attn, n)?; // [n, hidden]
+            if let Some(w) = &layer.post_attn_norm {
+                o = rms_norm(&o, w, c.rms_eps);
+            }
+            for (xi, oi) in x.iter_mut().zip(&o) {
+                *xi += oi;
+            }
+            let normed = rms_norm(&x, &layer.ffn_norm, c.rms_eps);
+            let gu = layer.gate_up.forward(&normed, n)?; // [n, 2*ffn]
+            let act = match c.activation {
+                Activation::Silu => silu_mul(&gu, c.ffn),
+                Activation::GeluTanh => gelu_tanh_mul(&gu, c.ffn),
+            }; // [n, ffn]
+            let mut d = layer.down.forward(&act, n)?; // [n, hidden]
+            if let Some(w) = &layer.post_ffn_norm {
+                d = rms_norm(&d, w, c.rms_eps);
+            }
+            for (xi, di) in x.iter_mut().zip(&d) {
+                *xi += di;
+            }
+        }
+        let rows = logit_rows.unwrap_or(n).min(n);
+        let last = &x[(n - rows) * h..];
+        let normed = rms_norm(last, &self.output_norm, c.rms_eps);
+        self.output.forward(&normed, rows)
+    }
+}
