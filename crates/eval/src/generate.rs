@@ -21,6 +21,7 @@ pub struct Generation {
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
     pub text: String,
+    /// Stopped at EOS or an end-of-turn token.
     pub stopped_at_eos: bool,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
@@ -116,7 +117,7 @@ pub fn generate(
     while generated < max_new {
         let next = sample(&logits, sampling, &mut rng);
         generated += 1;
-        if Some(next) == model.tokenizer.eos {
+        if model.tokenizer.stop_tokens.contains(&next) {
             stopped = true;
             break;
         }

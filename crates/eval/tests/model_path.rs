@@ -2,7 +2,7 @@
 //! independent references: llama.cpp's tokenizer and perplexity, candle-transformers' forward.
 
 mod common;
-use common::{eval_tokens, home, model};
+use common::{assert_logits_close, eval_tokens, home, model};
 use eval::ppl::{perplexity, PplOptions, Protocol};
 
 /// Token ids produced once with llama.cpp's own tokenizer (llama-tokenize from the llama.cpp
@@ -97,31 +97,7 @@ fn logits_match_candle_transformers_quantized_llama() {
         .to_vec1()
         .unwrap();
 
-    assert_eq!(ours.len(), theirs.len());
-    let argmax = |v: &[f32]| eval::generate::argmax(v);
-    assert_eq!(argmax(&ours), argmax(&theirs));
-    let range = theirs.iter().cloned().fold(f32::MIN, f32::max)
-        - theirs.iter().cloned().fold(f32::MAX, f32::min);
-    let max_diff = ours
-        .iter()
-        .zip(&theirs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        max_diff < 0.025 * range,
-        "max |Δ| {max_diff} vs range {range}"
-    );
-    let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
-    let (ma, mb) = (mean(&ours), mean(&theirs));
-    let cov: f64 = ours
-        .iter()
-        .zip(&theirs)
-        .map(|(&a, &b)| (a as f64 - ma) * (b as f64 - mb))
-        .sum();
-    let va: f64 = ours.iter().map(|&a| (a as f64 - ma).powi(2)).sum();
-    let vb: f64 = theirs.iter().map(|&b| (b as f64 - mb).powi(2)).sum();
-    let corr = cov / (va * vb).sqrt();
-    assert!(corr > 0.999, "correlation {corr}");
+    assert_logits_close(&ours, &theirs, 0.025, 0.999);
 }
 
 /// Decoding token by token through the cache gives the logits of one full-sequence forward.

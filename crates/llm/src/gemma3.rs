@@ -15,6 +15,12 @@ const SLIDING_PATTERN: usize = 6;
 /// RoPE base of the sliding-window layers (fixed by the architecture, not in the file).
 const LOCAL_ROPE_BASE: f32 = 10_000.0;
 
+/// Gemma's chat format, for GGUF files that carry no `tokenizer.chat_template` (the 270M file
+/// does not). BOS is left to the tokenizer.
+pub const CHAT_TEMPLATE: &str = "{% for message in messages %}<start_of_turn>\
+{{ 'model' if message.role == 'assistant' else message.role }}\n{{ message.content | trim }}\
+<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+
 pub fn is_sliding(layer: usize) -> bool {
     layer % SLIDING_PATTERN < SLIDING_PATTERN - 1
 }

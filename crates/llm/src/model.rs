@@ -29,7 +29,10 @@ impl Model {
             "gemma3" => gemma3::load(&mut gguf)?,
             _ => return Err(LlmError::UnsupportedArchitecture(architecture)),
         };
-        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let mut tokenizer = Tokenizer::from_gguf(&gguf)?;
+        if architecture == "gemma3" && tokenizer.chat_template.is_none() {
+            tokenizer.chat_template = Some(gemma3::CHAT_TEMPLATE.to_string());
+        }
         Ok(Self {
             path: path.into(),
             architecture,

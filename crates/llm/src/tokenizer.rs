@@ -35,7 +35,12 @@ pub struct Tokenizer {
     /// Whether the model expects BOS in front of a text (llama.cpp's `add_bos_token`).
     pub add_bos: bool,
     pub chat_template: Option<String>,
+    /// Tokens that end a reply: EOS and the chat formats' end-of-turn markers in the vocabulary.
+    pub stop_tokens: Vec<u32>,
 }
+
+/// End-of-turn markers of the chat formats we know (ChatML, Gemma, Llama 3).
+const END_OF_TURN: [&str; 3] = ["<|im_end|>", "<end_of_turn>", "<|eot_id|>"];
 
 fn strings(v: &Value, key: &str) -> Result<Vec<String>> {
     let arr = v
@@ -292,10 +297,15 @@ impl Tokenizer {
         } else {
             None
         };
+        let eos = id("tokenizer.ggml.eos_token_id")?;
+        let mut stop_tokens: Vec<u32> = eos.into_iter().collect();
+        stop_tokens.extend(END_OF_TURN.iter().filter_map(|t| inner.token_to_id(t)));
+        stop_tokens.dedup();
         Ok(Self {
             inner,
             bos: id("tokenizer.ggml.bos_token_id")?,
-            eos: id("tokenizer.ggml.eos_token_id")?,
+            eos,
+            stop_tokens,
             add_bos,
             chat_template,
         })
@@ -306,7 +316,8 @@ impl Tokenizer {
     }
 
     /// Token ids of `text`; control tokens written in the text are recognised. BOS is prepended
-    /// when the model asks for it and `with_bos` is set.
+    /// when the model asks for it and `with_bos` is set, unless the text already starts with it
+    /// (chat templates that render `bos_token`).
     pub fn encode(&self, text: &str, with_bos: bool) -> Result<Vec<u32>> {
         let enc = self
             .inner
@@ -315,7 +326,9 @@ impl Tokenizer {
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if with_bos && self.add_bos {
             if let Some(b) = self.bos {
-                ids.push(b);
+                if enc.get_ids().first() != Some(&b) {
+                    ids.push(b);
+                }
             }
         }
         ids.extend_from_slice(enc.get_ids());

@@ -14,7 +14,7 @@ pub struct Args {
     /// Read the prompt from a file
     #[arg(long)]
     prompt_file: Option<PathBuf>,
-    /// Wrap the prompt in the model's chat template (from the GGUF metadata)
+    /// Wrap the prompt in the model's chat template (from the GGUF metadata; built in for gemma3)
     #[arg(long)]
     chat: bool,
     /// KV cache spec (see `rvq-kv --help`): f16, q8_0, q4_0,rot, int8, fp8, kivi2, rvq:FILE, …

@@ -32,3 +32,60 @@ pub fn eval_tokens() -> &'static [u32] {
             .expect("tokenizing sotu-eval")
     })
 }
+
+/// Gemma 3 270M (fetched on first use), loaded once per test binary.
+pub fn gemma3() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = eval::assets::ensure_gemma3(&home()).expect("fetching gemma3-270m");
+        Model::load(&path).expect("loading gemma3-270m")
+    })
+}
+
+/// sotu-eval in gemma3's tokens.
+pub fn gemma3_eval_tokens() -> &'static [u32] {
+    static TOKENS: OnceLock<Vec<u32>> = OnceLock::new();
+    TOKENS.get_or_init(|| {
+        let path = eval::assets::ensure_eval_text(&home()).expect("fetching sotu-eval");
+        let text = eval::text::read_text(&path).expect("reading sotu-eval");
+        gemma3()
+            .tokenizer
+            .encode(&text, true)
+            .expect("tokenizing sotu-eval")
+    })
+}
+
+/// Our logits against a reference implementation that multiplies with quantized weights and
+/// quantized activations (as ggml does) while we dequantize the weights to f32: they differ by
+/// quantization noise, so we require the same argmax, max |Δlogit| below `range_fraction` of the
+/// logits' range, and correlation above `min_corr`.
+pub fn assert_logits_close(ours: &[f32], theirs: &[f32], range_fraction: f32, min_corr: f64) {
+    assert_eq!(ours.len(), theirs.len());
+    assert_eq!(
+        eval::generate::argmax(ours),
+        eval::generate::argmax(theirs),
+        "argmax differs"
+    );
+    let range = theirs.iter().cloned().fold(f32::MIN, f32::max)
+        - theirs.iter().cloned().fold(f32::MAX, f32::min);
+    let max_diff = ours
+        .iter()
+        .zip(theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        max_diff < range_fraction * range,
+        "max |Δ| {max_diff} vs range {range}"
+    );
+    let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+    let (ma, mb) = (mean(ours), mean(theirs));
+    let cov: f64 = ours
+        .iter()
+        .zip(theirs)
+        .map(|(&a, &b)| (a as f64 - ma) * (b as f64 - mb))
+        .sum();
+    let va: f64 = ours.iter().map(|&a| (a as f64 - ma).powi(2)).sum();
+    let vb: f64 = theirs.iter().map(|&b| (b as f64 - mb).powi(2)).sum();
+    let corr = cov / (va * vb).sqrt();
+    assert!(corr > min_corr, "correlation {corr}");
+}
