@@ -73,10 +73,13 @@ impl Default for RvqOptions {
 struct HeadStore {
     /// [sinks, head_dim] (all positions when the part is not quantized)
     sinks: Vec<f16>,
-    /// One row of groups × stages codes per encoded position.
+    /// One row of groups × stages codes per encoded position still stored.
     codes: PackedRows,
-    /// One scale per encoded position.
+    /// One scale per encoded position still stored.
     scales: Vec<f16>,
+    /// Encoded positions dropped from the front (sliding-window layers): `codes` row 0 is
+    /// encoded position `dropped`.
+    dropped: usize,
     /// [≤ recent, head_dim], oldest first
     recent: Vec<f16>,
 }
@@ -145,6 +148,7 @@ impl RvqCache {
                 sinks: vec![],
                 codes: PackedRows::new(rows, bits),
                 scales: vec![],
+                dropped: 0,
                 recent: vec![],
             };
             Ok(PartStore {
@@ -247,11 +251,36 @@ impl PartStore {
         Ok(())
     }
 
-    /// Where positions live: sinks `[0, a)`, codes `[a, b)`, recent window `[b, len)`.
+    /// Where positions live: sinks `[0, a)`, codes `[a, b)`, recent window `[b, len)`; of the
+    /// codes, the first `dropped` are gone (see [`PartStore::forget_before`]).
     fn spans(&self, head: usize, hd: usize) -> (usize, usize) {
         let store = &self.heads[head];
         let a = store.sinks.len() / hd;
-        (a, a + store.scales.len())
+        (a, a + store.dropped + store.scales.len())
+    }
+
+    /// The first position still readable after the sinks (codes dropped before it).
+    fn first_kept_code(&self, head: usize, hd: usize) -> usize {
+        self.heads[head].sinks.len() / hd + self.heads[head].dropped
+    }
+
+    /// Drops the codes of positions before `pos` (sinks and the recent window stay; a part
+    /// stored in f16 keeps everything).
+    fn forget_before(&mut self, pos: usize, hd: usize) {
+        if self.quant.is_none() {
+            return;
+        }
+        for store in &mut self.heads {
+            let a = store.sinks.len() / hd;
+            let drop = pos
+                .saturating_sub(a + store.dropped)
+                .min(store.scales.len());
+            if drop > 0 {
+                store.codes.drop_front(drop);
+                store.scales.drain(..drop);
+                store.dropped += drop;
+            }
+        }
     }
 
     fn read(&self, head: usize, positions: Range<usize>, hd: usize, out: &mut [f32]) {
@@ -274,11 +303,13 @@ impl PartStore {
         if !coded.is_empty() {
             let (q, layout) = self.quant.as_ref().expect("codes imply a quantizer");
             let row = layout.groups() * q.stages();
+            // Callers check that no dropped position is asked for.
+            let first = coded.start - a - store.dropped;
             let mut codes = vec![0u16; coded.len() * row];
             for (i, c) in codes.chunks_exact_mut(row).enumerate() {
-                store.codes.get(coded.start - a + i, c);
+                store.codes.get(first + i, c);
             }
-            let scales: Vec<f32> = store.scales[coded.start - a..coded.end - a]
+            let scales: Vec<f32> = store.scales[first..first + coded.len()]
                 .iter()
                 .map(|s| s.to_f32())
                 .collect();
@@ -344,8 +375,9 @@ impl PartStore {
         let mut codes = vec![0u16; groups * k];
         let mut w = vec![0f32; rows];
         for t in coded.clone() {
-            store.codes.get(t - a, &mut codes);
-            let s = store.scales[t - a].to_f32();
+            let i = t - a - store.dropped;
+            store.codes.get(i, &mut codes);
+            let s = store.scales[i].to_f32();
             for (r, wr) in w.iter_mut().enumerate() {
                 *wr = probs[r * n + t - first_key] * s;
             }
@@ -408,9 +440,11 @@ impl PartStore {
         for s in &mut self.heads {
             let n_sinks = (s.sinks.len() / hd).min(len);
             s.sinks.truncate(n_sinks * hd);
-            let n_codes = s.scales.len().min(len - n_sinks);
-            s.codes.truncate(n_codes);
-            s.scales.truncate(n_codes);
+            let n_codes = (s.dropped + s.scales.len()).min(len - n_sinks);
+            let stored = n_codes.saturating_sub(s.dropped);
+            s.dropped = s.dropped.min(n_codes);
+            s.codes.truncate(stored);
+            s.scales.truncate(stored);
             s.recent.truncate((len - n_sinks - n_codes) * hd);
         }
     }
@@ -508,7 +542,16 @@ impl KvCache for RvqCache {
         out: &mut [f32],
     ) -> Result<(), CacheError> {
         check_read(&self.shape, self.len(layer), layer, head, &positions, out)?;
-        self.parts[layer][part as usize].read(head, positions, self.shape.head_dim, out);
+        let store = &self.parts[layer][part as usize];
+        let hd = self.shape.head_dim;
+        let (a, first_kept) = (store.spans(head, hd).0, store.first_kept_code(head, hd));
+        if first_kept > a && positions.start < first_kept && positions.end > a {
+            return Err(CacheError::Shape(format!(
+                "positions {positions:?} of layer {layer} were dropped (sliding window: coded \
+                 positions {a}..{first_kept} are gone)"
+            )));
+        }
+        store.read(head, positions, hd, out);
         Ok(())
     }
 
@@ -542,6 +585,13 @@ impl KvCache for RvqCache {
             let keep = self.lens[l].min(len);
             parts.iter_mut().for_each(|p| p.truncate(keep, hd));
             self.lens[l] = keep;
+        }
+    }
+
+    fn forget_before(&mut self, layer: usize, pos: usize) {
+        let hd = self.shape.head_dim;
+        if let Some(parts) = self.parts.get_mut(layer) {
+            parts.iter_mut().for_each(|p| p.forget_before(pos, hd));
         }
     }
 
@@ -777,6 +827,62 @@ mod tests {
         }
         // 5 positions in f16 (16 bytes per vector), 4 encoded (5 bytes), 2 heads, K and V.
         assert_eq!(cache.memory().bytes, 2 * 2 * (5 * 16 + 4 * 5));
+    }
+
+    #[test]
+    fn sliding_window_forgets_codes_and_attends_as_a_cache_that_keeps_them() {
+        let b = Arc::new(books(5));
+        let (tokens, window) = (12, 4);
+        let (k, v, q) = (
+            data(tokens * 16, 21),
+            data(tokens * 16, 22),
+            data(tokens * 32, 23),
+        );
+        for values in [ValuePath::Decode, ValuePath::Histogram] {
+            let o = RvqOptions {
+                sinks: 1,
+                values,
+                ..RvqOptions::default()
+            };
+            let mut keeps = RvqCache::new(SHAPE, rope(), b.clone(), o, "x".into()).unwrap();
+            let mut forgets = keeps.clone();
+            for t in 0..tokens {
+                let queries = Queries {
+                    q: &q[t * 32..(t + 1) * 32],
+                    tokens: 1,
+                    q_heads: 4,
+                    first_pos: t,
+                    scale: 0.3,
+                    window: Some(window),
+                };
+                let (mut want, mut got) = (vec![0f32; 32], vec![0f32; 32]);
+                for (cache, out) in [(&mut keeps, &mut want), (&mut forgets, &mut got)] {
+                    let (kt, vt) = (&k[t * 16..(t + 1) * 16], &v[t * 16..(t + 1) * 16]);
+                    cache.append(0, kt, vt).unwrap();
+                    cache.attend(0, &queries, out).unwrap();
+                }
+                forgets.forget_before(0, (t + 2).saturating_sub(window));
+                assert_eq!(got, want, "{values:?} position {t}");
+            }
+            // Kept: the sink and positions 9..12 (3 coded); gone: coded positions 1..9.
+            let per_code = 3 + 2; // bytes of codes (2 groups x 3 stages x 3 bits) and scale
+            let kept = 2 * 2 * (16 + 3 * per_code);
+            assert_eq!(forgets.memory().bytes, kept as u64);
+            assert_eq!(keeps.memory().bytes, (2 * 2 * (16 + 11 * per_code)) as u64);
+            let mut buf = vec![0f32; 8];
+            let e = forgets.read_keys(0, 0, 8..9, &mut buf).unwrap_err();
+            assert!(e.to_string().contains("dropped"), "{e}");
+            let mut same = vec![0f32; 8];
+            forgets.read_values(0, 1, 10..11, &mut buf).unwrap();
+            keeps.read_values(0, 1, 10..11, &mut same).unwrap();
+            assert_eq!(buf, same);
+            forgets.read_keys(0, 1, 0..1, &mut buf).unwrap(); // the sink stays
+                                                              // Truncating into the dropped codes leaves sink-only, consistent storage.
+            forgets.truncate(5);
+            assert_eq!(forgets.memory().bytes, 2 * 2 * 16);
+            forgets.truncate(0);
+            assert_eq!(forgets.memory().bytes, 0);
+        }
     }
 
     #[test]

@@ -117,6 +117,11 @@ impl PackedRows {
     pub fn truncate(&mut self, rows: usize) {
         self.bytes.truncate(rows * self.row_bytes);
     }
+    /// Removes the first `rows` rows (rows are whole bytes, so the rest moves as is).
+    pub fn drop_front(&mut self, rows: usize) {
+        let n = (rows * self.row_bytes).min(self.bytes.len());
+        self.bytes.drain(..n);
+    }
 }
 
 #[cfg(test)]
@@ -158,5 +163,13 @@ mod tests {
             (0..16).map(|i| (300 + i * 97) % 2048).collect::<Vec<_>>()
         );
         assert_eq!(rows.bytes(), 5 * 22);
+        // Dropping the first rows keeps the others intact, now numbered from 0.
+        rows.drop_front(2);
+        rows.get(1, &mut out);
+        assert_eq!(
+            out,
+            (0..16).map(|i| (300 + i * 97) % 2048).collect::<Vec<_>>()
+        );
+        assert_eq!((rows.len(), rows.bytes()), (3, 3 * 22));
     }
 }
