@@ -21,7 +21,7 @@ pub mod train;
 
 pub use layout::{Grouping, VectorLayout};
 pub use quantizer::Rvq;
-pub use train::{TrainConfig, TrainReport, VectorSource};
+pub use train::{EmaCodebooks, TrainConfig, TrainReport, VectorSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RvqError {

@@ -191,11 +191,13 @@ impl Rvq {
         let mut dead_codes_replaced = 0;
         if config.ema_passes > 0 {
             let scale = config.batch.min(n) as f32 / s as f32;
-            let mut ema: Vec<EmaState> = init_counts
-                .iter()
-                .enumerate()
-                .map(|(k, counts)| EmaState::new(rvq.codebook(k), counts, scale, d))
-                .collect();
+            let mut ema = EmaCodebooks {
+                stages: init_counts
+                    .iter()
+                    .enumerate()
+                    .map(|(k, counts)| EmaState::new(rvq.codebook(k), counts, scale, d))
+                    .collect(),
+            };
             let mut buf = vec![0f32; config.batch * d];
             for _ in 0..config.ema_passes {
                 let mut start = 0;
@@ -204,18 +206,7 @@ impl Rvq {
                     let batch = &mut buf[..m * d];
                     data.read(start, batch);
                     check_finite(batch, &format!("training vectors {start}..{}", start + m))?;
-                    for (k, state) in ema.iter_mut().enumerate() {
-                        let (idx, _) = nearest(batch, d, rvq.codebook(k), rvq.norms(k));
-                        // The next stage sees the residual of the codebook before this update.
-                        let before = rvq.codebook(k).to_vec();
-                        state.update(batch, &idx, config);
-                        if let Some(threshold) = config.dead_code_threshold {
-                            dead_codes_replaced += state.replace_dead(threshold, batch, &mut rng);
-                        }
-                        subtract_assigned(batch, d, &before, &idx);
-                        state.write_codebook(rvq.codebook_mut(k), config);
-                        rvq.refresh_norms(k);
-                    }
+                    dead_codes_replaced += ema.step(&mut rvq, batch, config, &mut rng);
                     start += m;
                 }
             }
@@ -367,6 +358,80 @@ fn kmeans_plus_plus(x: &[f32], d: usize, c: usize, rng: &mut SplitMix64) -> Vec<
 }
 
 /// EMA statistics of one stage.
+/// The EMA state of every stage of one quantizer: per-code counts and sums, decayed each step.
+/// Calibration uses it after k-means; finetuning keeps updating codebooks with it while the
+/// model trains.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmaCodebooks {
+    stages: Vec<EmaState>,
+}
+
+impl EmaCodebooks {
+    /// Starts from `rvq`'s codebooks as if every code had been seen `count` times.
+    pub fn new(rvq: &Rvq, count: f32) -> Self {
+        let counts = vec![count; rvq.size()];
+        Self {
+            stages: (0..rvq.stages())
+                .map(|k| EmaState::new(rvq.codebook(k), &counts, 1.0, rvq.dim()))
+                .collect(),
+        }
+    }
+
+    /// One EMA step on `batch` ([m, d], overwritten with the last residuals): stage by stage,
+    /// assign to the nearest codeword, decay counts and sums, optionally re-seed dead codes,
+    /// rewrite the codebook. Returns how many dead codes were re-seeded.
+    pub fn step(
+        &mut self,
+        rvq: &mut Rvq,
+        batch: &mut [f32],
+        config: &TrainConfig,
+        rng: &mut SplitMix64,
+    ) -> usize {
+        let d = rvq.dim();
+        let mut replaced = 0;
+        for (k, state) in self.stages.iter_mut().enumerate() {
+            let (idx, _) = nearest(batch, d, rvq.codebook(k), rvq.norms(k));
+            // The next stage sees the residual of the codebook before this update.
+            let before = rvq.codebook(k).to_vec();
+            state.update(batch, &idx, config);
+            if let Some(threshold) = config.dead_code_threshold {
+                replaced += state.replace_dead(threshold, batch, rng);
+            }
+            subtract_assigned(batch, d, &before, &idx);
+            state.write_codebook(rvq.codebook_mut(k), config);
+            rvq.refresh_norms(k);
+        }
+        replaced
+    }
+
+    /// The state as (counts [C], sums [C, d]) per stage, to checkpoint it.
+    pub fn state(&self) -> Vec<(&[f32], &[f32])> {
+        self.stages
+            .iter()
+            .map(|s| (s.counts.as_slice(), s.sums.as_slice()))
+            .collect()
+    }
+
+    /// Rebuilds a state saved by [`EmaCodebooks::state`].
+    pub fn from_state(d: usize, stages: Vec<(Vec<f32>, Vec<f32>)>) -> Result<Self> {
+        let stages = stages
+            .into_iter()
+            .map(|(counts, sums)| {
+                if sums.len() != counts.len() * d {
+                    return Err(RvqError::Input(format!(
+                        "EMA state: {} sums for {} codes of dim {d}",
+                        sums.len(),
+                        counts.len()
+                    )));
+                }
+                Ok(EmaState { d, counts, sums })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { stages })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
 struct EmaState {
     d: usize,
     counts: Vec<f32>,
