@@ -15,6 +15,8 @@ pub enum LlmError {
     Metadata(String),
     #[error("GGUF tensor {name}: {reason}")]
     Tensor { name: String, reason: String },
+    #[error("weights delta {path}: {reason}")]
+    Delta { path: String, reason: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]

@@ -3,6 +3,7 @@
 use crate::error::{LlmError, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,8 @@ pub struct GgufFile {
     pub path: PathBuf,
     pub content: Content,
     reader: BufReader<File>,
+    /// Tensors that replace the file's (finetuned weights), by name; taken when read.
+    overrides: HashMap<String, Tensor>,
 }
 
 impl GgufFile {
@@ -28,7 +31,21 @@ impl GgufFile {
             path: path.into(),
             content,
             reader,
+            overrides: HashMap::new(),
         })
+    }
+
+    /// Makes `tensor_f32` return these tensors instead of the file's. Each must name a tensor
+    /// of the file; shapes are checked when read.
+    pub fn set_overrides(&mut self, overrides: HashMap<String, Tensor>) -> Result<()> {
+        if let Some(name) = overrides.keys().find(|n| !self.has_tensor(n)) {
+            return Err(LlmError::Tensor {
+                name: name.clone(),
+                reason: "the weights delta replaces a tensor the model does not have".into(),
+            });
+        }
+        self.overrides = overrides;
+        Ok(())
     }
 
     pub fn value(&self, key: &str) -> Result<&Value> {
@@ -86,6 +103,15 @@ impl GgufFile {
             name: name.to_string(),
             reason,
         };
+        if let Some(t) = self.overrides.get(name) {
+            if t.dims() != shape {
+                return Err(err(format!(
+                    "the weights delta's shape {:?}, expected {shape:?}",
+                    t.dims()
+                )));
+            }
+            return Ok(t.clone());
+        }
         let q = self
             .content
             .tensor(&mut self.reader, name, &Device::Cpu)

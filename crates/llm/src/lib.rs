@@ -1,5 +1,6 @@
 //! GGUF language models whose attention reads K/V through a [`kvcache::KvCache`].
 
+pub mod delta;
 pub mod error;
 pub mod gemma3;
 pub mod gguf;
@@ -8,6 +9,7 @@ pub mod llama;
 pub mod model;
 pub mod ops;
 pub mod qwen2;
+pub mod tiny;
 pub mod tokenizer;
 pub mod transformer;
 

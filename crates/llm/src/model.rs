@@ -1,5 +1,6 @@
 //! A loaded model: architecture, tokenizer and identity, ready to build caches for.
 
+use crate::delta::WeightsDelta;
 use crate::error::{LlmError, Result};
 use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
@@ -11,6 +12,28 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+fn file_sha256(path: &Path) -> Result<String> {
+    let open_err = |source| LlmError::Open {
+        path: path.into(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(open_err)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(open_err)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 pub struct Model {
     pub path: PathBuf,
     pub architecture: String,
@@ -21,7 +44,26 @@ pub struct Model {
 
 impl Model {
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with_delta(path, None)
+    }
+
+    /// Loads the model with finetuned tensors from a weights delta in place of the file's.
+    pub fn load_with_delta(path: &Path, delta: Option<&WeightsDelta>) -> Result<Self> {
         let mut gguf = GgufFile::open(path)?;
+        let sha256 = OnceLock::new();
+        if let Some(d) = delta {
+            let hash = file_sha256(path)?;
+            if hash != d.model_sha256 {
+                return Err(LlmError::Input(format!(
+                    "the weights delta was trained from the model file with sha256 {}, not {} \
+                     ({hash})",
+                    d.model_sha256,
+                    path.display()
+                )));
+            }
+            let _ = sha256.set(hash);
+            gguf.set_overrides(d.tensors.clone())?;
+        }
         let architecture = gguf.string("general.architecture")?;
         let net = match architecture.as_str() {
             "llama" => llama::load(&mut gguf)?,
@@ -38,7 +80,7 @@ impl Model {
             architecture,
             net,
             tokenizer,
-            sha256: OnceLock::new(),
+            sha256,
         })
     }
 
@@ -60,27 +102,7 @@ impl Model {
         if let Some(s) = self.sha256.get() {
             return Ok(s.clone());
         }
-        let mut f = std::fs::File::open(&self.path).map_err(|source| LlmError::Open {
-            path: self.path.clone(),
-            source,
-        })?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).map_err(|source| LlmError::Open {
-                path: self.path.clone(),
-                source,
-            })?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let hex: String = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = file_sha256(&self.path)?;
         Ok(self.sha256.get_or_init(|| hex).clone())
     }
 

@@ -11,6 +11,9 @@ pub struct ModelArgs {
     /// llama) or gemma3-270m (Gemma 3 270M, gemma3)
     #[arg(long, default_value = "smollm2")]
     pub model: String,
+    /// Finetuned weights (from `rvq-kv finetune`) to use in place of the GGUF's
+    #[arg(long, value_name = "FILE")]
+    pub weights_delta: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -25,8 +28,19 @@ impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         let path = self.path()?;
         let t = std::time::Instant::now();
-        let model =
-            Model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
+        let delta = match &self.weights_delta {
+            Some(p) => Some(llm::delta::WeightsDelta::load(p)?),
+            None => None,
+        };
+        let model = Model::load_with_delta(&path, delta.as_ref())
+            .with_context(|| format!("loading model {}", path.display()))?;
+        if let Some(p) = &self.weights_delta {
+            eprintln!(
+                "rvq-kv: {} finetuned tensors from {}",
+                delta.as_ref().map_or(0, |d| d.tensors.len()),
+                p.display()
+            );
+        }
         eprintln!(
             "rvq-kv: loaded {} ({} layers, {} KV heads x {}) in {:.1}s",
             path.display(),

@@ -1,0 +1,233 @@
+//! Finetuning on a tiny random llama (written by `llm::tiny`): the training graph against the
+//! inference forward pass, one step lowering the loss, resume reproducing the next step, and
+//! the outputs loading back as a weights delta.
+
+use finetune::{FinetuneConfig, Trainable, Trainer};
+use kvcache::codebooks::{CodebookMeta, Codebooks, LayerBooks, PartSettings};
+use llm::tiny::TinySpec;
+use llm::Model;
+use rvq::rng::SplitMix64;
+use rvq::{Grouping, Rvq};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    model: Model,
+    books: Codebooks,
+    books_path: std::path::PathBuf,
+    tokens: Vec<u32>,
+}
+
+/// Random codebooks of 3 stages × 16 codewords over groups of 8 (head_dim 16: 2 groups).
+fn random_rvq(rng: &mut SplitMix64) -> Rvq {
+    let (d, c, k) = (8, 16, 3);
+    let books = (0..k)
+        .map(|s| {
+            (0..c * d)
+                .map(|_| rng.normal() * 0.6f32.powi(s))
+                .collect()
+        })
+        .collect();
+    Rvq::from_codebooks(d, c, books).unwrap()
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-llama.gguf");
+    llm::tiny::write(&TinySpec::new("llama"), &path).unwrap();
+    let model = Model::load(&path).unwrap();
+    let mut rng = SplitMix64::new(5);
+    let layers = (0..model.config().layers)
+        .map(|_| LayerBooks {
+            keys: Some(random_rvq(&mut rng)),
+            values: Some(random_rvq(&mut rng)),
+        })
+        .collect();
+    let part = |grouping| {
+        Some(PartSettings {
+            group_dim: 8,
+            grouping,
+            scaled: true,
+            rotation: None,
+        })
+    };
+    let books = Codebooks {
+        meta: CodebookMeta {
+            model: model.identity().unwrap(),
+            keys: part(Grouping::Strided),
+            values: part(Grouping::Contiguous),
+            skipped_layers: vec![],
+            calibration: serde_json::json!({}),
+            reports: vec![(None, None); model.config().layers],
+        },
+        layers,
+    };
+    let books_path = dir.path().join("books.safetensors");
+    books.save(&books_path).unwrap();
+    // Text the tiny vocabulary covers: bytes of a repeated English sentence.
+    let text = "the cat sat on the mat and the dog sat on the log. ".repeat(20);
+    let tokens = model.tokenizer.encode(&text, false).unwrap();
+    Setup {
+        _dir: dir,
+        model,
+        books,
+        books_path,
+        tokens,
+    }
+}
+
+fn config(trainable: Trainable) -> FinetuneConfig {
+    FinetuneConfig {
+        steps: 10,
+        seq_len: 48,
+        accum: 2,
+        lr: 3e-3,
+        warmup: 1,
+        ..FinetuneConfig::paper(trainable)
+    }
+}
+
+fn trainer(s: &Setup, c: FinetuneConfig) -> Trainer {
+    Trainer::new(
+        &s.model.path,
+        s.model.file_sha256().unwrap(),
+        s.books.clone(),
+        s.tokens.clone(),
+        c,
+    )
+    .unwrap()
+}
+
+/// Mean next-token cross-entropy from the inference forward pass through a cache `spec`.
+fn inference_loss(model: &Model, tokens: &[u32], spec: &str) -> f64 {
+    let mut cache = model.new_cache(spec).unwrap();
+    let logits = model.forward(tokens, 0, cache.as_mut(), None).unwrap();
+    let vocab = model.vocab();
+    let n = tokens.len() - 1;
+    (0..n)
+        .map(|i| -llm::ops::log_prob(&logits[i * vocab..(i + 1) * vocab], tokens[i + 1] as usize))
+        .sum::<f64>()
+        / n as f64
+}
+
+/// The training graph (candle autograd) computes the loss the inference path computes with
+/// the RVQ cache: same quantized keys and values, same attention, same logits.
+#[test]
+fn training_graph_matches_inference_with_the_rvq_cache() {
+    let s = setup();
+    let mut t = trainer(&s, config(Trainable::All));
+    let seq = &s.tokens[..48];
+    let (ce, commitment) = t.evaluate(seq).unwrap();
+    let spec = format!("rvq:{}", s.books_path.display());
+    let want = inference_loss(&s.model, seq, &spec);
+    assert!(
+        (ce - want).abs() < 1e-3 * want,
+        "training {ce} vs inference {want}"
+    );
+    assert!(commitment > 0.0);
+    // And the quantizer matters: the f32 cache gives another loss.
+    let exact = inference_loss(&s.model, seq, "f32");
+    assert!((exact - want).abs() > 1e-3, "{exact} vs {want}");
+}
+
+#[test]
+fn one_step_lowers_the_loss_on_its_batch() {
+    let s = setup();
+    for trainable in [Trainable::All, Trainable::KeyValue] {
+        let mut t = trainer(
+            &s,
+            FinetuneConfig {
+                accum: 1,
+                update_codebooks: false,
+                ..config(trainable)
+            },
+        );
+        let seq = &s.tokens[..48]; // the first step's sequence
+        let (before, _) = t.evaluate(seq).unwrap();
+        let report = t.train_step().unwrap();
+        assert!((report.loss - before).abs() < 1e-6);
+        let (after, _) = t.evaluate(seq).unwrap();
+        assert!(after < before, "{trainable:?}: {before} → {after}");
+    }
+}
+
+#[test]
+fn resume_takes_the_same_next_step() {
+    let s = setup();
+    let sha = s.model.file_sha256().unwrap();
+    let mut straight = trainer(&s, config(Trainable::Attention));
+    straight.train_step().unwrap();
+    straight.train_step().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = trainer(&s, config(Trainable::Attention));
+    first.train_step().unwrap();
+    first.save_checkpoint(dir.path()).unwrap();
+    drop(first);
+    let mut resumed =
+        Trainer::resume(&s.model.path, sha, s.tokens.clone(), dir.path(), None).unwrap();
+    assert_eq!(resumed.step, 1);
+    resumed.train_step().unwrap();
+
+    let (a, b) = (straight.delta().unwrap(), resumed.delta().unwrap());
+    assert_eq!(a.tensors.len(), 4 * 2); // q, k, v, o of 2 layers
+    for (name, ta) in &a.tensors {
+        let va = ta.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let vb = b.tensors[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(va, vb, "{name}");
+    }
+    let (ca, cb) = (straight.codebooks(), resumed.codebooks());
+    for (la, lb) in ca.layers.iter().zip(&cb.layers) {
+        assert_eq!(
+            la.keys.as_ref().unwrap().codebook(2),
+            lb.keys.as_ref().unwrap().codebook(2)
+        );
+    }
+}
+
+/// The outputs load back: the delta into the model (changed weights, same file check), the
+/// codebooks into an RVQ cache; and the finetuned model scores its training text better.
+#[test]
+fn outputs_load_as_weights_delta_and_codebooks() {
+    let s = setup();
+    let mut t = trainer(&s, config(Trainable::All));
+    let spec = format!("rvq:{}", s.books_path.display());
+    let seq = &s.tokens[..48];
+    let before = inference_loss(&s.model, seq, &spec);
+    for _ in 0..5 {
+        t.train_step().unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let delta_path = dir.path().join("delta.safetensors");
+    let books_path = dir.path().join("books.safetensors");
+    t.delta().unwrap().save(&delta_path).unwrap();
+    t.codebooks().save(&books_path).unwrap();
+
+    let delta = llm::delta::WeightsDelta::load(&delta_path).unwrap();
+    let tuned = Model::load_with_delta(&s.model.path, Some(&delta)).unwrap();
+    let after = inference_loss(&tuned, seq, &format!("rvq:{}", books_path.display()));
+    assert!(after < before, "{before} → {after}");
+
+    // A delta refuses another model file.
+    let other = dir.path().join("other.gguf");
+    let spec2 = TinySpec {
+        seed: 9,
+        ..TinySpec::new("llama")
+    };
+    llm::tiny::write(&spec2, &other).unwrap();
+    let e = Model::load_with_delta(&other, Some(&delta))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("was trained from the model file"), "{e}");
+    // A corrupted delta is refused with its path named.
+    let bytes = std::fs::read(&delta_path).unwrap();
+    std::fs::write(&delta_path, &bytes[..bytes.len() / 2]).unwrap();
+    let e = llm::delta::WeightsDelta::load(&delta_path)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("delta.safetensors"), "{e}");
+}
