@@ -34,10 +34,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Download and verify assets (model, calib, eval, bench, all) into the cache folder
+    /// Download and verify assets (model, calib, eval, bench, gemma3, all) into the cache folder
     Fetch(commands::fetch::Args),
     /// Learn RVQ codebooks for a model's K/V from calibration text
     Calibrate(commands::calibrate::Args),
+    /// Light finetuning with the RVQ quantizer in the loop (STE, commitment loss, EMA codebooks)
+    Finetune(commands::finetune::Args),
     /// Perplexity of a model on a text with a given KV cache
     Ppl(commands::ppl::Args),
     /// Generate text (greedy or sampled) with a given KV cache
@@ -57,6 +59,7 @@ fn main() {
     let result = match cli.command {
         Command::Fetch(a) => commands::fetch::run(a),
         Command::Calibrate(a) => commands::calibrate::run(a),
+        Command::Finetune(a) => commands::finetune::run(a),
         Command::Ppl(a) => commands::ppl::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Mc(a) => commands::mc::run(a),

@@ -97,8 +97,14 @@ impl PartQuantizer {
             commitment = (commitment + (&grouped - target)?.sqr()?.mean_all()?)?;
         }
         if update_codebooks {
-            self.ema
-                .step(&mut self.rvq, &mut groups, &self.ema_config, &mut self.rng);
+            // The greedy codes above are the EMA step's assignments: reuse them.
+            self.ema.step_with_codes(
+                &mut self.rvq,
+                &mut groups,
+                &codes,
+                &self.ema_config,
+                &mut self.rng,
+            );
         }
         Ok((quantized, commitment))
     }
@@ -114,11 +120,7 @@ mod tests {
         let (d, c, k, hd) = (4, 8, 3, 8);
         let mut rng = SplitMix64::new(seed);
         let books = (0..k)
-            .map(|s| {
-                (0..c * d)
-                    .map(|_| rng.normal() * 0.5f32.powi(s))
-                    .collect()
-            })
+            .map(|s| (0..c * d).map(|_| rng.normal() * 0.5f32.powi(s)).collect())
             .collect();
         let rvq = Rvq::from_codebooks(d, c, books).unwrap();
         let layout = VectorLayout::new(hd, d, grouping, true).unwrap();

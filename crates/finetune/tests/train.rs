@@ -21,11 +21,7 @@ struct Setup {
 fn random_rvq(rng: &mut SplitMix64) -> Rvq {
     let (d, c, k) = (8, 16, 3);
     let books = (0..k)
-        .map(|s| {
-            (0..c * d)
-                .map(|_| rng.normal() * 0.6f32.powi(s))
-                .collect()
-        })
+        .map(|s| (0..c * d).map(|_| rng.normal() * 0.6f32.powi(s)).collect())
         .collect();
     Rvq::from_codebooks(d, c, books).unwrap()
 }

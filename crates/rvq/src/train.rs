@@ -387,10 +387,43 @@ impl EmaCodebooks {
         config: &TrainConfig,
         rng: &mut SplitMix64,
     ) -> usize {
+        self.step_with(rvq, batch, config, rng, None)
+    }
+
+    /// [`EmaCodebooks::step`] with the assignments already known: `codes` ([m, stages]) from a
+    /// greedy encode of `batch` with these codebooks, which is what the step would compute.
+    pub fn step_with_codes(
+        &mut self,
+        rvq: &mut Rvq,
+        batch: &mut [f32],
+        codes: &[u16],
+        config: &TrainConfig,
+        rng: &mut SplitMix64,
+    ) -> usize {
+        self.step_with(rvq, batch, config, rng, Some(codes))
+    }
+
+    fn step_with(
+        &mut self,
+        rvq: &mut Rvq,
+        batch: &mut [f32],
+        config: &TrainConfig,
+        rng: &mut SplitMix64,
+        codes: Option<&[u16]>,
+    ) -> usize {
         let d = rvq.dim();
+        let stages = self.stages.len();
         let mut replaced = 0;
         for (k, state) in self.stages.iter_mut().enumerate() {
-            let (idx, _) = nearest(batch, d, rvq.codebook(k), rvq.norms(k));
+            let idx: Vec<u32> = match codes {
+                Some(c) => c
+                    .iter()
+                    .skip(k)
+                    .step_by(stages)
+                    .map(|&x| x as u32)
+                    .collect(),
+                None => nearest(batch, d, rvq.codebook(k), rvq.norms(k)).0,
+            };
             // The next stage sees the residual of the codebook before this update.
             let before = rvq.codebook(k).to_vec();
             state.update(batch, &idx, config);
@@ -621,6 +654,35 @@ mod tests {
         let mses: Vec<f64> = report.stages.iter().map(|s| s.relative_mse).collect();
         assert!(mses.windows(2).all(|w| w[1] <= w[0]), "{mses:?}");
         assert!(mses[2] < 0.5, "{mses:?}");
+    }
+
+    #[test]
+    fn ema_step_with_known_codes_equals_the_step_that_finds_them() {
+        let (d, n) = (4, 300);
+        let mut rng = SplitMix64::new(3);
+        let x: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
+        let config = TrainConfig {
+            dim: d,
+            size: 16,
+            stages: 3,
+            kmeans_sample: n,
+            batch: 100,
+            ..TrainConfig::paper()
+        };
+        let (rvq, _) = Rvq::train(&config, &SliceSource { data: &x, dim: d }).unwrap();
+        let (mut a, mut b) = (rvq.clone(), rvq.clone());
+        let mut ema_a = EmaCodebooks::new(&rvq, 2.0);
+        let mut ema_b = ema_a.clone();
+        let mut codes = vec![0u16; n * 3];
+        rvq.encode(&x, 1, &mut codes).unwrap();
+        let (mut xa, mut xb) = (x.clone(), x.clone());
+        let mut r = SplitMix64::new(0);
+        ema_a.step(&mut a, &mut xa, &config, &mut r);
+        ema_b.step_with_codes(&mut b, &mut xb, &codes, &config, &mut r);
+        assert_eq!(ema_a, ema_b);
+        for k in 0..3 {
+            assert_eq!(a.codebook(k), b.codebook(k));
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod common;
 pub mod compare;
 pub mod demo;
 pub mod fetch;
+pub mod finetune;
 pub mod generate;
 pub mod mc;
 pub mod ppl;
