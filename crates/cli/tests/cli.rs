@@ -93,6 +93,29 @@ fn bad_inputs_give_clear_errors() {
         &["ppl", "--cache", "kivi2,residual=-1"],
         "not a whole number",
     );
+    let never = [
+        "finetune",
+        "--codebooks",
+        "/nonexistent.safetensors",
+        "--out",
+        "/tmp/never",
+    ];
+    fails_with(
+        &[&never[..], &["--train", "everything"]].concat(),
+        "unknown parameter set",
+    );
+    fails_with(&[&never[..], &["--lr", "0"]].concat(), "learning rate");
+    assert!(rvq_kv(&["fetch", "eval"]).0, "fetching the eval text");
+    let eval_text = home().join("text").join("sotu-eval.txt");
+    fails_with(
+        &[&never[..], &["--text", eval_text.to_str().unwrap()]].concat(),
+        "is the evaluation text",
+    );
+    fails_with(&never, "nonexistent.safetensors");
+    fails_with(
+        &["ppl", "--weights-delta", e, "--max-tokens", "64"],
+        "weights delta",
+    );
 }
 
 #[test]

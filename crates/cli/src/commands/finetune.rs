@@ -75,6 +75,24 @@ pub fn run(a: Args) -> Result<()> {
     if a.model.weights_delta.is_some() {
         bail!("finetune starts from the GGUF's own weights; --weights-delta is not supported here");
     }
+    // Options first: a typo should not cost a model load.
+    let trainable = Trainable::parse(&a.train)?;
+    let mut config = FinetuneConfig {
+        steps: a.steps,
+        seq_len: a.seq_len,
+        accum: a.accum,
+        lr: a.lr,
+        warmup: a.warmup,
+        adamw: finetune::adamw::AdamWConfig {
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
+        trainable,
+        commitment_weight: a.commitment,
+        ema_decay: a.ema_decay,
+        update_codebooks: !a.freeze_codebooks,
+    };
+    config.validate()?;
     let text_path = match &a.text {
         Some(p) => p.clone(),
         None => assets::ensure_calib(&assets::home(), "wiki.utf8")?,
@@ -101,21 +119,7 @@ pub fn run(a: Args) -> Result<()> {
             let books = Codebooks::load(&a.codebooks)
                 .with_context(|| format!("loading {}", a.codebooks.display()))?;
             books.check_model(&model.identity()?)?;
-            let config = FinetuneConfig {
-                steps: a.steps,
-                seq_len: a.seq_len.min(model.context_len()),
-                accum: a.accum,
-                lr: a.lr,
-                warmup: a.warmup,
-                adamw: finetune::adamw::AdamWConfig {
-                    weight_decay: a.weight_decay,
-                    ..Default::default()
-                },
-                trainable: Trainable::parse(&a.train)?,
-                commitment_weight: a.commitment,
-                ema_decay: a.ema_decay,
-                update_codebooks: !a.freeze_codebooks,
-            };
+            config.seq_len = config.seq_len.min(model.context_len());
             Trainer::new(&model.path, sha, books, tokens, config)?
         }
     };
