@@ -522,9 +522,16 @@ impl KvCache for RvqCache {
         let tokens = check_append(&self.shape, layer, k, v)?;
         let hd = self.shape.head_dim;
         let first = self.lens[layer];
+        let options = &self.options;
         let [pk, pv] = &mut self.parts[layer];
-        pk.append(k, first, hd, &self.options)?;
-        pv.append(v, first, hd, &self.options)?;
+        // Keys and values have their own quantizers: encode them on two cores at once (a decode
+        // step's encode streams every stage's codebook and is bound by memory, per core).
+        let (rk, rv) = rayon::join(
+            || pk.append(k, first, hd, options),
+            || pv.append(v, first, hd, options),
+        );
+        rk?;
+        rv?;
         self.lens[layer] += tokens;
         Ok(())
     }
