@@ -574,9 +574,18 @@ impl KvCache for RvqCache {
 
     fn memory(&self) -> MemoryReport {
         let hd = self.shape.head_dim as u64;
-        let heads = self.shape.kv_heads as u64;
+        // Positions a sliding window dropped are no longer represented.
+        let held: u64 = self
+            .parts
+            .iter()
+            .zip(&self.lens)
+            .flat_map(|(p, &len)| {
+                p.iter()
+                    .flat_map(move |s| s.heads.iter().map(move |h| (len - h.dropped) as u64))
+            })
+            .sum();
         MemoryReport {
-            elements: self.lens.iter().map(|&l| l as u64 * heads * hd * 2).sum(),
+            elements: held * hd,
             bytes: self
                 .parts
                 .iter()
@@ -875,6 +884,8 @@ mod tests {
             let per_code = 3 + 2; // bytes of codes (2 groups x 3 stages x 3 bits) and scale
             let kept = 2 * 2 * (16 + 3 * per_code);
             assert_eq!(forgets.memory().bytes, kept as u64);
+            // 4 positions held per head and part (the sink and 9..12) of 8 channels.
+            assert_eq!(forgets.memory().elements, 2 * 2 * 4 * 8);
             assert_eq!(keeps.memory().bytes, (2 * 2 * (16 + 11 * per_code)) as u64);
             let mut buf = vec![0f32; 8];
             let e = forgets.read_keys(0, 0, 8..9, &mut buf).unwrap_err();
