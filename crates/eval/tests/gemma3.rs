@@ -3,10 +3,9 @@
 //! forget, perplexity against llama.cpp, calibration and the RVQ cache.
 
 mod common;
-use common::{assert_logits_close, gemma3, gemma3_eval_tokens, home, model};
-use eval::calibrate::{calibrate, CalibConfig};
+use common::{assert_logits_close, gemma3, gemma3_eval_tokens, home, model, small_calib_config};
+use eval::calibrate::calibrate;
 use eval::ppl::{perplexity, PplOptions, Protocol};
-use rvq::TrainConfig;
 
 /// `llama-tokenize -m gemma-3-270m-q4_k_m.gguf --ids` (llama.cpp vendored in llama-cpp-python
 /// 0.3.36) on this text printed these ids: a run of spaces and of newlines (user-defined
@@ -156,18 +155,7 @@ fn rvq_cache_calibrates_and_refuses_other_models() {
     let path = eval::assets::ensure_calib(&home(), "wiki.utf8").unwrap();
     let text = eval::text::read_text(&path).unwrap();
     let calib = m.tokenizer.encode(&text, true).unwrap();
-    let config = CalibConfig {
-        tokens: 1024,
-        train: TrainConfig {
-            size: 64,
-            stages: 2,
-            kmeans_sample: 4096,
-            kmeans_iters: 3,
-            batch: 256,
-            ..TrainConfig::paper()
-        },
-        ..CalibConfig::paper("wiki.utf8")
-    };
+    let config = small_calib_config(1024);
     let (books, _) = calibrate(m, &calib, &config, true).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("gemma3.safetensors");

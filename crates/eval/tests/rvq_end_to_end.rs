@@ -2,28 +2,13 @@
 //! perplexity on sotu-eval between the f16 cache and an untrained (random-codebook) cache.
 
 mod common;
-use common::{eval_tokens, home, model};
-use eval::calibrate::{calibrate, CalibConfig};
+use common::{eval_tokens, home, model, small_calib_config};
+use eval::calibrate::calibrate;
 use eval::ppl::{perplexity, PplOptions, Protocol};
 use kvcache::codebooks::Codebooks;
 use kvcache::rvq_cache::{RvqCache, RvqOptions, ValuePath};
 use rvq::rng::SplitMix64;
-use rvq::{Rvq, TrainConfig};
-
-fn small_config(tokens: usize) -> CalibConfig {
-    CalibConfig {
-        tokens,
-        train: TrainConfig {
-            size: 64,
-            stages: 2,
-            kmeans_sample: 4096,
-            kmeans_iters: 3,
-            batch: 256,
-            ..TrainConfig::paper()
-        },
-        ..CalibConfig::paper("wiki.utf8")
-    }
-}
+use rvq::Rvq;
 
 fn calib_tokens() -> Vec<u32> {
     let path = eval::assets::ensure_calib(&home(), "wiki.utf8").unwrap();
@@ -46,7 +31,7 @@ fn ppl(spec: &str) -> f64 {
 #[test]
 fn calibrated_cache_sits_between_f16_and_random_codebooks() {
     let dir = tempfile::tempdir().unwrap();
-    let (books, _) = calibrate(model(), &calib_tokens(), &small_config(1024), true).unwrap();
+    let (books, _) = calibrate(model(), &calib_tokens(), &small_calib_config(1024), true).unwrap();
     let trained = dir.path().join("trained.safetensors");
     books.save(&trained).unwrap();
 
@@ -128,13 +113,13 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
 #[test]
 fn calibration_is_deterministic_given_a_seed() {
     let tokens = calib_tokens();
-    let (a, _) = calibrate(model(), &tokens, &small_config(512), true).unwrap();
-    let (b, _) = calibrate(model(), &tokens, &small_config(512), true).unwrap();
+    let (a, _) = calibrate(model(), &tokens, &small_calib_config(512), true).unwrap();
+    let (b, _) = calibrate(model(), &tokens, &small_calib_config(512), true).unwrap();
     for (la, lb) in a.layers.iter().zip(&b.layers) {
         assert_eq!(la.keys, lb.keys);
         assert_eq!(la.values, lb.values);
     }
-    let mut other = small_config(512);
+    let mut other = small_calib_config(512);
     other.train.seed = 1;
     let (c, _) = calibrate(model(), &tokens, &other, true).unwrap();
     assert_ne!(
@@ -146,7 +131,8 @@ fn calibration_is_deterministic_given_a_seed() {
 #[test]
 fn codebooks_of_another_model_or_corrupted_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut books, _) = calibrate(model(), &calib_tokens(), &small_config(512), true).unwrap();
+    let (mut books, _) =
+        calibrate(model(), &calib_tokens(), &small_calib_config(512), true).unwrap();
     books.meta.model.file_sha256 = "0".repeat(64);
     let path = dir.path().join("other.safetensors");
     books.save(&path).unwrap();

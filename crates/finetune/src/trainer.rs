@@ -291,11 +291,7 @@ impl Trainer {
         let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
         let mut push = |name: String, t: &Tensor| -> Result<()> {
             let v = t.flatten_all()?.to_vec1::<f32>()?;
-            tensors.push((
-                name,
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                t.dims().to_vec(),
-            ));
+            tensors.push((name, rvq::io::f32_to_le_bytes(&v), t.dims().to_vec()));
             Ok(())
         };
         for (i, (name, var)) in self.net.vars.iter().enumerate() {
@@ -381,12 +377,7 @@ impl Trainer {
             if v.dtype() != Dtype::F32 {
                 bail!("{name} is not f32");
             }
-            let data = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            Ok((data, v.shape().to_vec()))
+            Ok((rvq::io::f32_from_le_bytes(v.data()), v.shape().to_vec()))
         };
         let mut ema = vec![(None, None); books.layers.len()];
         for (l, layer) in books.layers.iter().enumerate() {

@@ -33,8 +33,11 @@ impl WeightsDelta {
         for name in names {
             let t = &self.tensors[name];
             let values = t.flatten_all()?.to_vec1::<f32>()?;
-            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            tensors.push((name.clone(), bytes, t.dims().to_vec()));
+            tensors.push((
+                name.clone(),
+                rvq::io::f32_to_le_bytes(&values),
+                t.dims().to_vec(),
+            ));
         }
         let metadata = HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
@@ -74,11 +77,7 @@ impl WeightsDelta {
             if view.dtype() != Dtype::F32 {
                 return Err(err(format!("tensor {name} is {:?}, not f32", view.dtype())));
             }
-            let values: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let values = rvq::io::f32_from_le_bytes(view.data());
             if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
                 return Err(err(format!(
                     "tensor {name} holds a non-finite value at {bad}"

@@ -7,15 +7,24 @@ use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::Path;
 
+/// f32 values as the little-endian bytes safetensors stores.
+pub fn f32_to_le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Little-endian f32 bytes (a safetensors F32 view's data) back to values.
+pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
 /// Tensors of one quantizer under `prefix`, as (name, little-endian f32 bytes, shape).
 pub fn tensors(rvq: &Rvq, prefix: &str) -> Vec<(String, Vec<u8>, Vec<usize>)> {
     (0..rvq.stages())
         .map(|k| {
-            let bytes = rvq
-                .codebook(k)
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
+            let bytes = f32_to_le_bytes(rvq.codebook(k));
             (
                 format!("{prefix}stage.{k}"),
                 bytes,
@@ -52,12 +61,7 @@ pub fn from_safetensors(st: &SafeTensors, prefix: &str, stages: usize, path: &st
             )));
         }
         shape = Some(s);
-        let values: Vec<f32> = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        codebooks.push(values);
+        codebooks.push(f32_from_le_bytes(t.data()));
     }
     let (size, dim) = shape.ok_or_else(|| err("no stages".into()))?;
     Rvq::from_codebooks(dim, size, codebooks).map_err(|e| err(e.to_string()))

@@ -89,3 +89,19 @@ pub fn assert_logits_close(ours: &[f32], theirs: &[f32], range_fraction: f32, mi
     let corr = cov / (va * vb).sqrt();
     assert!(corr > min_corr, "correlation {corr}");
 }
+
+/// A calibration small enough for tests: `tokens` tokens, 2 stages of 64 codewords.
+pub fn small_calib_config(tokens: usize) -> eval::calibrate::CalibConfig {
+    eval::calibrate::CalibConfig {
+        tokens,
+        train: rvq::TrainConfig {
+            size: 64,
+            stages: 2,
+            kmeans_sample: 4096,
+            kmeans_iters: 3,
+            batch: 256,
+            ..rvq::TrainConfig::paper()
+        },
+        ..eval::calibrate::CalibConfig::paper("wiki.utf8")
+    }
+}
