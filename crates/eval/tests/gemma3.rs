@@ -3,7 +3,9 @@
 //! forget, perplexity against llama.cpp, calibration and the RVQ cache.
 
 mod common;
-use common::{assert_logits_close, gemma3, gemma3_eval_tokens, home, model, small_calib_config};
+use common::{
+    assert_logits_close, candle_logits, gemma3, gemma3_eval_tokens, home, model, small_calib_config,
+};
 use eval::calibrate::calibrate;
 use eval::ppl::{perplexity, PplOptions, Protocol};
 
@@ -56,7 +58,7 @@ fn chat_template_is_gemmas_and_end_of_turn_stops() {
 /// GELU is the right one is checked against llama.cpp's perplexity below.
 #[test]
 fn logits_match_candle_transformers_quantized_gemma3_but_for_its_activation() {
-    use candle_core::{Device, Tensor};
+    use candle_core::Device;
     use candle_transformers::models::quantized_gemma3::ModelWeights;
     use llm::transformer::Activation;
     let mut m = llm::Model::load(&gemma3().path).unwrap();
@@ -74,17 +76,7 @@ fn logits_match_candle_transformers_quantized_gemma3_but_for_its_activation() {
     let mut f = std::fs::File::open(&m.path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let mut reference = ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
-    let input = Tensor::new(tokens.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let theirs: Vec<f32> = reference
-        .forward(&input, 0)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let theirs = candle_logits(&tokens, |input, pos| reference.forward(input, pos));
     assert_logits_close(&ours, &theirs, 0.025, 0.999);
 }
 

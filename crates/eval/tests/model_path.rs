@@ -2,7 +2,7 @@
 //! independent references: llama.cpp's tokenizer and perplexity, candle-transformers' forward.
 
 mod common;
-use common::{assert_logits_close, eval_tokens, home, model};
+use common::{assert_logits_close, candle_logits, eval_tokens, home, model};
 use eval::ppl::{perplexity, PplOptions, Protocol};
 
 /// Token ids produced once with llama.cpp's own tokenizer (llama-tokenize from the llama.cpp
@@ -68,7 +68,7 @@ fn chat_template_renders_chatml() {
 /// the same argmax and max |Δlogit| below 2.5% of the logits' range, plus correlation > 0.999.
 #[test]
 fn logits_match_candle_transformers_quantized_llama() {
-    use candle_core::{Device, Tensor};
+    use candle_core::Device;
     use candle_transformers::models::quantized_llama::ModelWeights;
     let m = model();
     let tokens = m
@@ -85,17 +85,7 @@ fn logits_match_candle_transformers_quantized_llama() {
     let mut f = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let mut reference = ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
-    let input = Tensor::new(tokens.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let theirs: Vec<f32> = reference
-        .forward(&input, 0)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let theirs = candle_logits(&tokens, |input, pos| reference.forward(input, pos));
 
     assert_logits_close(&ours, &theirs, 0.025, 0.999);
 }

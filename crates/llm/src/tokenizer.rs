@@ -42,41 +42,33 @@ pub struct Tokenizer {
 /// End-of-turn markers of the chat formats we know (ChatML, Gemma, Llama 3).
 const END_OF_TURN: [&str; 3] = ["<|im_end|>", "<end_of_turn>", "<|eot_id|>"];
 
-fn strings(v: &Value, key: &str) -> Result<Vec<String>> {
+/// A metadata array, each element converted by `convert` (`what` names the element type).
+fn array<T>(
+    v: &Value,
+    key: &str,
+    what: &str,
+    convert: impl Fn(&Value) -> Option<T>,
+) -> Result<Vec<T>> {
     let arr = v
         .to_vec()
         .map_err(|_| LlmError::Metadata(format!("'{key}' is not an array")))?;
     arr.iter()
         .map(|x| {
-            x.to_string()
-                .cloned()
-                .map_err(|_| LlmError::Metadata(format!("'{key}' holds a non-string")))
+            convert(x).ok_or_else(|| LlmError::Metadata(format!("'{key}' holds a non-{what}")))
         })
         .collect()
+}
+
+fn strings(v: &Value, key: &str) -> Result<Vec<String>> {
+    array(v, key, "string", |x| x.to_string().ok().cloned())
 }
 
 fn floats(v: &Value, key: &str) -> Result<Vec<f32>> {
-    let arr = v
-        .to_vec()
-        .map_err(|_| LlmError::Metadata(format!("'{key}' is not an array")))?;
-    arr.iter()
-        .map(|x| {
-            x.to_f32()
-                .map_err(|_| LlmError::Metadata(format!("'{key}' holds a non-f32")))
-        })
-        .collect()
+    array(v, key, "f32", |x| x.to_f32().ok())
 }
 
 fn ints(v: &Value, key: &str) -> Result<Vec<i32>> {
-    let arr = v
-        .to_vec()
-        .map_err(|_| LlmError::Metadata(format!("'{key}' is not an array")))?;
-    arr.iter()
-        .map(|x| {
-            x.to_i32()
-                .map_err(|_| LlmError::Metadata(format!("'{key}' holds a non-i32")))
-        })
-        .collect()
+    array(v, key, "i32", |x| x.to_i32().ok())
 }
 
 /// Byte-level BPE (`gpt2`): vocabulary and merges from the metadata, the pre-tokenizer that

@@ -105,3 +105,18 @@ pub fn small_calib_config(tokens: usize) -> eval::calibrate::CalibConfig {
         ..eval::calibrate::CalibConfig::paper("wiki.utf8")
     }
 }
+
+/// Last-position logits of a candle-transformers reference model: `forward(input, 0)` on
+/// `tokens` as a [1, n] batch, flattened.
+pub fn candle_logits(
+    tokens: &[u32],
+    forward: impl FnOnce(&candle_core::Tensor, usize) -> candle_core::Result<candle_core::Tensor>,
+) -> Vec<f32> {
+    let input = candle_core::Tensor::new(tokens, &candle_core::Device::Cpu)
+        .and_then(|t| t.unsqueeze(0))
+        .expect("input tensor");
+    forward(&input, 0)
+        .and_then(|l| l.flatten_all())
+        .and_then(|l| l.to_vec1())
+        .expect("reference forward")
+}
