@@ -6,7 +6,7 @@ use common::{eval_tokens, home, model, small_calib_config};
 use eval::calibrate::calibrate;
 use eval::ppl::{perplexity, PplOptions, Protocol};
 use kvcache::codebooks::Codebooks;
-use kvcache::rvq_cache::{RvqCache, RvqOptions, ValuePath};
+use kvcache::rvq_cache::{KeyPath, RvqCache, RvqOptions, ValuePath};
 use rvq::rng::SplitMix64;
 use rvq::Rvq;
 
@@ -76,10 +76,11 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
     assert!((m.bits_per_element() - 0.625).abs() < 1e-12);
     assert_eq!(m.fixed_bytes, 30 * 2 * 2 * 64 * 32 * 4);
 
-    // On one cache state, attention on values through per-stage histograms gives the logits that
-    // decoding gives. (Two separate runs would not compare: a float-level difference in one
-    // layer can flip a code of a later layer's key, and RVQ amplifies that — the recent window
-    // keeps the new token out of the codes here.)
+    // On one cache state, attention on codes (keys decoded, rotated and multiplied in group
+    // order; values through per-stage histograms) gives the logits that decoding gives. (Two
+    // separate runs would not compare: a float-level difference in one layer can flip a code of
+    // a later layer's key, and RVQ amplifies that — the recent window keeps the new token out of
+    // the codes here.)
     let tokens = &eval_tokens()[..41];
     let books = std::sync::Arc::new(Codebooks::load(&trained).unwrap());
     let config = model().cache_config(false).unwrap();
@@ -93,21 +94,23 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
     model()
         .forward(&tokens[..40], 0, &mut decode, Some(1))
         .unwrap();
-    let mut histogram = decode.clone();
+    let mut on_codes = decode.clone();
+    decode.set_key_path(KeyPath::Decode);
     decode.set_value_path(ValuePath::Decode);
-    histogram.set_value_path(ValuePath::Histogram);
+    on_codes.set_key_path(KeyPath::Fused);
+    on_codes.set_value_path(ValuePath::Histogram);
     let a = model()
         .forward(&tokens[40..], 40, &mut decode, Some(1))
         .unwrap();
     let b = model()
-        .forward(&tokens[40..], 40, &mut histogram, Some(1))
+        .forward(&tokens[40..], 40, &mut on_codes, Some(1))
         .unwrap();
     let worst = a
         .iter()
         .zip(&b)
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
-    assert!(worst < 2e-3, "histogram vs decode logits differ by {worst}");
+    assert!(worst < 2e-3, "codes vs decode logits differ by {worst}");
 }
 
 #[test]

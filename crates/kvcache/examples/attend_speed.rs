@@ -83,7 +83,15 @@ fn main() {
     let mut base = 0.0;
     println!("| cache | attend ms (1 query, {ctx} keys; fastest of {reps}) | speed vs f16 |\n|---|---:|---:|");
     let mut rows = vec![];
+    // `ONLY=rvq` times one cache (for profiling).
+    let only = std::env::var("ONLY").ok();
     for (name, cache) in caches.iter_mut() {
+        if only
+            .as_deref()
+            .is_some_and(|o| o != *name && *name != "f16")
+        {
+            continue;
+        }
         cache.append(0, &k, &v).unwrap();
         let queries = Queries {
             q: &q,

@@ -75,6 +75,11 @@ pub fn check_queries<C: KvCache + ?Sized>(
 /// are used, instead of materialising the whole context densely.
 pub const KEY_BLOCK: usize = 256;
 
+/// Scores one KV head's query rows against a span of keys: `q` [rows, hd] (queries already
+/// rotated, channel order) and positions `span` → `scores` [rows, span.len()] = q · RoPE(k_t).
+pub type KeyScorer<'a> =
+    dyn Fn(usize, &[f32], Range<usize>, &mut [f32]) -> Result<(), CacheError> + Sync + 'a;
+
 /// Turns one KV head's attention weights into outputs: `probs` [rows, n] over positions
 /// `first_key..first_key + n` (zero outside each row's mask) → `out` [rows, hd].
 pub type ValueReducer<'a> =
@@ -88,10 +93,31 @@ pub fn dense_attention<C: KvCache + ?Sized>(
     out: &mut [f32],
 ) -> Result<(), CacheError> {
     let hd = cache.shape().head_dim;
+    let score = |h: usize, q: &[f32], span: Range<usize>, scores: &mut [f32]| {
+        dense_key_scores(cache, layer, h, q, span, scores)
+    };
     let reduce = |h: usize, probs: &[f32], first_key: usize, n: usize, out: &mut [f32]| {
         dense_values(cache, layer, h, probs, first_key, n, hd, out)
     };
-    attention_with(cache, layer, queries, out, &reduce)
+    attention_with(cache, layer, queries, out, &score, &reduce)
+}
+
+/// [`KeyScorer`] through dense reads: keys are read, rotated to their positions and multiplied.
+pub fn dense_key_scores<C: KvCache + ?Sized>(
+    cache: &C,
+    layer: usize,
+    head: usize,
+    q: &[f32],
+    span: Range<usize>,
+    scores: &mut [f32],
+) -> Result<(), CacheError> {
+    let hd = cache.shape().head_dim;
+    let (rows, len) = (q.len() / hd, span.len());
+    let mut keys = vec![0f32; len * hd];
+    cache.read_keys(layer, head, span.clone(), &mut keys)?;
+    cache.rope(layer).rotate_rows(&mut keys, span.start);
+    matmul_bt(rows, len, hd, q, &keys, scores);
+    Ok(())
 }
 
 /// Σ_t probs[r, t] · v_t over positions `first_key..first_key + n`, reading values in blocks.
@@ -145,13 +171,14 @@ pub fn accumulate_values(
     Ok(())
 }
 
-/// Causal attention whose scores come from keys read (and rotated) block by block, and whose
-/// values are reduced by `reduce_values`, so a backend can reduce on its compressed form.
+/// Causal attention whose scores come from `score_keys` block by block and whose values are
+/// reduced by `reduce_values`, so a backend can do both on its compressed form.
 pub fn attention_with<C: KvCache + ?Sized>(
     cache: &C,
     layer: usize,
     queries: &Queries,
     out: &mut [f32],
+    score_keys: &KeyScorer,
     reduce_values: &ValueReducer,
 ) -> Result<(), CacheError> {
     check_queries(cache, layer, queries, out)?;
@@ -166,7 +193,10 @@ pub fn attention_with<C: KvCache + ?Sized>(
     // One task per KV head; each returns its [tokens, group, head_dim] slab.
     let per_head: Vec<Result<Vec<f32>, CacheError>> = (0..kv_heads)
         .into_par_iter()
-        .map(|h| attend_one_head(cache, layer, queries, h, group, first_key, reduce_values))
+        .map(|h| {
+            let heads = (h, group);
+            attend_one_head(hd, queries, heads, first_key, score_keys, reduce_values)
+        })
         .collect();
 
     for (h, slab) in per_head.into_iter().enumerate() {
@@ -182,22 +212,18 @@ pub fn attention_with<C: KvCache + ?Sized>(
     Ok(())
 }
 
-/// Softmax attention of the `group` query heads of KV head `h` over positions `first_key..`.
-/// Returns [tokens, group, hd].
-fn attend_one_head<C: KvCache + ?Sized>(
-    cache: &C,
-    layer: usize,
+/// Softmax attention of the `group` query heads of KV head `h` (`heads` = (h, group)) over
+/// positions `first_key..`. Returns [tokens, group, hd].
+fn attend_one_head(
+    hd: usize,
     queries: &Queries,
-    h: usize,
-    group: usize,
+    (h, group): (usize, usize),
     first_key: usize,
+    score_keys: &KeyScorer,
     reduce_values: &ValueReducer,
 ) -> Result<Vec<f32>, CacheError> {
-    let hd = cache.shape().head_dim;
-    let rope = cache.rope(layer);
     let n = queries.tokens;
     let mut result = vec![0f32; n * group * hd];
-    let mut keys = vec![0f32; KEY_BLOCK * hd];
     let mut i0 = 0;
     while i0 < n {
         let i1 = (i0 + QUERY_BLOCK).min(n);
@@ -217,11 +243,8 @@ fn attend_one_head<C: KvCache + ?Sized>(
         let mut block_scores = vec![0f32; rows * KEY_BLOCK.min(t_end)];
         for b0 in (0..t_end).step_by(KEY_BLOCK) {
             let len = KEY_BLOCK.min(t_end - b0);
-            let k = &mut keys[..len * hd];
-            cache.read_keys(layer, h, first_key + b0..first_key + b0 + len, k)?;
-            rope.rotate_rows(k, first_key + b0);
             let bs = &mut block_scores[..rows * len];
-            matmul_bt(rows, len, hd, &q, k, bs);
+            score_keys(h, &q, first_key + b0..first_key + b0 + len, bs)?;
             for r in 0..rows {
                 scores[r * t_end + b0..r * t_end + b0 + len]
                     .copy_from_slice(&bs[r * len..(r + 1) * len]);

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod codebooks;
 pub mod dense;
 pub mod rope;
+pub mod rvq_attention;
 pub mod rvq_cache;
 pub mod scalar;
 pub mod spec;
@@ -18,7 +19,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 pub use attention::Queries;
-pub use rope::{LayerRopes, Rope, RopeLayout};
+pub use rope::{GroupRope, LayerRopes, Rope, RopeLayout};
 pub use rvq::hadamard;
 
 #[derive(Debug, thiserror::Error)]

@@ -154,10 +154,126 @@ impl Rope {
         }
     }
 
+    /// cos and sin of every pair's angle at `pos` ([head_dim / 2] each).
+    #[inline]
+    pub fn angles(&self, pos: usize) -> (&[f32], &[f32]) {
+        let half = self.head_dim / 2;
+        (
+            &self.cos[pos * half..(pos + 1) * half],
+            &self.sin[pos * half..(pos + 1) * half],
+        )
+    }
+
+    /// The channel pairs `(a, b, angle)` this layout rotates: a' = a·cos − b·sin,
+    /// b' = a·sin + b·cos.
+    pub fn pairs(&self) -> Vec<(usize, usize, usize)> {
+        let half = self.head_dim / 2;
+        (0..half)
+            .map(|i| match self.layout {
+                RopeLayout::Interleaved => (2 * i, 2 * i + 1, i),
+                RopeLayout::HalfSplit => (i, i + half, i),
+            })
+            .collect()
+    }
+
     /// Rotates consecutive head vectors `xs` ([n, head_dim]) to positions `first_pos..first_pos + n`.
     pub fn rotate_rows(&self, xs: &mut [f32], first_pos: usize) {
         for (i, row) in xs.chunks_exact_mut(self.head_dim).enumerate() {
             self.rotate(row, first_pos + i);
+        }
+    }
+}
+
+/// RoPE for a key held in a quantizer's group order (group g's channels one after another, see
+/// [`rvq::VectorLayout`]) instead of channel order, so that codes can be decoded, rotated and
+/// dotted with a query without being scattered back into channel order: the query is put in
+/// group order once instead.
+///
+/// Exists when the layout only permutes channels (no Hadamard rotation) and the permuted pairs
+/// take the form (b·B + m, b·B + B/2 + m) for blocks of some size B — true of every grouping
+/// the paper and this tool use (llama's interleaved pairs under strided groups of 32 of a
+/// 64-channel head: B = 64; gemma3's half-split pairs under strided groups: B = 32).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRope {
+    /// [head_dim]: group-order index → channel.
+    channel_of: Vec<usize>,
+    /// Pair block size B.
+    block: usize,
+    /// [head_dim / 2]: the angle of first-half element b·B/2 + m; `None` when it is that index.
+    angle_of: Option<Vec<usize>>,
+}
+
+impl GroupRope {
+    /// The group-order RoPE of keys laid out by `layout` under `rope`'s pairs, if there is one.
+    pub fn new(rope: &Rope, layout: &rvq::VectorLayout) -> Option<Self> {
+        let hd = rope.head_dim();
+        if layout.vector_dim != hd || layout.rotation.is_some() {
+            return None;
+        }
+        let d = layout.group_dim;
+        let channel_of: Vec<usize> = (0..hd).map(|j| layout.channel(j / d, j % d)).collect();
+        let mut index_of = vec![0; hd];
+        for (j, &c) in channel_of.iter().enumerate() {
+            index_of[c] = j;
+        }
+        let pairs = rope.pairs();
+        let (a0, b0, _) = pairs[0];
+        let block = 2 * index_of[b0].checked_sub(index_of[a0])?;
+        if block == 0 || !hd.is_multiple_of(block) {
+            return None;
+        }
+        let half = block / 2;
+        let mut angle_of = vec![usize::MAX; hd / 2];
+        for (a, b, angle) in pairs {
+            let (ja, jb) = (index_of[a], index_of[b]);
+            if ja % block >= half || jb != ja + half {
+                return None;
+            }
+            angle_of[ja / block * half + ja % block] = angle;
+        }
+        let identity = angle_of.iter().enumerate().all(|(k, &a)| a == k);
+        Some(Self {
+            channel_of,
+            block,
+            angle_of: (!identity).then_some(angle_of),
+        })
+    }
+
+    /// `out[j] = q[channel_of[j]]`: a query (or any vector) put in group order.
+    pub fn to_group_order(&self, q: &[f32], out: &mut [f32]) {
+        for (o, &c) in out.iter_mut().zip(&self.channel_of) {
+            *o = q[c];
+        }
+    }
+
+    /// Rotates `x` ([head_dim], group order) to position `pos`; `scratch` holds [head_dim] when
+    /// the angles need gathering.
+    #[inline(always)]
+    pub fn rotate(&self, rope: &Rope, x: &mut [f32], pos: usize, scratch: &mut [f32]) {
+        let (cos, sin) = rope.angles(pos);
+        let (cos, sin) = match &self.angle_of {
+            None => (cos, sin),
+            Some(angle_of) => {
+                let (c, s) = scratch.split_at_mut(angle_of.len());
+                for (&a, (ck, sk)) in angle_of.iter().zip(c.iter_mut().zip(s.iter_mut())) {
+                    *ck = cos[a];
+                    *sk = sin[a];
+                }
+                (&*c, &*s)
+            }
+        };
+        let half = self.block / 2;
+        for ((x, cos), sin) in x
+            .chunks_exact_mut(self.block)
+            .zip(cos.chunks_exact(half))
+            .zip(sin.chunks_exact(half))
+        {
+            let (lo, hi) = x.split_at_mut(half);
+            for m in 0..half {
+                let (a, b) = (lo[m], hi[m]);
+                lo[m] = a * cos[m] - b * sin[m];
+                hi[m] = a * sin[m] + b * cos[m];
+            }
         }
     }
 }
@@ -208,6 +324,63 @@ mod tests {
                 assert!((n0 - n1).abs() < 1e-4);
             }
         }
+    }
+
+    #[test]
+    fn group_order_rope_equals_channel_rope_put_in_group_order() {
+        use rvq::{Grouping, VectorLayout};
+        let mut seen = 0;
+        for (hd, d) in [
+            (64, 32),
+            (256, 32),
+            (128, 32),
+            (64, 16),
+            (8, 2),
+            (6, 3),
+            (8, 4),
+        ] {
+            for grouping in [Grouping::Strided, Grouping::Contiguous] {
+                for rope_layout in [RopeLayout::Interleaved, RopeLayout::HalfSplit] {
+                    let rope = Rope::new(hd, 10000.0, 40, rope_layout);
+                    let layout = VectorLayout::new(hd, d, grouping, true).unwrap();
+                    let Some(gr) = GroupRope::new(&rope, &layout) else {
+                        continue;
+                    };
+                    seen += 1;
+                    let x: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.71).sin()).collect();
+                    let mut scratch = vec![0f32; hd];
+                    for pos in [0, 3, 39] {
+                        let mut want = x.clone();
+                        rope.rotate(&mut want, pos);
+                        let mut want_g = vec![0f32; hd];
+                        gr.to_group_order(&want, &mut want_g);
+                        let mut got = vec![0f32; hd];
+                        gr.to_group_order(&x, &mut got);
+                        gr.rotate(&rope, &mut got, pos, &mut scratch);
+                        let what = format!("{hd}/{d} {grouping:?} {rope_layout:?} pos {pos}");
+                        assert_eq!(got, want_g, "{what}");
+                    }
+                }
+            }
+        }
+        // All but one (6 channels in strided groups of 3 under half-split pairs: pair (0, 3)
+        // sits at offset 0 of group 0 and offset 1 of group 1) — and the paper's and gemma3's
+        // shapes have one:
+        assert_eq!(seen, 27);
+        for (hd, rope_layout) in [(64, RopeLayout::Interleaved), (256, RopeLayout::HalfSplit)] {
+            let rope = Rope::new(hd, 10000.0, 4, rope_layout);
+            let layout = VectorLayout::new(hd, 32, Grouping::Strided, true).unwrap();
+            assert!(GroupRope::new(&rope, &layout).is_some());
+        }
+        let rope = Rope::new(64, 10000.0, 4, RopeLayout::Interleaved);
+        let layout = VectorLayout::new(64, 32, Grouping::Strided, true)
+            .unwrap()
+            .with_rotation(Some(rvq::hadamard::Hadamard::largest_block(64).unwrap()))
+            .unwrap();
+        assert!(
+            GroupRope::new(&rope, &layout).is_none(),
+            "a rotation mixes channels"
+        );
     }
 
     #[test]

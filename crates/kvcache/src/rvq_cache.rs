@@ -3,9 +3,10 @@
 //! (attention sinks) and the last `recent` tokens, which are encoded when they leave the window.
 
 use crate::codebooks::Codebooks;
+use crate::rvq_attention;
 use crate::{
-    attention, check_append, check_read, CacheError, CacheShape, KvCache, LayerRopes, MemoryReport,
-    Part, Queries, Rope,
+    attention, check_append, check_read, CacheError, CacheShape, GroupRope, KvCache, LayerRopes,
+    MemoryReport, Part, Queries, Rope,
 };
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -28,6 +29,30 @@ pub struct RvqOptions {
     pub stages: Option<usize>,
     /// How attention reduces coded values.
     pub values: ValuePath,
+    /// How attention scores coded keys.
+    pub keys: KeyPath,
+}
+
+/// How attention scores queries against coded keys.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeyPath {
+    /// Decode, rotate and multiply in the quantizer's group order, block by block (see
+    /// [`rvq_attention::key_scores`]); falls back to `Decode` for layouts that mix channels.
+    #[default]
+    Fused,
+    /// Decode into dense keys in channel order, rotate, multiply (the reference path).
+    Decode,
+}
+
+impl std::str::FromStr for KeyPath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fused" => Ok(Self::Fused),
+            "decode" => Ok(Self::Decode),
+            o => Err(format!("keys={o}: expected fused or decode")),
+        }
+    }
 }
 
 /// How attention turns weights over coded values into outputs.
@@ -64,6 +89,7 @@ impl Default for RvqOptions {
             quantize_values: true,
             stages: None,
             values: ValuePath::Auto,
+            keys: KeyPath::Fused,
         }
     }
 }
@@ -84,12 +110,27 @@ struct HeadStore {
     recent: Vec<f16>,
 }
 
+impl HeadStore {
+    /// Codes ([n, groups·stages]) and scales of stored code rows `first..first + n`.
+    fn unpack(&self, first: usize, n: usize, codes: &mut Vec<u16>, scales: &mut Vec<f32>) {
+        let row = self.codes.codes_per_row();
+        codes.resize(n * row, 0);
+        for (i, c) in codes.chunks_exact_mut(row).enumerate() {
+            self.codes.get(first + i, c);
+        }
+        scales.clear();
+        scales.extend(self.scales[first..first + n].iter().map(|s| s.to_f32()));
+    }
+}
+
 /// Keys or values of one layer.
 #[derive(Clone, Debug)]
 struct PartStore {
     /// `None`: stored in f16 in full.
     /// Shared, so that copying a cache (one per choice in `mc`) does not copy codebooks.
     quant: Option<(Arc<Rvq>, VectorLayout)>,
+    /// Keys whose layout only permutes channels: RoPE in the quantizer's group order.
+    group_rope: Option<GroupRope>,
     heads: Vec<HeadStore>,
 }
 
@@ -153,15 +194,22 @@ impl RvqCache {
             };
             Ok(PartStore {
                 quant,
+                group_rope: None,
                 heads: vec![head; shape.kv_heads],
             })
         };
         let parts = books
             .layers
             .iter()
-            .map(|b| {
+            .enumerate()
+            .map(|(l, b)| {
+                let mut keys = part(b.keys.as_ref(), books.key_layout(), options.quantize_keys)?;
+                keys.group_rope = keys
+                    .quant
+                    .as_ref()
+                    .and_then(|(_, layout)| GroupRope::new(rope.layer(l), layout));
                 Ok([
-                    part(b.keys.as_ref(), books.key_layout(), options.quantize_keys)?,
+                    keys,
                     part(
                         b.values.as_ref(),
                         books.value_layout(),
@@ -188,6 +236,11 @@ impl RvqCache {
     /// Switches how attention reduces coded values (to compare the paths on one cache state).
     pub fn set_value_path(&mut self, path: ValuePath) {
         self.options.values = path;
+    }
+
+    /// Switches how attention scores coded keys (to compare the paths on one cache state).
+    pub fn set_key_path(&mut self, path: KeyPath) {
+        self.options.keys = path;
     }
 }
 
@@ -302,17 +355,10 @@ impl PartStore {
         let coded = clip(a, b);
         if !coded.is_empty() {
             let (q, layout) = self.quant.as_ref().expect("codes imply a quantizer");
-            let row = layout.groups() * q.stages();
             // Callers check that no dropped position is asked for.
             let first = coded.start - a - store.dropped;
-            let mut codes = vec![0u16; coded.len() * row];
-            for (i, c) in codes.chunks_exact_mut(row).enumerate() {
-                store.codes.get(first + i, c);
-            }
-            let scales: Vec<f32> = store.scales[first..first + coded.len()]
-                .iter()
-                .map(|s| s.to_f32())
-                .collect();
+            let (mut codes, mut scales) = (vec![], vec![]);
+            store.unpack(first, coded.len(), &mut codes, &mut scales);
             layout.decode_rows(q, &scales, &codes, &mut out[dst(&coded)]);
         }
         let recent = clip(b, usize::MAX);
@@ -322,6 +368,75 @@ impl PartStore {
                 &mut out[dst(&recent)],
             );
         }
+    }
+
+    /// Scores of `q` ([rows, hd], rotated, channel order) against the keys of `span` (see
+    /// [`attention::KeyScorer`]): coded positions through the fused kernel when the layout
+    /// allows it, windows (and everything otherwise) through dense reads.
+    fn score_keys(
+        &self,
+        path: KeyPath,
+        head: usize,
+        q: &[f32],
+        span: Range<usize>,
+        rope: &Rope,
+        scores: &mut [f32],
+    ) {
+        let hd = rope.head_dim();
+        let (rows, len) = (q.len() / hd, span.len());
+        let (a, b) = self.spans(head, hd);
+        let coded = span.start.max(a)..span.end.min(b).max(span.start.max(a));
+        let fused = match (&self.quant, &self.group_rope, path) {
+            (Some((rvq, _)), Some(group_rope), KeyPath::Fused) if !coded.is_empty() => {
+                Some((rvq, group_rope))
+            }
+            _ => None,
+        };
+        // Dense scores of a sub-span into the columns it covers.
+        let dense = |sub: Range<usize>, scores: &mut [f32]| {
+            if sub.is_empty() {
+                return;
+            }
+            let mut keys = vec![0f32; sub.len() * hd];
+            self.read(head, sub.clone(), hd, &mut keys);
+            rope.rotate_rows(&mut keys, sub.start);
+            let mut part = vec![0f32; rows * sub.len()];
+            attention::matmul_bt(rows, sub.len(), hd, q, &keys, &mut part);
+            let at = sub.start - span.start;
+            for (r, p) in part.chunks_exact(sub.len()).enumerate() {
+                scores[r * len + at..r * len + at + sub.len()].copy_from_slice(p);
+            }
+        };
+        let Some((rvq, group_rope)) = fused else {
+            dense(span.clone(), scores);
+            return;
+        };
+        dense(span.start..coded.start, scores);
+        dense(coded.end..span.end, scores);
+        let store = &self.heads[head];
+        let (mut codes, mut scales) = (vec![], vec![]);
+        store.unpack(
+            coded.start - a - store.dropped,
+            coded.len(),
+            &mut codes,
+            &mut scales,
+        );
+        let mut q_groups = vec![0f32; q.len()];
+        for (qg, qr) in q_groups.chunks_exact_mut(hd).zip(q.chunks_exact(hd)) {
+            group_rope.to_group_order(qr, qg);
+        }
+        let at = coded.start - span.start;
+        rvq_attention::key_scores(
+            rvq,
+            group_rope,
+            rope,
+            &codes,
+            &scales,
+            coded.start,
+            &q_groups,
+            &mut scores[at..],
+            len,
+        );
     }
 
     /// Σ_t probs[r, t] · v_t over `first_key..first_key + n` (see [`attention::ValueReducer`]).
@@ -369,50 +484,38 @@ impl PartStore {
         dense_span(coded.end..end, out);
         let (q, layout) = self.quant.as_ref().expect("histogram implies a quantizer");
         let store = &self.heads[head];
-        let (k, groups, c, d) = (q.stages(), layout.groups(), q.size(), layout.group_dim);
+        let (groups, d) = (layout.groups(), layout.group_dim);
         // hist[stage·groups + g][code][r] = Σ_t p[r, t] · s_t over tokens t with that code.
-        let mut hist = vec![0f32; k * groups * c * rows];
-        let mut codes = vec![0u16; groups * k];
-        let mut w = vec![0f32; rows];
-        for t in coded.clone() {
-            let i = t - a - store.dropped;
-            store.codes.get(i, &mut codes);
-            let s = store.scales[i].to_f32();
-            for (r, wr) in w.iter_mut().enumerate() {
-                *wr = probs[r * n + t - first_key] * s;
-            }
-            for g in 0..groups {
-                for st in 0..k {
-                    let code = codes[g * k + st] as usize;
-                    let at = ((st * groups + g) * c + code) * rows;
-                    for (h, &wr) in hist[at..at + rows].iter_mut().zip(&w) {
-                        *h += wr;
-                    }
-                }
+        let mut hist = vec![0f32; rvq_attention::histogram_len(q, groups, rows)];
+        let lanes = rows.next_multiple_of(rvq_attention::HIST_LANES);
+        let (mut codes, mut scales) = (vec![], vec![]);
+        store.unpack(
+            coded.start - a - store.dropped,
+            coded.len(),
+            &mut codes,
+            &mut scales,
+        );
+        let mut weights = vec![0f32; coded.len() * lanes];
+        for ((t, &s), w) in coded
+            .clone()
+            .zip(&scales)
+            .zip(weights.chunks_exact_mut(lanes))
+        {
+            for (r, w) in w[..rows].iter_mut().enumerate() {
+                *w = probs[r * n + t - first_key] * s;
             }
         }
-        // Each histogram times its codebook, Σ_c hist[c][r] · C_st[c] → group g of row r. A
-        // hand loop: with a handful of rows a matrix-product library spends more time packing
-        // the codebook than multiplying.
+        rvq_attention::value_histograms(q, groups, &codes, &weights, &mut hist);
+        // [rows, groups·d] in group order → channel order.
+        let mut sums = vec![0f32; rows * groups * d];
+        rvq_attention::histograms_times_codebooks(q, groups, &hist, rows, &mut sums);
         let mut coded_out = vec![0f32; rows * hd];
-        let mut sum = vec![0f32; rows * d];
-        for g in 0..groups {
-            sum.fill(0.0);
-            for st in 0..k {
-                let book = q.codebook(st);
-                let h = &hist[(st * groups + g) * c * rows..][..c * rows];
-                for (code, weights) in h.chunks_exact(rows).enumerate() {
-                    let cw = &book[code * d..(code + 1) * d];
-                    for (acc, &wr) in sum.chunks_exact_mut(d).zip(weights) {
-                        if wr != 0.0 {
-                            axpy(acc, wr, cw);
-                        }
-                    }
-                }
-            }
-            for r in 0..rows {
-                let o = &mut coded_out[r * hd..(r + 1) * hd];
-                layout.write_group(g, &sum[r * d..(r + 1) * d], 1.0, o);
+        for (o, s) in coded_out
+            .chunks_exact_mut(hd)
+            .zip(sums.chunks_exact(groups * d))
+        {
+            for (g, group) in s.chunks_exact(d).enumerate() {
+                layout.write_group(g, group, 1.0, o);
             }
         }
         for (o, x) in out.chunks_exact_mut(hd).zip(coded_out.chunks_exact_mut(hd)) {
@@ -462,23 +565,6 @@ fn histogram_is_cheaper(rows: usize, n: usize, q: &Rvq, layout: &VectorLayout) -
     histogram < decode
 }
 
-/// `acc += a · x`, unrolled for the paper's d = 32.
-#[inline]
-fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
-    if let (Ok(acc), Ok(x)) = (
-        <&mut [f32; 32]>::try_from(&mut *acc),
-        <&[f32; 32]>::try_from(x),
-    ) {
-        for j in 0..32 {
-            acc[j] += a * x[j];
-        }
-        return;
-    }
-    for (s, v) in acc.iter_mut().zip(x) {
-        *s += a * v;
-    }
-}
-
 fn copy_f16(src: &[f16], dst: &mut [f32]) {
     src.convert_to_f32_slice(dst);
 }
@@ -509,6 +595,9 @@ impl KvCache for RvqCache {
             ValuePath::Auto => {}
             ValuePath::Decode => s += ",values=decode",
             ValuePath::Histogram => s += ",values=histogram",
+        }
+        if o.keys == KeyPath::Decode {
+            s += ",keys=decode";
         }
         match (o.quantize_keys, o.quantize_values) {
             (true, false) => s += ",only=k",
@@ -564,12 +653,17 @@ impl KvCache for RvqCache {
 
     fn attend(&self, layer: usize, queries: &Queries, out: &mut [f32]) -> Result<(), CacheError> {
         let hd = self.shape.head_dim;
-        let values = &self.parts[layer][Part::Values as usize];
+        let [keys, values] = &self.parts[layer];
+        let rope = self.rope.layer(layer);
+        let score = |h: usize, q: &[f32], span: Range<usize>, scores: &mut [f32]| {
+            keys.score_keys(self.options.keys, h, q, span, rope, scores);
+            Ok(())
+        };
         let reduce = |h: usize, probs: &[f32], first_key: usize, n: usize, o: &mut [f32]| {
             values.reduce_values(self.options.values, h, probs, first_key, n, hd, o);
             Ok(())
         };
-        attention::attention_with(self, layer, queries, out, &reduce)
+        attention::attention_with(self, layer, queries, out, &score, &reduce)
     }
 
     fn memory(&self) -> MemoryReport {
@@ -785,6 +879,109 @@ mod tests {
         }
     }
 
+    /// Paper-shaped groups (d = 32 of a 64-channel head, so the d = 32 fast paths run) with
+    /// small codebooks, one layer.
+    fn paper_shaped(keys: Grouping, seed: u64) -> (CacheShape, Codebooks) {
+        let mut rng = SplitMix64::new(seed);
+        let shape = CacheShape {
+            layers: 1,
+            kv_heads: 2,
+            head_dim: 64,
+        };
+        let part = |grouping| {
+            Some(PartSettings {
+                group_dim: 32,
+                grouping,
+                scaled: true,
+                rotation: None,
+            })
+        };
+        let meta = CodebookMeta {
+            model: ModelIdentity {
+                layers: 1,
+                head_dim: 64,
+                ..identity()
+            },
+            keys: part(keys),
+            values: part(Grouping::Contiguous),
+            skipped_layers: vec![],
+            calibration: serde_json::Value::Null,
+            reports: vec![(None, None)],
+        };
+        let layers = vec![LayerBooks {
+            keys: Some(random_rvq(&mut rng, 32, 37, 3)),
+            values: Some(random_rvq(&mut rng, 32, 37, 3)),
+        }];
+        (shape, Codebooks { meta, layers })
+    }
+
+    #[test]
+    fn fused_keys_and_value_histograms_equal_dense_attention_at_every_level() {
+        let tokens = 300; // crosses the 64- and 256-position blocks
+        let (k, v) = (data(tokens * 128, 21), data(tokens * 128, 22));
+        let q = data(tokens * 6 * 64, 23);
+        for (grouping, rope_layout) in [
+            (Grouping::Strided, RopeLayout::Interleaved),
+            (Grouping::Strided, RopeLayout::HalfSplit),
+            (Grouping::Contiguous, RopeLayout::Interleaved),
+        ] {
+            let (shape, b) = paper_shaped(grouping, 5);
+            let b = Arc::new(b);
+            let rope: Arc<LayerRopes> = Arc::new(Rope::new(64, 500.0, 400, rope_layout).into());
+            for (sinks, recent) in [(0, 0), (3, 20)] {
+                let cache_with = |keys, values| {
+                    let o = RvqOptions {
+                        sinks,
+                        recent,
+                        keys,
+                        values,
+                        ..RvqOptions::default()
+                    };
+                    let mut c =
+                        RvqCache::new(shape, rope.clone(), b.clone(), o, "x".into()).unwrap();
+                    c.append(0, &k, &v).unwrap();
+                    c
+                };
+                let reference_cache = cache_with(KeyPath::Decode, ValuePath::Decode);
+                let fast = cache_with(KeyPath::Fused, ValuePath::Histogram);
+                assert!(
+                    fast.parts[0][0].group_rope.is_some(),
+                    "{grouping:?} {rope_layout:?}"
+                );
+                for (first, rows, window) in [
+                    (tokens - 1, 1, None),
+                    (tokens - 3, 3, Some(100)),
+                    (0, tokens, None),
+                ] {
+                    let queries = Queries {
+                        q: &q[first * 384..(first + rows) * 384],
+                        tokens: rows,
+                        q_heads: 6,
+                        first_pos: first,
+                        scale: 0.125,
+                        window,
+                    };
+                    // Dense reads (`read` → RoPE → products): an independent reference.
+                    let mut want = vec![0f32; rows * 384];
+                    attention::dense_attention(&reference_cache, 0, &queries, &mut want).unwrap();
+                    let each = rvq::simd::at_each_level(|_| {
+                        let mut out = vec![0f32; rows * 384];
+                        fast.attend(0, &queries, &mut out).unwrap();
+                        out
+                    });
+                    for (level, out) in &each {
+                        for (a, r) in out.iter().zip(&want) {
+                            let what = format!("{grouping:?} {rope_layout:?} sinks {sinks} recent {recent} rows {rows} {level:?}");
+                            assert!((a - r).abs() < 1e-4 * (1.0 + r.abs()), "{what}: {a} vs {r}");
+                        }
+                    }
+                    // Every compiled version gives the same bits.
+                    assert!(each.iter().all(|(_, o)| *o == each[0].1));
+                }
+            }
+        }
+    }
+
     #[test]
     fn stages_option_uses_the_first_stages_only() {
         let b = Arc::new(books(2));
@@ -894,8 +1091,8 @@ mod tests {
             forgets.read_values(0, 1, 10..11, &mut buf).unwrap();
             keeps.read_values(0, 1, 10..11, &mut same).unwrap();
             assert_eq!(buf, same);
-            forgets.read_keys(0, 1, 0..1, &mut buf).unwrap(); // the sink stays
-                                                              // Truncating into the dropped codes leaves sink-only, consistent storage.
+            // The sink stays; truncating into the dropped codes leaves sink-only storage.
+            forgets.read_keys(0, 1, 0..1, &mut buf).unwrap();
             forgets.truncate(5);
             assert_eq!(forgets.memory().bytes, 2 * 2 * 16);
             forgets.truncate(0);

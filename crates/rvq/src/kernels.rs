@@ -12,11 +12,7 @@ pub fn dot_products(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], scores: 
     if m <= FEW_ROWS {
         // A decode step's few query rows: packing b for a matrix product would cost more than
         // the products themselves.
-        for (j, bj) in b.chunks_exact(k).take(n).enumerate() {
-            for i in 0..m {
-                scores[i * n + j] = dot(&a[i * k..(i + 1) * k], bj);
-            }
-        }
+        few_rows_dot_products(m, n, k, a, b, scores);
         return;
     }
     // b is [n, k]: column j of bᵀ starts at j·k, its rows are contiguous.
@@ -27,15 +23,7 @@ pub fn dot_products(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], scores: 
 pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
     if m <= FEW_ROWS {
-        c[..m * n].fill(0.0);
-        for (r, br) in b.chunks_exact(n).take(k).enumerate() {
-            for i in 0..m {
-                let w = a[i * k + r];
-                for (x, y) in c[i * n..(i + 1) * n].iter_mut().zip(br) {
-                    *x += w * y;
-                }
-            }
-        }
+        few_rows_matmul(m, n, k, a, b, c);
         return;
     }
     gemm_row_major(m, n, k, a, b, 1, n as isize, c);
@@ -44,9 +32,46 @@ pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32])
 /// Up to this many rows of `a`, the products are plain loops instead of a matrix product.
 const FEW_ROWS: usize = 4;
 
+crate::multiversion! {
+    fn few_rows_dot_products(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], scores: &mut [f32]) = few_rows_dot_products_body;
+}
+
+#[inline(always)]
+fn few_rows_dot_products_body(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    scores: &mut [f32],
+) {
+    for (j, bj) in b.chunks_exact(k).take(n).enumerate() {
+        for i in 0..m {
+            scores[i * n + j] = dot(&a[i * k..(i + 1) * k], bj);
+        }
+    }
+}
+
+crate::multiversion! {
+    fn few_rows_matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) = few_rows_matmul_body;
+}
+
+#[inline(always)]
+fn few_rows_matmul_body(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    c[..m * n].fill(0.0);
+    for (r, br) in b.chunks_exact(n).take(k).enumerate() {
+        for i in 0..m {
+            let w = a[i * k + r];
+            for (x, y) in c[i * n..(i + 1) * n].iter_mut().zip(br) {
+                *x += w * y;
+            }
+        }
+    }
+}
+
 /// Dot product with 8 independent partial sums (vectorizes; same order on every run).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
@@ -135,40 +160,10 @@ pub fn nearest(x: &[f32], d: usize, codebook: &[f32], norms: &[f32]) -> (Vec<u32
     (idx, dist)
 }
 
-/// argmin over j of norms[j] − 2·dots[j]; returns (j, value), ties to the lowest j.
-/// Dispatches at run time to an AVX-512 or AVX2 build of the same loop; the portable build
-/// is used elsewhere and is what the tests compare the fast ones against.
-#[inline]
-pub fn argmin_half_norm(dots: &[f32], norms: &[f32]) -> (usize, f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features this build was compiled for.
-            return unsafe { argmin_avx512(dots, norms) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above.
-            return unsafe { argmin_avx2(dots, norms) };
-        }
-    }
-    argmin_portable(dots, norms)
-}
-
-pub fn argmin_portable(dots: &[f32], norms: &[f32]) -> (usize, f32) {
-    argmin_lanes(dots, norms)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn argmin_avx2(dots: &[f32], norms: &[f32]) -> (usize, f32) {
-    argmin_lanes(dots, norms)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn argmin_avx512(dots: &[f32], norms: &[f32]) -> (usize, f32) {
-    argmin_lanes(dots, norms)
+crate::multiversion! {
+    /// argmin over j of norms[j] − 2·dots[j]; returns (j, value), ties to the lowest j.
+    /// Compiled per instruction set (see [`crate::simd`]); every level gives the same answer.
+    pub fn argmin_half_norm(dots: &[f32], norms: &[f32]) -> (usize, f32) = argmin_lanes;
 }
 
 /// Two passes that vectorise: the minimum over 16 independent lanes, then the first index
@@ -226,11 +221,17 @@ mod tests {
         ] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
             let b: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
-            let mut got = vec![0f32; m * n];
-            dot_products(m, n, k, &a, &b, &mut got); // b as [n, k]
-            let mut got_mm = vec![0f32; m * n];
             let bt: Vec<f32> = (0..k * n).map(|i| b[(i % n) * k + i / n]).collect(); // [k, n]
-            matmul(m, n, k, &a, &bt, &mut got_mm);
+            let each = crate::simd::at_each_level(|_| {
+                let mut got = vec![0f32; m * n];
+                dot_products(m, n, k, &a, &b, &mut got); // b as [n, k]
+                let mut got_mm = vec![0f32; m * n];
+                matmul(m, n, k, &a, &bt, &mut got_mm);
+                (got, got_mm)
+            });
+            // Every compiled version computes the same sums in the same order.
+            assert!(each.iter().all(|(_, r)| *r == each[0].1), "{m}x{n}x{k}");
+            let (got, got_mm) = &each[0].1;
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k)
@@ -247,13 +248,14 @@ mod tests {
     }
 
     #[test]
-    fn dispatched_argmin_equals_portable_including_ties() {
+    fn argmin_is_the_same_at_every_level_including_ties() {
         let mut rng = SplitMix64::new(8);
         for n in [1, 15, 16, 17, 2048, 2049] {
             let dots: Vec<f32> = (0..n).map(|_| (rng.below(50) as f32) * 0.25).collect();
             let norms: Vec<f32> = (0..n).map(|_| (rng.below(50) as f32) * 0.5).collect();
-            let fast = argmin_half_norm(&dots, &norms);
-            assert_eq!(fast, argmin_portable(&dots, &norms));
+            let all = crate::simd::at_each_level(|_| argmin_half_norm(&dots, &norms));
+            let fast = all[0].1;
+            assert!(all.iter().all(|(_, r)| *r == fast), "{all:?}");
             // Brute force: the lowest index of the minimum.
             let vals: Vec<f32> = dots.iter().zip(&norms).map(|(d, c)| c - 2.0 * d).collect();
             let m = vals.iter().cloned().fold(f32::INFINITY, f32::min);

@@ -199,24 +199,13 @@ impl VectorLayout {
     }
 
     /// Decodes many vectors: `scales` [n], `codes` [n, groups·stages] → `out` [n, vector_dim].
-    /// The fast path of [`decode_one`](Self::decode_one) (same sums, in the same order): it runs
-    /// stage by stage over all vectors, so each pass reads one codebook (256 KB at C = 2048,
-    /// d = 32) that stays in L2, instead of hopping between all K codebooks for every vector —
-    /// random codeword reads from L3 or memory are what decoding otherwise waits on.
+    /// The fast path of [`decode_one`](Self::decode_one) (same sums, in the same order): the
+    /// codewords are summed by [`sum_codewords`].
     pub fn decode_rows(&self, rvq: &Rvq, scales: &[f32], codes: &[u16], out: &mut [f32]) {
-        let (d, k, vd, groups) = (self.group_dim, rvq.stages(), self.vector_dim, self.groups());
-        let n = scales.len();
+        let (d, vd) = (self.group_dim, self.vector_dim);
         // acc [n, groups, d]: the summed codewords of every group of every vector.
-        let mut acc = vec![0f32; n * vd];
-        for st in 0..k {
-            let book = rvq.codebook(st);
-            for (c, a) in codes.chunks_exact(groups * k).zip(acc.chunks_exact_mut(vd)) {
-                for (g, a) in a.chunks_exact_mut(d).enumerate() {
-                    let code = c[g * k + st] as usize;
-                    add_codeword(a, &book[code * d..(code + 1) * d]);
-                }
-            }
-        }
+        let mut acc = vec![0f32; scales.len() * vd];
+        sum_codewords(rvq, self.groups(), codes, &mut acc);
         for ((a, &s), o) in acc
             .chunks_exact(vd)
             .zip(scales)
@@ -262,8 +251,42 @@ impl VectorLayout {
     }
 }
 
+crate::multiversion! {
+    /// `acc` [n, groups·d] = for every vector and group, Σ over stages of the codeword its code
+    /// names, where `codes` is [n, groups·stages] (group-major). No scale, no channel order: the
+    /// sums in group order, stage 0 first. One group at a time with its sum held in registers
+    /// across the stages (at d = 32): measured 1.5× faster than stage-by-stage passes that keep
+    /// one codebook in L2 but load and store the sums once per stage.
+    pub fn sum_codewords(rvq: &Rvq, groups: usize, codes: &[u16], acc: &mut [f32]) = sum_codewords_body;
+}
+
+#[inline(always)]
+fn sum_codewords_body(rvq: &Rvq, groups: usize, codes: &[u16], acc: &mut [f32]) {
+    let (d, k) = (rvq.dim(), rvq.stages());
+    assert_eq!(
+        codes.len() / (groups * k),
+        acc.len() / (groups * d),
+        "codes and sums disagree on n"
+    );
+    let books: Vec<&[f32]> = (0..k).map(|st| rvq.codebook(st)).collect();
+    for (a, c) in acc.chunks_exact_mut(d).zip(codes.chunks_exact(k)) {
+        if let Ok(a) = <&mut [f32; 32]>::try_from(&mut *a) {
+            let mut sum = [0f32; 32];
+            for (&code, book) in c.iter().zip(&books) {
+                add_codeword(&mut sum, &book[code as usize * 32..][..32]);
+            }
+            *a = sum;
+            continue;
+        }
+        a.fill(0.0);
+        for (&code, book) in c.iter().zip(&books) {
+            add_codeword(a, &book[code as usize * d..][..d]);
+        }
+    }
+}
+
 /// `acc += w`, unrolled for the paper's d = 32.
-#[inline]
+#[inline(always)]
 fn add_codeword(acc: &mut [f32], w: &[f32]) {
     if let (Ok(acc), Ok(w)) = (
         <&mut [f32; 32]>::try_from(&mut *acc),
@@ -374,12 +397,17 @@ mod tests {
                 .unwrap()
                 .with_rotation(rotate.then(|| Hadamard::largest_block(vd).unwrap()))
                 .unwrap();
-            let n = 7;
+            let n = 135;
             let row = layout.groups() * k;
             let codes: Vec<u16> = (0..n * row).map(|_| rng.below(c) as u16).collect();
-            let scales: Vec<f32> = (0..n).map(|i| 0.5 + i as f32).collect();
-            let mut fast = vec![0f32; n * vd];
-            layout.decode_rows(&rvq, &scales, &codes, &mut fast);
+            let scales: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32).collect();
+            let each = crate::simd::at_each_level(|_| {
+                let mut fast = vec![0f32; n * vd];
+                layout.decode_rows(&rvq, &scales, &codes, &mut fast);
+                fast
+            });
+            assert!(each.iter().all(|(_, r)| *r == each[0].1));
+            let fast = &each[0].1;
             let mut scratch = vec![0f32; vd];
             for i in 0..n {
                 let mut slow = vec![0f32; vd];

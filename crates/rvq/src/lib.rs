@@ -17,6 +17,7 @@ pub mod layout;
 pub mod pack;
 mod quantizer;
 pub mod rng;
+pub mod simd;
 pub mod train;
 
 pub use layout::{Grouping, VectorLayout};

@@ -93,6 +93,9 @@ impl PackedRows {
     pub fn row_bytes(&self) -> usize {
         self.row_bytes
     }
+    pub fn codes_per_row(&self) -> usize {
+        self.codes_per_row
+    }
     /// Bytes held (exactly rows × row_bytes).
     pub fn bytes(&self) -> usize {
         self.bytes.len()
