@@ -8,7 +8,7 @@
 //! Both loops are compiled per instruction set ([`rvq::multiversion!`]).
 
 use crate::rope::{GroupRope, Rope};
-use rvq::kernels::dot;
+use rvq::kernels::dot_products;
 use rvq::Rvq;
 
 /// Keys decoded per pass: their sums ([64, head_dim] f32) stay in L1 while being rotated and
@@ -48,22 +48,28 @@ fn key_scores_body(
     let groups = hd / rvq.dim();
     let row = groups * rvq.stages();
     let rows = q.len() / hd;
-    let mut keys = vec![0f32; KEY_BLOCK.min(scales.len()) * hd];
+    let block = KEY_BLOCK.min(scales.len());
+    let mut keys = vec![0f32; block * hd];
+    let mut block_scores = vec![0f32; rows * block];
     let mut scratch = vec![0f32; hd];
     for (b, (codes, scales)) in codes
         .chunks(KEY_BLOCK * row)
         .zip(scales.chunks(KEY_BLOCK))
         .enumerate()
     {
-        let keys = &mut keys[..scales.len() * hd];
+        let n = scales.len();
+        let keys = &mut keys[..n * hd];
         rvq::layout::sum_codewords(rvq, groups, codes, keys);
         let t0 = b * KEY_BLOCK;
         for (i, (k, &s)) in keys.chunks_exact_mut(hd).zip(scales).enumerate() {
-            let t = t0 + i;
-            group_rope.rotate(rope, k, first_pos + t, &mut scratch);
-            for (r, qr) in q.chunks_exact(hd).enumerate().take(rows) {
-                scores[r * stride + t] = s * dot(qr, k);
-            }
+            group_rope.rotate(rope, k, first_pos + t0 + i, &mut scratch);
+            k.iter_mut().for_each(|x| *x *= s);
+        }
+        // Plain loops for a decode step's few rows, a matrix product for a prefill's many.
+        let bs = &mut block_scores[..rows * n];
+        dot_products(rows, n, hd, q, keys, bs);
+        for (r, bs) in bs.chunks_exact(n).enumerate() {
+            scores[r * stride + t0..r * stride + t0 + n].copy_from_slice(bs);
         }
     }
 }

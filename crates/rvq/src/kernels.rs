@@ -204,6 +204,109 @@ fn argmin_lanes(dots: &[f32], norms: &[f32]) -> (usize, f32) {
     (0, best_val) // only when every value is NaN; inputs are checked finite upstream
 }
 
+/// Most rows [`nearest_few_rows`] takes: a decode step encodes a handful of group vectors per
+/// quantizer (3 KV heads × 2 groups for SmolLM2).
+pub const FEW_VECTORS: usize = 8;
+
+/// For each of the few rows of `x` ([m ≤ FEW_VECTORS, 32]) the index of the nearest row of
+/// `codebook` ([C, 32]) given its squared norms — the argmin of ‖c‖² − 2·x·c, as
+/// [`argmin_half_norm`] over [`dot_products`] — or `None` where no hand kernel applies (other
+/// d, more rows, or no AVX2 at the current [`crate::simd::level`]).
+///
+/// Why a hand kernel: for so few rows a matrix-product library spends its time packing; this
+/// streams the codebook once, 8 codewords at a time, with every row's 8 dot products reduced
+/// in registers. Dot products are summed in another order than the matrix product, so a
+/// near-tie (within float rounding) may resolve to the other codeword.
+pub fn nearest_few_rows(x: &[f32], codebook: &[f32], norms: &[f32], best: &mut [u32]) -> bool {
+    let m = best.len();
+    if m == 0 || m > FEW_VECTORS || x.len() != m * 32 || codebook.len() != norms.len() * 32 {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::level() >= crate::simd::Level::Avx2 && norms.len() >= 8 {
+        // SAFETY: the level says the CPU has AVX2 and FMA; shapes are checked above.
+        unsafe { nearest_few_rows_avx2(x, codebook, norms, best) };
+        return true;
+    }
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nearest_few_rows_avx2(x: &[f32], codebook: &[f32], norms: &[f32], best: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let m = best.len();
+    let c = norms.len();
+    let body = c - c % 8;
+    // Running per-lane minimum and its codeword index, per row.
+    let mut min_val = [_mm256_set1_ps(f32::INFINITY); FEW_VECTORS];
+    let mut min_idx = [_mm256_setzero_si256(); FEW_VECTORS];
+    let two = _mm256_set1_ps(2.0);
+    let xp = x.as_ptr();
+    let bp = codebook.as_ptr();
+    for c0 in (0..body).step_by(8) {
+        let lane_idx = _mm256_add_epi32(
+            _mm256_set1_epi32(c0 as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        let nrm = _mm256_loadu_ps(norms.as_ptr().add(c0));
+        for r in 0..m {
+            let xr = xp.add(r * 32);
+            let x0 = _mm256_loadu_ps(xr);
+            let x1 = _mm256_loadu_ps(xr.add(8));
+            let x2 = _mm256_loadu_ps(xr.add(16));
+            let x3 = _mm256_loadu_ps(xr.add(24));
+            // acc[i]: 8 partial sums of x_r · codeword c0 + i.
+            let dot8 = |i: usize| {
+                let w = bp.add((c0 + i) * 32);
+                let a = _mm256_mul_ps(x0, _mm256_loadu_ps(w));
+                let a = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w.add(8)), a);
+                let a = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w.add(16)), a);
+                _mm256_fmadd_ps(x3, _mm256_loadu_ps(w.add(24)), a)
+            };
+            let t0 = _mm256_hadd_ps(dot8(0), dot8(1));
+            let t1 = _mm256_hadd_ps(dot8(2), dot8(3));
+            let t2 = _mm256_hadd_ps(dot8(4), dot8(5));
+            let t3 = _mm256_hadd_ps(dot8(6), dot8(7));
+            let u0 = _mm256_hadd_ps(t0, t1);
+            let u1 = _mm256_hadd_ps(t2, t3);
+            // Lane i: the dot product with codeword c0 + i.
+            let dots = _mm256_add_ps(
+                _mm256_permute2f128_ps(u0, u1, 0x20),
+                _mm256_permute2f128_ps(u0, u1, 0x31),
+            );
+            let val = _mm256_fnmadd_ps(two, dots, nrm); // ‖c‖² − 2·x·c
+            let lower = _mm256_cmp_ps(val, min_val[r], _CMP_LT_OQ);
+            min_val[r] = _mm256_blendv_ps(min_val[r], val, lower);
+            min_idx[r] = _mm256_castps_si256(_mm256_blendv_ps(
+                _mm256_castsi256_ps(min_idx[r]),
+                _mm256_castsi256_ps(lane_idx),
+                lower,
+            ));
+        }
+    }
+    for r in 0..m {
+        let (mut vals, mut idx) = ([0f32; 8], [0i32; 8]);
+        _mm256_storeu_ps(vals.as_mut_ptr(), min_val[r]);
+        _mm256_storeu_si256(idx.as_mut_ptr() as *mut __m256i, min_idx[r]);
+        // The smallest value; ties to the lowest index, as `argmin_half_norm`.
+        let (mut bv, mut bi) = (f32::INFINITY, u32::MAX);
+        for l in 0..8 {
+            if vals[l] < bv || (vals[l] == bv && (idx[l] as u32) < bi) {
+                (bv, bi) = (vals[l], idx[l] as u32);
+            }
+        }
+        let xr = &x[r * 32..(r + 1) * 32];
+        for j in body..c {
+            let v = norms[j] - 2.0 * dot(xr, &codebook[j * 32..(j + 1) * 32]);
+            if v < bv {
+                (bv, bi) = (v, j as u32);
+            }
+        }
+        best[r] = if bi == u32::MAX { 0 } else { bi };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +364,51 @@ mod tests {
             let m = vals.iter().cloned().fold(f32::INFINITY, f32::min);
             assert_eq!(fast, (vals.iter().position(|&v| v == m).unwrap(), m));
         }
+    }
+
+    #[test]
+    fn few_rows_kernel_finds_the_nearest_codeword() {
+        let mut rng = SplitMix64::new(31);
+        for (m, c) in [(1, 8), (3, 37), (6, 2048), (8, 9), (5, 256)] {
+            let x: Vec<f32> = (0..m * 32).map(|_| rng.normal()).collect();
+            let cb: Vec<f32> = (0..c * 32).map(|_| rng.normal()).collect();
+            let norms = row_norms(&cb, 32);
+            for (level, result) in crate::simd::at_each_level(|_| {
+                let mut best = vec![0u32; m];
+                nearest_few_rows(&x, &cb, &norms, &mut best).then_some(best)
+            }) {
+                let Some(best) = result else {
+                    assert_eq!(level, crate::simd::Level::Portable, "AVX2 runs the kernel");
+                    continue;
+                };
+                for r in 0..m {
+                    // Exact distances in f64: the kernel's pick is the nearest up to rounding.
+                    let dist = |j: usize| -> f64 {
+                        (0..32)
+                            .map(|i| (x[r * 32 + i] as f64 - cb[j * 32 + i] as f64).powi(2))
+                            .sum()
+                    };
+                    let min = (0..c).map(dist).fold(f64::INFINITY, f64::min);
+                    let got = dist(best[r] as usize);
+                    assert!(got <= min * (1.0 + 1e-5), "{m}x{c} row {r}: {got} vs {min}");
+                }
+            }
+        }
+        // Ties go to the lowest index, also across lanes: every codeword equal.
+        let x = vec![0.5f32; 2 * 32];
+        let cb = vec![1.0f32; 16 * 32];
+        let mut best = vec![9u32; 2];
+        if nearest_few_rows(&x, &cb, &row_norms(&cb, 32), &mut best) {
+            assert_eq!(best, vec![0, 0]);
+        }
+        // Shapes it does not take.
+        let mut best = vec![0u32; 9];
+        assert!(!nearest_few_rows(
+            &[0.0; 9 * 32],
+            &cb,
+            &row_norms(&cb, 32),
+            &mut best
+        ));
     }
 
     #[test]

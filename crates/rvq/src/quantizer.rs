@@ -118,12 +118,20 @@ impl Rvq {
             .for_each_init(Vec::new, |scores, (codes, xb)| {
                 let m = xb.len() / d;
                 let mut residual = xb.to_vec(); // [m, d]
-                scores.resize(m * self.size, 0.0);
+                let mut best = vec![0u32; m];
                 for s in 0..k {
-                    dot_products(m, self.size, d, &residual, &self.codebooks[s], scores);
+                    let (book, norms) = (&self.codebooks[s], &self.norms[s]);
+                    // A decode step's few vectors: one pass over the codebook, no packing.
+                    if !kernels::nearest_few_rows(&residual, book, norms, &mut best) {
+                        scores.resize(m * self.size, 0.0);
+                        dot_products(m, self.size, d, &residual, book, scores);
+                        for (r, b) in best.iter_mut().enumerate() {
+                            let row = &scores[r * self.size..(r + 1) * self.size];
+                            *b = kernels::argmin_half_norm(row, norms).0 as u32;
+                        }
+                    }
                     for r in 0..m {
-                        let row = &scores[r * self.size..(r + 1) * self.size];
-                        let (best, _) = kernels::argmin_half_norm(row, &self.norms[s]);
+                        let best = best[r] as usize;
                         codes[r * k + s] = best as u16;
                         let cw = self.codeword(s, best);
                         for (x, c) in residual[r * d..(r + 1) * d].iter_mut().zip(cw) {
@@ -385,6 +393,25 @@ mod tests {
                 &codes[i * k..(i + 1) * k],
                 reference_greedy(&q, &x[i * d..(i + 1) * d]).as_slice()
             );
+        }
+    }
+
+    #[test]
+    fn greedy_encoding_of_a_few_paper_shaped_vectors_matches_reference_at_every_level() {
+        // 6 vectors of d = 32: a decode step's batch, which takes the few-rows kernel.
+        let mut rng = SplitMix64::new(17);
+        let (d, c, k) = (32, 2048, 8);
+        let q = Rvq::from_codebooks(d, c, shrinking_codebooks(&mut rng, d, c, k)).unwrap();
+        let x = random(6 * d, &mut rng);
+        let want: Vec<u16> = (0..6)
+            .flat_map(|i| reference_greedy(&q, &x[i * d..(i + 1) * d]))
+            .collect();
+        for (level, codes) in crate::simd::at_each_level(|_| {
+            let mut codes = vec![0u16; 6 * k];
+            q.encode(&x, 1, &mut codes).unwrap();
+            codes
+        }) {
+            assert_eq!(codes, want, "{level:?}");
         }
     }
 
