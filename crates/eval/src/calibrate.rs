@@ -226,8 +226,8 @@ pub fn calibrate(
         let (kq, kr) = train(cfg.quantize_keys, k, &key_layout, 0, "keys")?;
         let (vq, vr) = train(cfg.quantize_values, v, &value_layout, 1, "values")?;
         layers.push(LayerBooks {
-            keys: kq,
-            values: vq,
+            keys: kq.map(Arc::new),
+            values: vq.map(Arc::new),
         });
         reports.push((kr, vr));
     }

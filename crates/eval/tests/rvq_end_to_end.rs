@@ -47,7 +47,7 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
                         .collect()
                 })
                 .collect();
-            *q = Rvq::from_codebooks(q.dim(), q.size(), cbs).unwrap();
+            *q = Rvq::from_codebooks(q.dim(), q.size(), cbs).unwrap().into();
         }
     }
     let untrained = dir.path().join("random.safetensors");

@@ -14,6 +14,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct FinetuneConfig {
@@ -163,9 +164,14 @@ impl Trainer {
             .zip(ema.iter_mut())
             .map(|(layer, (ek, ev))| {
                 Ok((
-                    part_quantizer(layer.keys.as_ref(), books.key_layout(), ek.take(), &config)?,
                     part_quantizer(
-                        layer.values.as_ref(),
+                        layer.keys.as_deref(),
+                        books.key_layout(),
+                        ek.take(),
+                        &config,
+                    )?,
+                    part_quantizer(
+                        layer.values.as_deref(),
                         books.value_layout(),
                         ev.take(),
                         &config,
@@ -273,10 +279,10 @@ impl Trainer {
         let mut books = self.books.clone();
         for (layer, (qk, qv)) in books.layers.iter_mut().zip(&self.quantizers) {
             if let Some(q) = qk {
-                layer.keys = Some(q.rvq.clone());
+                layer.keys = Some(Arc::new(q.rvq.clone()));
             }
             if let Some(q) = qv {
-                layer.values = Some(q.rvq.clone());
+                layer.values = Some(Arc::new(q.rvq.clone()));
             }
         }
         books.meta.calibration["finetuned_steps"] = serde_json::json!(self.step);

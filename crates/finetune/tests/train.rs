@@ -34,8 +34,8 @@ fn setup() -> Setup {
     let mut rng = SplitMix64::new(5);
     let layers = (0..model.config().layers)
         .map(|_| LayerBooks {
-            keys: Some(random_rvq(&mut rng)),
-            values: Some(random_rvq(&mut rng)),
+            keys: Some(random_rvq(&mut rng).into()),
+            values: Some(random_rvq(&mut rng).into()),
         })
         .collect();
     let part = |grouping| {

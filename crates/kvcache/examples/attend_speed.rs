@@ -55,8 +55,8 @@ fn main() {
             reports: vec![(None, None)],
         },
         layers: vec![LayerBooks {
-            keys: Some(rvq()),
-            values: Some(rvq()),
+            keys: Some(rvq().into()),
+            values: Some(rvq().into()),
         }],
     };
     let mut caches: Vec<(&str, Box<dyn KvCache>)> = vec![

@@ -9,6 +9,7 @@ use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 pub const FORMAT: &str = "rvq-kv-codebooks";
 pub const VERSION: u32 = 1;
@@ -41,8 +42,8 @@ pub struct CodebookMeta {
 /// Quantizers of one layer.
 #[derive(Clone, Debug, Default)]
 pub struct LayerBooks {
-    pub keys: Option<Rvq>,
-    pub values: Option<Rvq>,
+    pub keys: Option<Arc<Rvq>>,
+    pub values: Option<Arc<Rvq>>,
 }
 
 #[derive(Clone, Debug)]
@@ -74,7 +75,7 @@ impl Codebooks {
             .iter()
             .flat_map(|l| [&l.keys, &l.values])
             .flatten()
-            .map(Rvq::codebook_bytes)
+            .map(|q| q.codebook_bytes())
             .sum()
     }
 
@@ -93,8 +94,8 @@ impl Codebooks {
             .iter()
             .map(|b| {
                 (
-                    b.keys.as_ref().map_or(0, Rvq::stages),
-                    b.values.as_ref().map_or(0, Rvq::stages),
+                    b.keys.as_ref().map_or(0, |q| q.stages()),
+                    b.values.as_ref().map_or(0, |q| q.stages()),
                 )
             })
             .collect();
@@ -111,8 +112,16 @@ impl Codebooks {
     pub fn load(path: &Path) -> Result<Self, CacheError> {
         let p = path.display().to_string();
         let err = |reason: String| CacheError::Codebooks(format!("{p}: {reason}"));
-        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let md = io::checked_metadata(&bytes, FORMAT, VERSION).map_err(err)?;
+        let file = std::fs::File::open(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        // Mapped instead of read: the f32 codebooks are built from the file's pages one layer at
+        // a time and the pages are released as we go, so loading never holds the file's bytes
+        // and the codebooks at once (126 MB more at peak for the paper config on SmolLM2).
+        // SAFETY: codebook files are only ever replaced by a rename (`io::write_atomic`), never
+        // changed in place, so the mapped bytes stay as they are.
+        let map =
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| err(format!("cannot map: {e}")))?;
+        let bytes: &[u8] = &map;
+        let md = io::checked_metadata(bytes, FORMAT, VERSION).map_err(err)?;
         let field = |k: &str| {
             md.get(k)
                 .ok_or_else(|| err(format!("metadata lacks '{k}'")))
@@ -128,14 +137,14 @@ impl Codebooks {
                 meta.model.layers
             )));
         }
-        let st = SafeTensors::deserialize(&bytes)
+        let st = SafeTensors::deserialize(bytes)
             .map_err(|e| err(format!("truncated or corrupted: {e}")))?;
         let mut layers = Vec::with_capacity(stages.len());
         for (l, &(ks, vs)) in stages.iter().enumerate() {
             let read = |part: &str,
                         n: usize,
                         settings: &Option<PartSettings>|
-             -> Result<Option<Rvq>, CacheError> {
+             -> Result<Option<Arc<Rvq>>, CacheError> {
                 if n == 0 {
                     return Ok(None);
                 }
@@ -162,12 +171,13 @@ impl Codebooks {
                         s.group_dim
                     )));
                 }
-                Ok(Some(q))
+                Ok(Some(Arc::new(q)))
             };
             layers.push(LayerBooks {
                 keys: read("k", ks, &meta.keys)?,
                 values: read("v", vs, &meta.values)?,
             });
+            release_pages(&map);
         }
         Ok(Self { meta, layers })
     }
@@ -193,6 +203,18 @@ impl Codebooks {
         }
         Ok(())
     }
+}
+
+/// Drops the pages of `map` from this process (they are read again from the file if touched).
+fn release_pages(map: &memmap2::Mmap) {
+    #[cfg(unix)]
+    // SAFETY: a private read-only file mapping: released pages read back the file's bytes.
+    unsafe {
+        // Only memory accounting depends on it; a refusal is harmless.
+        let _ = map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed);
+    }
+    #[cfg(not(unix))]
+    let _ = map;
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<String, CacheError> {

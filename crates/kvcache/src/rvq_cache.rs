@@ -166,15 +166,17 @@ impl RvqCache {
                 "beam width must be at least 1".into(),
             ));
         }
-        let part = |q: Option<&Rvq>, layout: Option<VectorLayout>, on: bool| {
+        let part = |q: Option<&Arc<Rvq>>, layout: Option<VectorLayout>, on: bool| {
             let quant = match (q, layout, on) {
                 (Some(q), Some(l), true) => Some((
-                    Arc::new(match options.stages {
-                        Some(k) => q
-                            .truncated(k)
-                            .map_err(|e| CacheError::Codebooks(e.to_string()))?,
+                    // Shared with the loaded codebooks unless truncated: one copy in memory.
+                    match options.stages {
+                        Some(k) => Arc::new(
+                            q.truncated(k)
+                                .map_err(|e| CacheError::Codebooks(e.to_string()))?,
+                        ),
                         None => q.clone(),
-                    }),
+                    },
                     l,
                 )),
                 _ => None,
@@ -749,8 +751,8 @@ mod tests {
         let mut rng = SplitMix64::new(seed);
         let layers = (0..2)
             .map(|_| LayerBooks {
-                keys: Some(random_rvq(&mut rng, 4, 5, 3)),
-                values: Some(random_rvq(&mut rng, 4, 5, 3)),
+                keys: Some(random_rvq(&mut rng, 4, 5, 3).into()),
+                values: Some(random_rvq(&mut rng, 4, 5, 3).into()),
             })
             .collect();
         let meta = CodebookMeta {
@@ -909,8 +911,8 @@ mod tests {
             reports: vec![(None, None)],
         };
         let layers = vec![LayerBooks {
-            keys: Some(random_rvq(&mut rng, 32, 37, 3)),
-            values: Some(random_rvq(&mut rng, 32, 37, 3)),
+            keys: Some(random_rvq(&mut rng, 32, 37, 3).into()),
+            values: Some(random_rvq(&mut rng, 32, 37, 3).into()),
         }];
         (shape, Codebooks { meta, layers })
     }
