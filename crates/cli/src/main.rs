@@ -24,7 +24,10 @@ use clap::{Parser, Subcommand};
         \x20 rvq:FILE.safetensors[,opts]  codes from `rvq-kv calibrate`; opts: sinks=S and recent=W\n\
         \x20                              (first S / last W tokens kept in f16), beam=B, only=k|v,\n\
         \x20                              stages=K (first K stages only), values=decode|histogram\n\
-        \x20                              (attention on values; default: the cheaper by a cost model)",
+        \x20                              (attention on values; default: the cheaper by a cost model),\n\
+        \x20                              keys=decode (dense keys instead of scoring on the codes)\n\n\
+        Hot loops pick AVX-512, AVX2 or portable code at run time; RVQ_KV_SIMD=avx2|portable\n\
+        forces a lower level (to compare them).",
     after_help = "Start with `rvq-kv demo`."
 )]
 struct Cli {

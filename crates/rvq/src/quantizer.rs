@@ -118,20 +118,12 @@ impl Rvq {
             .for_each_init(Vec::new, |scores, (codes, xb)| {
                 let m = xb.len() / d;
                 let mut residual = xb.to_vec(); // [m, d]
-                let mut best = vec![0u32; m];
+                scores.resize(m * self.size, 0.0);
                 for s in 0..k {
-                    let (book, norms) = (&self.codebooks[s], &self.norms[s]);
-                    // A decode step's few vectors: one pass over the codebook, no packing.
-                    if !kernels::nearest_few_rows(&residual, book, norms, &mut best) {
-                        scores.resize(m * self.size, 0.0);
-                        dot_products(m, self.size, d, &residual, book, scores);
-                        for (r, b) in best.iter_mut().enumerate() {
-                            let row = &scores[r * self.size..(r + 1) * self.size];
-                            *b = kernels::argmin_half_norm(row, norms).0 as u32;
-                        }
-                    }
+                    dot_products(m, self.size, d, &residual, &self.codebooks[s], scores);
                     for r in 0..m {
-                        let best = best[r] as usize;
+                        let row = &scores[r * self.size..(r + 1) * self.size];
+                        let (best, _) = kernels::argmin_half_norm(row, &self.norms[s]);
                         codes[r * k + s] = best as u16;
                         let cw = self.codeword(s, best);
                         for (x, c) in residual[r * d..(r + 1) * d].iter_mut().zip(cw) {
