@@ -62,8 +62,9 @@ fn key_scores_body(
         rvq::layout::sum_codewords(rvq, groups, codes, keys);
         let t0 = b * KEY_BLOCK;
         for (i, (k, &s)) in keys.chunks_exact_mut(hd).zip(scales).enumerate() {
-            group_rope.rotate(rope, k, first_pos + t0 + i, &mut scratch);
+            // Scaled, then rotated: the same arithmetic as decoding to channel order.
             k.iter_mut().for_each(|x| *x *= s);
+            group_rope.rotate(rope, k, first_pos + t0 + i, &mut scratch);
         }
         // Plain loops for a decode step's few rows, a matrix product for a prefill's many.
         let bs = &mut block_scores[..rows * n];
