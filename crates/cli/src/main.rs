@@ -25,7 +25,9 @@ use clap::{Parser, Subcommand};
         \x20                              (first S / last W tokens kept in f16), beam=B, only=k|v,\n\
         \x20                              stages=K (first K stages only), values=decode|histogram\n\
         \x20                              (attention on values; default: the cheaper by a cost model),\n\
-        \x20                              keys=decode (dense keys instead of scoring on the codes)\n\n\
+        \x20                              keys=decode (dense keys instead of scoring on the codes),\n\
+        \x20                              encode=lanes (a decode step's encode ~3x faster, for a\n\
+        \x20                              second copy of the codebooks in memory)\n\n\
         Hot loops pick AVX-512, AVX2 or portable code at run time; RVQ_KV_SIMD=avx2|portable\n\
         forces a lower level (to compare them).",
     after_help = "Start with `rvq-kv demo`."

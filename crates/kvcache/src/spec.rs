@@ -11,7 +11,7 @@ use std::sync::Arc;
 /// Every spec form this build understands, for help texts and errors.
 pub const KNOWN_SPECS: &str = "f32, f16, q8_0|q4_0|int8|fp8[,rot][,post-rope], \
      kivi2|kivi4[,group=G][,residual=R][,post-rope], \
-     rvq:FILE.safetensors[,sinks=S][,recent=W][,beam=B][,only=k|v][,stages=K][,values=auto|decode|histogram][,keys=fused|decode]";
+     rvq:FILE.safetensors[,sinks=S][,recent=W][,beam=B][,only=k|v][,stages=K][,values=auto|decode|histogram][,keys=fused|decode][,encode=matmul|lanes]";
 
 /// The scalar baselines `compare` runs by default, best quality first.
 pub const SCALAR_BASELINES: [&str; 6] = ["q8_0", "int8", "fp8", "q4_0", "kivi4", "kivi2"];
@@ -131,6 +131,13 @@ fn build_rvq(
             "stages" => o.stages = Some(number()?),
             "values" => o.values = value.parse().map_err(err)?,
             "keys" => o.keys = value.parse().map_err(err)?,
+            "encode" => {
+                o.lane_encoder = match value {
+                    "lanes" => true,
+                    "matmul" => false,
+                    other => return Err(err(format!("encode={other}: expected matmul or lanes"))),
+                }
+            }
             "only" => match value {
                 "k" => o.quantize_values = false,
                 "v" => o.quantize_keys = false,
@@ -138,7 +145,7 @@ fn build_rvq(
             },
             _ => {
                 return Err(err(format!(
-                    "unknown rvq option '{key}' (known: sinks, recent, beam, only, stages, values, keys)"
+                    "unknown rvq option '{key}' (known: sinks, recent, beam, only, stages, values, keys, encode)"
                 )))
             }
         }

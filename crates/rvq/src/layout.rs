@@ -6,6 +6,7 @@
 //! with G = vector_dim / d. An optional Hadamard rotation of the whole vector comes first (and is
 //! undone after decoding): it spreads outlier channels over all groups.
 
+use crate::few::FewVectorEncoder;
 use crate::hadamard::Hadamard;
 use crate::{check_finite, Result, Rvq, RvqError};
 use half::f16;
@@ -164,10 +165,32 @@ impl VectorLayout {
 
     /// Encodes vectors ([n, vector_dim]) → (scales [n], codes [n, groups·stages]).
     pub fn encode(&self, rvq: &Rvq, x: &[f32], beam: usize) -> Result<(Vec<f32>, Vec<u16>)> {
+        self.encode_with(rvq, x, beam, None)
+    }
+
+    /// [`encode`](Self::encode), greedy batches of at most [`FEW_GROUP_VECTORS`] group vectors
+    /// going through `few` when given (a decode step's; larger batches amortise a matrix
+    /// product better).
+    pub fn encode_with(
+        &self,
+        rvq: &Rvq,
+        x: &[f32],
+        beam: usize,
+        few: Option<&FewVectorEncoder>,
+    ) -> Result<(Vec<f32>, Vec<u16>)> {
         self.check_rvq(rvq)?;
         let (groups, scales) = self.to_groups(x)?;
         let mut codes = vec![0u16; groups.len() / self.group_dim * rvq.stages()];
-        rvq.encode(&groups, beam, &mut codes)?;
+        let n = groups.len() / self.group_dim;
+        let done = match few {
+            Some(few) if beam == 1 && n <= FEW_GROUP_VECTORS => {
+                few.encode(rvq, &groups, &mut codes)?
+            }
+            _ => false,
+        };
+        if !done {
+            rvq.encode(&groups, beam, &mut codes)?;
+        }
         Ok((scales, codes))
     }
 
@@ -284,6 +307,9 @@ fn sum_codewords_body(rvq: &Rvq, groups: usize, codes: &[u16], acc: &mut [f32]) 
         }
     }
 }
+
+/// Largest batch of group vectors [`VectorLayout::encode_with`] hands to a [`FewVectorEncoder`].
+pub const FEW_GROUP_VECTORS: usize = 64;
 
 /// `acc += w`, unrolled for the paper's d = 32.
 #[inline(always)]

@@ -10,6 +10,7 @@
 //!
 //! Nothing here knows about language models.
 
+pub mod few;
 pub mod hadamard;
 pub mod io;
 pub mod kernels;
