@@ -1,9 +1,8 @@
 //! Attention terms computed from RVQ codes without building dense keys or values.
 //!
 //! Keys: the codewords of a block of keys are summed in the quantizer's group order
-//! ([`rvq::layout::sum_codewords`]), rotated there by [`GroupRope`] and dotted with queries put
-//! in the same order; each score is then multiplied by the key's scale. Nothing is scattered
-//! back into channel order. Values: each stage's codes turn the attention weights into a
+//! ([`rvq::layout::sum_codewords`]), scaled, rotated there by [`GroupRope`] and dotted with
+//! queries put in the same order. Nothing is scattered back into channel order. Values: each stage's codes turn the attention weights into a
 //! histogram over its codebook, and one product per stage with the codebook gives the output.
 //! Both loops are compiled per instruction set ([`rvq::multiversion!`]).
 
@@ -11,9 +10,9 @@ use crate::rope::{GroupRope, Rope};
 use rvq::kernels::dot_products;
 use rvq::Rvq;
 
-/// Keys decoded per pass: their sums ([64, head_dim] f32) stay in L1 while being rotated and
-/// multiplied.
-const KEY_BLOCK: usize = 1024;
+/// Keys decoded per pass, as many as attention asks for at once (its 256-position blocks): their
+/// sums ([256, head_dim] f32, 64 KB) stay in L2 while being rotated and multiplied.
+const KEY_BLOCK: usize = 256;
 
 rvq::multiversion! {
     /// `scores[r·stride + t] = scales[t] · q[r] · RoPE_{first_pos + t}(Σ codewords of key t)`,
