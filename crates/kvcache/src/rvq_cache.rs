@@ -386,7 +386,9 @@ impl PartStore {
 
     /// Scores of `q` ([rows, hd], rotated, channel order) against the keys of `span` (see
     /// [`attention::KeyScorer`]): coded positions through the fused kernel when the layout
-    /// allows it, windows (and everything otherwise) through dense reads.
+    /// allows it; windows (and everything otherwise) through `dense`, which scores a sub-span by
+    /// dense reads into [rows, sub.len()].
+    #[allow(clippy::too_many_arguments)]
     fn score_keys(
         &self,
         path: KeyPath,
@@ -394,8 +396,9 @@ impl PartStore {
         q: &[f32],
         span: Range<usize>,
         rope: &Rope,
+        dense: &attention::KeyScorer,
         scores: &mut [f32],
-    ) {
+    ) -> Result<(), CacheError> {
         let hd = rope.head_dim();
         let (rows, len) = (q.len() / hd, span.len());
         let (a, b) = self.spans(head, hd);
@@ -406,27 +409,21 @@ impl PartStore {
             }
             _ => None,
         };
-        // Dense scores of a sub-span into the columns it covers.
-        let dense = |sub: Range<usize>, scores: &mut [f32]| {
+        let Some((rvq, group_rope)) = fused else {
+            return dense(head, q, span, scores);
+        };
+        // The windows' dense scores into the columns they cover.
+        for sub in [span.start..coded.start, coded.end..span.end] {
             if sub.is_empty() {
-                return;
+                continue;
             }
-            let mut keys = vec![0f32; sub.len() * hd];
-            self.read(head, sub.clone(), hd, &mut keys);
-            rope.rotate_rows(&mut keys, sub.start);
             let mut part = vec![0f32; rows * sub.len()];
-            attention::matmul_bt(rows, sub.len(), hd, q, &keys, &mut part);
+            dense(head, q, sub.clone(), &mut part)?;
             let at = sub.start - span.start;
             for (r, p) in part.chunks_exact(sub.len()).enumerate() {
                 scores[r * len + at..r * len + at + sub.len()].copy_from_slice(p);
             }
-        };
-        let Some((rvq, group_rope)) = fused else {
-            dense(span.clone(), scores);
-            return;
-        };
-        dense(span.start..coded.start, scores);
-        dense(coded.end..span.end, scores);
+        }
         let store = &self.heads[head];
         let (mut codes, mut scales) = (vec![], vec![]);
         store.unpack(
@@ -451,6 +448,7 @@ impl PartStore {
             &mut scores[at..],
             len,
         );
+        Ok(())
     }
 
     /// Σ_t probs[r, t] · v_t over `first_key..first_key + n` (see [`attention::ValueReducer`]).
@@ -672,9 +670,11 @@ impl KvCache for RvqCache {
         let hd = self.shape.head_dim;
         let [keys, values] = &self.parts[layer];
         let rope = self.rope.layer(layer);
+        let dense = |h: usize, q: &[f32], span: Range<usize>, scores: &mut [f32]| {
+            attention::dense_key_scores(self, layer, h, q, span, scores)
+        };
         let score = |h: usize, q: &[f32], span: Range<usize>, scores: &mut [f32]| {
-            keys.score_keys(self.options.keys, h, q, span, rope, scores);
-            Ok(())
+            keys.score_keys(self.options.keys, h, q, span, rope, &dense, scores)
         };
         let reduce = |h: usize, probs: &[f32], first_key: usize, n: usize, o: &mut [f32]| {
             values.reduce_values(self.options.values, h, probs, first_key, n, hd, o);
