@@ -51,12 +51,30 @@ pub enum KeyPath {
 impl std::str::FromStr for KeyPath {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "fused" => Ok(Self::Fused),
-            "decode" => Ok(Self::Decode),
-            o => Err(format!("keys={o}: expected fused or decode")),
-        }
+        one_of(
+            "keys",
+            s,
+            &[("fused", Self::Fused), ("decode", Self::Decode)],
+        )
     }
+}
+
+/// The choice named `value` of option `option`, or an error listing the names.
+pub(crate) fn one_of<T: Copy>(
+    option: &str,
+    value: &str,
+    choices: &[(&str, T)],
+) -> Result<T, String> {
+    if let Some(&(_, c)) = choices.iter().find(|(name, _)| *name == value) {
+        return Ok(c);
+    }
+    let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+    let listed = match names.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    Err(format!("{option}={value}: expected {listed}"))
 }
 
 /// How attention turns weights over coded values into outputs.
@@ -74,12 +92,12 @@ pub enum ValuePath {
 impl std::str::FromStr for ValuePath {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "decode" => Ok(Self::Decode),
-            "histogram" => Ok(Self::Histogram),
-            o => Err(format!("values={o}: expected auto, decode or histogram")),
-        }
+        let choices = [
+            ("auto", Self::Auto),
+            ("decode", Self::Decode),
+            ("histogram", Self::Histogram),
+        ];
+        one_of("values", s, &choices)
     }
 }
 
@@ -1038,6 +1056,24 @@ mod tests {
         assert_eq!(mp.bytes, ml.bytes);
         // Two parts × 3 stages × 48 padded codewords × 32 × 4 bytes.
         assert_eq!(ml.fixed_bytes - mp.fixed_bytes, 2 * 3 * 48 * 32 * 4);
+    }
+
+    #[test]
+    fn path_options_parse_and_name_their_choices() {
+        assert_eq!("decode".parse::<KeyPath>(), Ok(KeyPath::Decode));
+        assert_eq!("histogram".parse::<ValuePath>(), Ok(ValuePath::Histogram));
+        assert_eq!(
+            "x".parse::<KeyPath>().unwrap_err(),
+            "keys=x: expected fused or decode"
+        );
+        assert_eq!(
+            "x".parse::<ValuePath>().unwrap_err(),
+            "values=x: expected auto, decode or histogram"
+        );
+        assert_eq!(
+            one_of("encode", "lanes", &[("matmul", 0), ("lanes", 1)]),
+            Ok(1)
+        );
     }
 
     #[test]

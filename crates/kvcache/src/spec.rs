@@ -132,11 +132,8 @@ fn build_rvq(
             "values" => o.values = value.parse().map_err(err)?,
             "keys" => o.keys = value.parse().map_err(err)?,
             "encode" => {
-                o.lane_encoder = match value {
-                    "lanes" => true,
-                    "matmul" => false,
-                    other => return Err(err(format!("encode={other}: expected matmul or lanes"))),
-                }
+                let choices = [("matmul", false), ("lanes", true)];
+                o.lane_encoder = crate::rvq_cache::one_of("encode", value, &choices).map_err(err)?;
             }
             "only" => match value {
                 "k" => o.quantize_values = false,
