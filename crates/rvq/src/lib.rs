@@ -14,6 +14,7 @@ pub mod few;
 pub mod hadamard;
 pub mod io;
 pub mod kernels;
+pub mod lanes;
 pub mod layout;
 pub mod pack;
 mod quantizer;

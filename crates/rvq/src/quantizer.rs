@@ -1,6 +1,7 @@
 //! The residual quantizer: K codebooks of C codewords of dimension d.
 
 use crate::kernels::{self, dot_products, row_norms};
+use crate::lanes::{self, LaneBook};
 use crate::{bits_for, check_finite, Result, RvqError};
 use rayon::prelude::*;
 
@@ -112,6 +113,9 @@ impl Rvq {
     /// Greedy encoding, stage by stage over blocks of vectors.
     fn encode_greedy(&self, x: &[f32], codes: &mut [u16]) {
         let (d, k) = (self.dim, self.stages());
+        if x.len() / d >= lanes::MIN_BATCH && lanes::available(d) {
+            return self.encode_greedy_lanes(x, codes);
+        }
         codes
             .par_chunks_mut(kernels::BLOCK * k)
             .zip(x.par_chunks(kernels::BLOCK * d))
@@ -128,6 +132,34 @@ impl Rvq {
                         let cw = self.codeword(s, best);
                         for (x, c) in residual[r * d..(r + 1) * d].iter_mut().zip(cw) {
                             *x -= c;
+                        }
+                    }
+                }
+            });
+    }
+
+    /// [`encode_greedy`](Self::encode_greedy) through the lane kernel: the codebooks laid out in
+    /// lanes once per call, each block's nearest codewords found without a score matrix.
+    fn encode_greedy_lanes(&self, x: &[f32], codes: &mut [u16]) {
+        let (d, k) = (self.dim, self.stages());
+        let books: Vec<LaneBook<f32>> = self
+            .codebooks
+            .iter()
+            .map(|cb| LaneBook::new(cb, d).expect("d = 32, checked by the caller"))
+            .collect();
+        codes
+            .par_chunks_mut(kernels::BLOCK * k)
+            .zip(x.par_chunks(kernels::BLOCK * d))
+            .for_each(|(codes, xb)| {
+                let m = xb.len() / d;
+                let mut residual = xb.to_vec(); // [m, d]
+                let (mut best, mut value) = (vec![0u32; m], vec![0f32; m]);
+                for (s, book) in books.iter().enumerate() {
+                    book.nearest(&residual, &mut best, &mut value);
+                    for (r, rest) in residual.chunks_exact_mut(d).enumerate() {
+                        codes[r * k + s] = best[r] as u16;
+                        for (v, c) in rest.iter_mut().zip(self.codeword(s, best[r] as usize)) {
+                            *v -= c;
                         }
                     }
                 }
@@ -400,6 +432,26 @@ mod tests {
             .collect();
         for (level, codes) in crate::simd::at_each_level(|_| {
             let mut codes = vec![0u16; 6 * k];
+            q.encode(&x, 1, &mut codes).unwrap();
+            codes
+        }) {
+            assert_eq!(codes, want, "{level:?}");
+        }
+    }
+
+    #[test]
+    fn greedy_encoding_of_a_paper_shaped_batch_matches_reference_at_every_level() {
+        // 300 vectors of d = 32 (a block of 256 and a partial one): the lane kernel where the
+        // CPU has AVX2, the matrix product elsewhere; C = 300 is not a multiple of 16 lanes.
+        let mut rng = SplitMix64::new(19);
+        let (d, c, k, n) = (32, 300, 8, 300);
+        let q = Rvq::from_codebooks(d, c, shrinking_codebooks(&mut rng, d, c, k)).unwrap();
+        let x = random(n * d, &mut rng);
+        let want: Vec<u16> = (0..n)
+            .flat_map(|i| reference_greedy(&q, &x[i * d..(i + 1) * d]))
+            .collect();
+        for (level, codes) in crate::simd::at_each_level(|_| {
+            let mut codes = vec![0u16; n * k];
             q.encode(&x, 1, &mut codes).unwrap();
             codes
         }) {

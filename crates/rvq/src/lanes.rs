@@ -1,0 +1,293 @@
+//! Nearest codewords of d = 32 vectors at full multiply-add rate: codebooks in lane groups.
+//!
+//! A matrix product of a few rows × C codewords × d = 32 spends its time packing and reducing,
+//! and its scores then take a second pass for the argmin. Here a codebook is laid out transposed
+//! in groups of 16 codewords ([C/16][32][16]: dimension j of 16 codewords side by side), so the
+//! dot products of up to 6 vectors with 16 codewords accumulate in 12 AVX2 registers by
+//! broadcast multiply-adds, with no horizontal sums, and the running minimum is kept in
+//! registers too. Lanes hold f32, or f16 where the codebook is streamed from memory every call
+//! (half the bytes; the distances are then to the f16-rounded codewords).
+
+use crate::kernels::row_norms;
+
+/// Codewords side by side in one lane group.
+pub const LANES: usize = 16;
+/// Vectors searched at once: 6 × 2 accumulators + 2 codeword loads + 1 broadcast fit the 16
+/// AVX2 registers.
+pub const ROWS: usize = 6;
+/// Vectors from which a batch search lays the codebook out in lanes for the call: building the
+/// lanes touches each codeword once, the search touches it once per vector.
+pub const MIN_BATCH: usize = 32;
+/// The only dimension the kernel is written for (the paper's group size).
+pub const DIM: usize = 32;
+
+/// Whether the lane kernel runs here for vectors of dimension `d`: d = 32 and the chosen
+/// [`crate::simd::level`] has AVX2 (and with it, on every x86-64 CPU that has it, F16C).
+pub fn available(d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        d == DIM
+            && crate::simd::level() >= crate::simd::Level::Avx2
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = d;
+        false
+    }
+}
+
+/// What a lane holds: f32, or f16 for half the bytes.
+pub trait LaneWord: Copy + Default + Send + Sync + 'static {
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// Eight lanes at `p` as f32.
+    ///
+    /// # Safety
+    /// 8 values must be readable at `p`, and the CPU must have AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl LaneWord for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl LaneWord for half::f16 {
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+/// One codebook of d = 32 in lane groups.
+#[derive(Clone, Debug)]
+pub struct LaneBook<T> {
+    /// [ceil(C/16)][32][16]; codewords past C are zero.
+    lanes: Vec<T>,
+    /// [ceil(C/16)·16]: squared norms of the codewords as stored in the lanes (rounded, for
+    /// f16), +∞ past C so padding never wins.
+    norms: Vec<f32>,
+}
+
+impl<T: LaneWord> LaneBook<T> {
+    /// The lane layout of `codebook` ([C, 32]); `None` unless its rows have 32 values.
+    pub fn new(codebook: &[f32], d: usize) -> Option<Self> {
+        if d != DIM || codebook.is_empty() || !codebook.len().is_multiple_of(DIM) {
+            return None;
+        }
+        let size = codebook.len() / DIM;
+        let padded = size.next_multiple_of(LANES);
+        let mut lanes = vec![T::default(); padded * DIM];
+        let mut stored = vec![0f32; size * DIM];
+        for (i, (cw, st)) in codebook
+            .chunks_exact(DIM)
+            .zip(stored.chunks_exact_mut(DIM))
+            .enumerate()
+        {
+            for (j, (&v, s)) in cw.iter().zip(st).enumerate() {
+                let w = T::from_f32(v);
+                lanes[((i / LANES) * DIM + j) * LANES + i % LANES] = w;
+                *s = w.to_f32();
+            }
+        }
+        let mut norms = row_norms(&stored, DIM);
+        norms.resize(padded, f32::INFINITY);
+        Some(Self { lanes, norms })
+    }
+
+    /// Bytes of the lanes.
+    pub fn bytes(&self) -> u64 {
+        (self.lanes.len() * std::mem::size_of::<T>()) as u64
+    }
+
+    /// For each row r of `x` ([n, 32]): `best[r]` = argmin over codewords c of ‖c‖² − 2·x_r·c
+    /// (ties to the lower index) and `value[r]` that minimum. `false`, with nothing written, when
+    /// the kernel cannot run here ([`available`]).
+    pub fn nearest(&self, x: &[f32], best: &mut [u32], value: &mut [f32]) -> bool {
+        let n = x.len() / DIM;
+        assert!(x.len() == n * DIM && best.len() == n && value.len() == n);
+        if !available(DIM) {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut rows = [0f32; ROWS * DIM];
+            let (mut b, mut v) = ([0u32; ROWS], [0f32; ROWS]);
+            for ((xs, best), value) in x
+                .chunks(ROWS * DIM)
+                .zip(best.chunks_mut(ROWS))
+                .zip(value.chunks_mut(ROWS))
+            {
+                rows[..xs.len()].copy_from_slice(xs);
+                rows[xs.len()..].fill(0.0);
+                // SAFETY: `available` checked AVX2, FMA and F16C; the shapes are this type's own
+                // construction ([blocks][32][16] lanes, [blocks·16] norms).
+                unsafe { nearest_avx2(&rows, &self.lanes, &self.norms, &mut b, &mut v) };
+                best.copy_from_slice(&b[..best.len()]);
+                value.copy_from_slice(&v[..value.len()]);
+            }
+        }
+        true
+    }
+}
+
+/// `best[r]`, `value[r]` = argmin and min over codewords of ‖c‖² − 2·x_r·c for the 6 rows of `x`
+/// ([6, 32]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nearest_avx2<T: LaneWord>(
+    x: &[f32; ROWS * DIM],
+    lanes: &[T],
+    norms: &[f32],
+    best: &mut [u32; ROWS],
+    value: &mut [f32; ROWS],
+) {
+    use std::arch::x86_64::*;
+    assert!(lanes.len() == norms.len() * DIM);
+    let (xp, lp) = (x.as_ptr(), lanes.as_ptr());
+    let mut min_val = [_mm256_set1_ps(f32::INFINITY); 2 * ROWS];
+    let mut min_idx = [_mm256_setzero_si256(); 2 * ROWS];
+    let two = _mm256_set1_ps(2.0);
+    let step = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for b in 0..norms.len() / LANES {
+        let block = lp.add(b * DIM * LANES);
+        // acc[2r + h]: dot products of row r with codewords 16b + 8h .. 16b + 8h + 8.
+        let mut acc = [_mm256_setzero_ps(); 2 * ROWS];
+        for j in 0..DIM {
+            let lo = T::load8(block.add(j * LANES));
+            let hi = T::load8(block.add(j * LANES + 8));
+            for r in 0..ROWS {
+                let xj = _mm256_broadcast_ss(&*xp.add(r * DIM + j));
+                acc[2 * r] = _mm256_fmadd_ps(xj, lo, acc[2 * r]);
+                acc[2 * r + 1] = _mm256_fmadd_ps(xj, hi, acc[2 * r + 1]);
+            }
+        }
+        for h in 0..2 {
+            let first = b * LANES + 8 * h;
+            let norm = _mm256_loadu_ps(norms.as_ptr().add(first));
+            let idx = _mm256_add_epi32(_mm256_set1_epi32(first as i32), step);
+            for r in 0..ROWS {
+                let a = 2 * r + h;
+                let v = _mm256_fnmadd_ps(two, acc[a], norm); // ‖c‖² − 2·x·c
+                let lower = _mm256_cmp_ps(v, min_val[a], _CMP_LT_OQ);
+                min_val[a] = _mm256_blendv_ps(min_val[a], v, lower);
+                min_idx[a] = _mm256_castps_si256(_mm256_blendv_ps(
+                    _mm256_castsi256_ps(min_idx[a]),
+                    _mm256_castsi256_ps(idx),
+                    lower,
+                ));
+            }
+        }
+    }
+    for r in 0..ROWS {
+        let (mut bv, mut bi) = (f32::INFINITY, 0u32);
+        for a in [2 * r, 2 * r + 1] {
+            let (mut vals, mut idx) = ([0f32; 8], [0u32; 8]);
+            _mm256_storeu_ps(vals.as_mut_ptr(), min_val[a]);
+            _mm256_storeu_si256(idx.as_mut_ptr() as *mut __m256i, min_idx[a]);
+            for (&v, &i) in vals.iter().zip(&idx) {
+                if v < bv || (v == bv && i < bi) {
+                    (bv, bi) = (v, i);
+                }
+            }
+        }
+        (best[r], value[r]) = (bi, bv);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+    use crate::simd::{at_each_level, Level};
+
+    /// Slow nearest codeword: exact distances in f64 to the codewords as the lanes store them.
+    fn reference<T: LaneWord>(book: &[f32], x: &[f32]) -> u32 {
+        let dist = |cw: &[f32]| -> f64 {
+            x.iter()
+                .zip(cw)
+                .map(|(&a, &w)| (a as f64 - T::from_f32(w).to_f32() as f64).powi(2))
+                .sum()
+        };
+        let (mut best, mut best_d) = (0, f64::INFINITY);
+        for (i, cw) in book.chunks_exact(DIM).enumerate() {
+            let d = dist(cw);
+            if d < best_d {
+                (best, best_d) = (i as u32, d);
+            }
+        }
+        best
+    }
+
+    fn check<T: LaneWord>(rng: &mut SplitMix64, c: usize, n: usize) {
+        let book: Vec<f32> = (0..c * DIM).map(|_| rng.normal()).collect();
+        let lanes = LaneBook::<T>::new(&book, DIM).unwrap();
+        let words = c.next_multiple_of(LANES) * DIM;
+        assert_eq!(lanes.bytes(), (words * std::mem::size_of::<T>()) as u64);
+        let x: Vec<f32> = (0..n * DIM).map(|_| rng.normal()).collect();
+        let want: Vec<u32> = x
+            .chunks_exact(DIM)
+            .map(|v| reference::<T>(&book, v))
+            .collect();
+        for (level, got) in at_each_level(|_| {
+            let (mut best, mut value) = (vec![0u32; n], vec![0f32; n]);
+            lanes
+                .nearest(&x, &mut best, &mut value)
+                .then_some((best, value))
+        }) {
+            let Some((best, value)) = got else {
+                assert_eq!(level, Level::Portable, "AVX2 takes the kernel");
+                continue;
+            };
+            assert_eq!(best, want, "C {c}, {n} vectors, {level:?}");
+            for ((v, &b), xr) in value.iter().zip(&best).zip(x.chunks_exact(DIM)) {
+                let exact: f64 = (0..DIM)
+                    .map(|j| {
+                        let w = T::from_f32(book[b as usize * DIM + j]).to_f32() as f64;
+                        w * w - 2.0 * w * xr[j] as f64
+                    })
+                    .sum();
+                assert!(
+                    (*v as f64 - exact).abs() < 1e-4 * (1.0 + exact.abs()),
+                    "{v} {exact}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nearest_equals_the_slow_reference_in_f32_and_f16() {
+        let mut rng = SplitMix64::new(3);
+        // Sizes that are and are not multiples of 16; row counts that cross chunks of 6.
+        for (c, n) in [(2048, 6), (37, 13), (16, 1), (300, 7), (256, 40)] {
+            check::<f32>(&mut rng, c, n);
+            check::<half::f16>(&mut rng, c, n);
+        }
+    }
+
+    #[test]
+    fn other_dimensions_have_no_lane_layout() {
+        assert!(LaneBook::<f32>::new(&[0.0; 16], 8).is_none());
+        assert!(LaneBook::<f32>::new(&[0.0; 33], 32).is_none());
+        assert!(!available(8));
+    }
+}
