@@ -172,7 +172,7 @@ impl Rvq {
         let mut codebooks = Vec::with_capacity(config.stages);
         let mut init_counts = Vec::with_capacity(config.stages);
         for _ in 0..config.stages {
-            let (cb, counts) = kmeans(
+            let (cb, counts, idx) = kmeans(
                 &residual,
                 d,
                 config.size,
@@ -180,7 +180,6 @@ impl Rvq {
                 config.init,
                 &mut rng,
             );
-            let (idx, _) = nearest(&residual, d, &cb, &row_norms(&cb, d));
             subtract_assigned(&mut residual, d, &cb, &idx);
             codebooks.push(cb);
             init_counts.push(counts);
@@ -264,7 +263,8 @@ fn subtract_assigned(x: &mut [f32], d: usize, codebook: &[f32], idx: &[u32]) {
     }
 }
 
-/// Lloyd's k-means; returns the centroids ([c, d]) and the final cluster sizes.
+/// Lloyd's k-means; returns the centroids ([c, d]), the final cluster sizes and each point's
+/// nearest final centroid.
 pub fn kmeans(
     x: &[f32],
     d: usize,
@@ -272,7 +272,7 @@ pub fn kmeans(
     iters: usize,
     init: Init,
     rng: &mut SplitMix64,
-) -> (Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
     let n = x.len() / d;
     let mut centroids = match init {
         Init::RandomPoints => random_points(x, d, c, rng),
@@ -293,7 +293,8 @@ pub fn kmeans(
             }
         }
         if it == iters {
-            break; // the last pass only measures cluster sizes for the final centroids
+            // The last pass only measures the final centroids' clusters.
+            return (centroids, counts, idx);
         }
         for j in 0..c {
             let cw = &mut centroids[j * d..(j + 1) * d];
@@ -308,7 +309,7 @@ pub fn kmeans(
             }
         }
     }
-    (centroids, counts)
+    unreachable!("the loop returns on its last pass")
 }
 
 fn random_points(x: &[f32], d: usize, c: usize, rng: &mut SplitMix64) -> Vec<f32> {
