@@ -59,21 +59,21 @@ fn main() {
             values: Some(rvq().into()),
         }],
     };
+    let books = Arc::new(books);
+    let rvq_cache = |options| {
+        let cache = RvqCache::new(shape, rope.clone(), books.clone(), options, "random".into());
+        Box::new(cache.unwrap())
+    };
     let mut caches: Vec<(&str, Box<dyn KvCache>)> = vec![
         ("f32", Box::new(F32Cache::new(shape, rope.clone()))),
         ("f16", Box::new(F16Cache::new(shape, rope.clone()))),
+        ("rvq", rvq_cache(RvqOptions::default())),
         (
-            "rvq",
-            Box::new(
-                RvqCache::new(
-                    shape,
-                    rope.clone(),
-                    Arc::new(books),
-                    RvqOptions::default(),
-                    "random".into(),
-                )
-                .unwrap(),
-            ),
+            "rvq,books=f16",
+            rvq_cache(RvqOptions {
+                half_books: true,
+                ..RvqOptions::default()
+            }),
         ),
     ];
     let mut rng = SplitMix64::new(2);

@@ -1,14 +1,15 @@
 //! Attention terms computed from RVQ codes without building dense keys or values.
 //!
 //! Keys: the codewords of a block of keys are summed in the quantizer's group order
-//! ([`rvq::layout::sum_codewords`]), scaled, rotated there by [`GroupRope`] and dotted with
-//! queries put in the same order. Nothing is scattered back into channel order. Values: each stage's codes turn the attention weights into a
-//! histogram over its codebook, and one product per stage with the codebook gives the output.
+//! ([`Quantizer::sum_codewords`]), scaled, rotated there by [`GroupRope`] and dotted with
+//! queries put in the same order. Nothing is scattered back into channel order. Values: each
+//! stage's codes turn the attention weights into a histogram over its codebook, and one product
+//! per stage with the codebook gives the output.
 //! Both loops are compiled per instruction set ([`rvq::multiversion!`]).
 
 use crate::rope::{GroupRope, Rope};
 use rvq::kernels::dot_products;
-use rvq::Rvq;
+use rvq::Quantizer;
 
 /// Keys decoded per pass, as many as attention asks for at once (its 256-position blocks): their
 /// sums ([256, head_dim] f32, 64 KB) stay in L2 while being rotated and multiplied.
@@ -18,7 +19,7 @@ rvq::multiversion! {
     /// `scores[r·stride + t] = scales[t] · q[r] · RoPE_{first_pos + t}(Σ codewords of key t)`,
     /// where `q` is [rows, hd] in group order, `codes` [n, groups·stages] and `scales` [n].
     pub fn key_scores(
-        rvq: &Rvq,
+        rvq: &dyn Quantizer,
         group_rope: &GroupRope,
         rope: &Rope,
         codes: &[u16],
@@ -33,7 +34,7 @@ rvq::multiversion! {
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn key_scores_body(
-    rvq: &Rvq,
+    rvq: &dyn Quantizer,
     group_rope: &GroupRope,
     rope: &Rope,
     codes: &[u16],
@@ -58,7 +59,7 @@ fn key_scores_body(
     {
         let n = scales.len();
         let keys = &mut keys[..n * hd];
-        rvq::layout::sum_codewords(rvq, groups, codes, keys);
+        rvq.sum_codewords(groups, codes, keys);
         let t0 = b * KEY_BLOCK;
         for (i, (k, &s)) in keys.chunks_exact_mut(hd).zip(scales).enumerate() {
             // Scaled, then rotated: the same arithmetic as decoding to channel order.
@@ -80,7 +81,7 @@ pub const HIST_LANES: usize = 4;
 
 /// Entries of the value histograms of `rows` query rows: [stages·groups, C, lanes], where
 /// lanes = `rows` rounded up to [`HIST_LANES`].
-pub fn histogram_len(rvq: &Rvq, groups: usize, rows: usize) -> usize {
+pub fn histogram_len(rvq: &dyn Quantizer, groups: usize, rows: usize) -> usize {
     rvq.stages() * groups * rvq.size() * rows.next_multiple_of(HIST_LANES)
 }
 
@@ -88,12 +89,12 @@ rvq::multiversion! {
     /// Accumulates `hist[(stage·groups + g)·C + code][r] += weights[t][r]` over the codes of
     /// tokens t (`codes` [n, groups·stages]; `weights` [n, lanes]: attention weight times scale,
     /// rows padded with zeros to the lanes of [`histogram_len`]).
-    pub fn value_histograms(rvq: &Rvq, groups: usize, codes: &[u16], weights: &[f32], hist: &mut [f32]) = value_histograms_body;
+    pub fn value_histograms(rvq: &dyn Quantizer, groups: usize, codes: &[u16], weights: &[f32], hist: &mut [f32]) = value_histograms_body;
 }
 
 #[inline(always)]
 fn value_histograms_body(
-    rvq: &Rvq,
+    rvq: &dyn Quantizer,
     groups: usize,
     codes: &[u16],
     weights: &[f32],
@@ -129,12 +130,12 @@ rvq::multiversion! {
     /// `sums[r, g·d..(g+1)·d] = Σ_stage Σ_code hist[(stage·groups + g)·C + code][r] · codeword`:
     /// the histograms of [`value_histograms`] times their codebooks; `sums` is [rows, groups·d]
     /// in group order.
-    pub fn histograms_times_codebooks(rvq: &Rvq, groups: usize, hist: &[f32], rows: usize, sums: &mut [f32]) = histograms_times_codebooks_body;
+    pub fn histograms_times_codebooks(rvq: &dyn Quantizer, groups: usize, hist: &[f32], rows: usize, sums: &mut [f32]) = histograms_times_codebooks_body;
 }
 
 #[inline(always)]
 fn histograms_times_codebooks_body(
-    rvq: &Rvq,
+    rvq: &dyn Quantizer,
     groups: usize,
     hist: &[f32],
     rows: usize,
@@ -143,9 +144,10 @@ fn histograms_times_codebooks_body(
     let (k, c, d) = (rvq.stages(), rvq.size(), rvq.dim());
     let lanes = rows.next_multiple_of(HIST_LANES);
     sums.fill(0.0);
-    for g in 0..groups {
-        for st in 0..k {
-            let book = rvq.codebook(st);
+    // Stage-major, so a codebook held in f16 is converted once per stage.
+    for st in 0..k {
+        let book = rvq.codebook_f32(st);
+        for g in 0..groups {
             let h = &hist[(st * groups + g) * c * lanes..][..c * lanes];
             for (cw, weights) in book.chunks_exact(d).zip(h.chunks_exact(lanes)) {
                 for (r, &wr) in weights[..rows].iter().enumerate() {

@@ -12,7 +12,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rvq::few::FewVectorEncoder;
 use rvq::pack::PackedRows;
-use rvq::{Rvq, VectorLayout};
+use rvq::{HalfRvq, Quantizer, Rvq, VectorLayout};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -36,6 +36,9 @@ pub struct RvqOptions {
     /// ([`rvq::few::FewVectorEncoder`], AVX2 only): ~3× faster encoding for half the codebooks'
     /// bytes again.
     pub lane_encoder: bool,
+    /// Hold the codebooks in f16 ([`rvq::HalfRvq`]): half their memory and half the bytes a
+    /// decode step reads from them; codes and sums are those of the f16-rounded codewords.
+    pub half_books: bool,
 }
 
 /// How attention scores queries against coded keys.
@@ -114,6 +117,7 @@ impl Default for RvqOptions {
             values: ValuePath::Auto,
             keys: KeyPath::Fused,
             lane_encoder: false,
+            half_books: false,
         }
     }
 }
@@ -147,12 +151,16 @@ impl HeadStore {
     }
 }
 
+fn book_error(e: rvq::RvqError) -> CacheError {
+    CacheError::Codebooks(e.to_string())
+}
+
 /// Keys or values of one layer.
 #[derive(Clone, Debug)]
 struct PartStore {
     /// `None`: stored in f16 in full.
     /// Shared, so that copying a cache (one per choice in `mc`) does not copy codebooks.
-    quant: Option<(Arc<Rvq>, VectorLayout)>,
+    quant: Option<(Arc<dyn Quantizer>, VectorLayout)>,
     /// Keys whose layout only permutes channels: RoPE in the quantizer's group order.
     group_rope: Option<GroupRope>,
     /// The codebooks in lanes, when the options ask for the lane encoder.
@@ -164,7 +172,6 @@ struct PartStore {
 pub struct RvqCache {
     shape: CacheShape,
     rope: Arc<LayerRopes>,
-    books: Arc<Codebooks>,
     options: RvqOptions,
     path: String,
     lens: Vec<usize>,
@@ -194,22 +201,24 @@ impl RvqCache {
         }
         let part = |q: Option<&Arc<Rvq>>, layout: Option<VectorLayout>, on: bool| {
             let quant = match (q, layout, on) {
-                (Some(q), Some(l), true) => Some((
-                    // Shared with the loaded codebooks unless truncated: one copy in memory.
-                    match options.stages {
-                        Some(k) => Arc::new(
-                            q.truncated(k)
-                                .map_err(|e| CacheError::Codebooks(e.to_string()))?,
-                        ),
+                (Some(q), Some(l), true) => {
+                    let q = match options.stages {
+                        Some(k) => Arc::new(q.truncated(k).map_err(book_error)?),
                         None => q.clone(),
-                    },
-                    l,
-                )),
+                    };
+                    // Shared with the loaded codebooks when kept in f32 and not truncated.
+                    let q: Arc<dyn Quantizer> = if options.half_books {
+                        Arc::new(HalfRvq::from_rvq(&q).map_err(book_error)?)
+                    } else {
+                        q
+                    };
+                    Some((q, l))
+                }
                 _ => None,
             };
             let rows = quant
                 .as_ref()
-                .map_or(0, |(q, l): &(Arc<Rvq>, VectorLayout)| {
+                .map_or(0, |(q, l): &(Arc<dyn Quantizer>, VectorLayout)| {
                     l.groups() * q.stages()
                 });
             let bits = quant.as_ref().map_or(1, |(q, _)| q.code_bits());
@@ -221,7 +230,7 @@ impl RvqCache {
                 recent: vec![],
             };
             let few = match (&quant, options.lane_encoder) {
-                (Some((q, _)), true) => FewVectorEncoder::new(q),
+                (Some((q, _)), true) => FewVectorEncoder::new(q.as_ref()),
                 _ => None,
             };
             Ok(PartStore {
@@ -254,16 +263,11 @@ impl RvqCache {
         Ok(Self {
             shape,
             rope,
-            books,
             options,
             path,
             lens: vec![0; shape.layers],
             parts,
         })
-    }
-
-    pub fn codebooks(&self) -> &Codebooks {
-        &self.books
     }
 
     /// Switches how attention reduces coded values (to compare the paths on one cache state).
@@ -323,7 +327,7 @@ impl PartStore {
             return Ok(());
         }
         let (scales, codes) = layout
-            .encode_with(q, &all, opt.beam, self.few.as_ref())
+            .encode_with(q.as_ref(), &all, opt.beam, self.few.as_ref())
             .map_err(|e| CacheError::Codebooks(e.to_string()))?;
         let row = layout.groups() * q.stages();
         let mut i = 0;
@@ -392,7 +396,7 @@ impl PartStore {
             let first = coded.start - a - store.dropped;
             let (mut codes, mut scales) = (vec![], vec![]);
             store.unpack(first, coded.len(), &mut codes, &mut scales);
-            layout.decode_rows(q, &scales, &codes, &mut out[dst(&coded)]);
+            layout.decode_rows(q.as_ref(), &scales, &codes, &mut out[dst(&coded)]);
         }
         let recent = clip(b, usize::MAX);
         if !recent.is_empty() {
@@ -457,7 +461,7 @@ impl PartStore {
         }
         let at = coded.start - span.start;
         rvq_attention::key_scores(
-            rvq,
+            rvq.as_ref(),
             group_rope,
             rope,
             &codes,
@@ -495,7 +499,7 @@ impl PartStore {
             (None, _) | (_, ValuePath::Decode) => false,
             (Some(_), ValuePath::Histogram) => true,
             (Some((q, layout)), ValuePath::Auto) => {
-                histogram_is_cheaper(rows, coded.len(), q, layout)
+                histogram_is_cheaper(rows, coded.len(), q.as_ref(), layout)
             }
         };
         // Windows (and everything, when decoding) are read densely.
@@ -517,7 +521,7 @@ impl PartStore {
         let store = &self.heads[head];
         let (groups, d) = (layout.groups(), layout.group_dim);
         // hist[stage·groups + g][code][r] = Σ_t p[r, t] · s_t over tokens t with that code.
-        let mut hist = vec![0f32; rvq_attention::histogram_len(q, groups, rows)];
+        let mut hist = vec![0f32; rvq_attention::histogram_len(q.as_ref(), groups, rows)];
         let lanes = rows.next_multiple_of(rvq_attention::HIST_LANES);
         let (mut codes, mut scales) = (vec![], vec![]);
         store.unpack(
@@ -536,10 +540,10 @@ impl PartStore {
                 *w = probs[r * n + t - first_key] * s;
             }
         }
-        rvq_attention::value_histograms(q, groups, &codes, &weights, &mut hist);
+        rvq_attention::value_histograms(q.as_ref(), groups, &codes, &weights, &mut hist);
         // [rows, groups·d] in group order → channel order.
         let mut sums = vec![0f32; rows * groups * d];
-        rvq_attention::histograms_times_codebooks(q, groups, &hist, rows, &mut sums);
+        rvq_attention::histograms_times_codebooks(q.as_ref(), groups, &hist, rows, &mut sums);
         let mut coded_out = vec![0f32; rows * hd];
         for (o, s) in coded_out
             .chunks_exact_mut(hd)
@@ -570,6 +574,12 @@ impl PartStore {
             .sum()
     }
 
+    /// Bytes held whatever the context: the codebooks and any lane copy of them.
+    fn fixed_bytes(&self) -> u64 {
+        let books = self.quant.as_ref().map_or(0, |(q, _)| q.bytes());
+        books + self.few.as_ref().map_or(0, FewVectorEncoder::bytes)
+    }
+
     fn truncate(&mut self, len: usize, hd: usize) {
         for s in &mut self.heads {
             let n_sinks = (s.sinks.len() / hd).min(len);
@@ -588,7 +598,7 @@ impl PartStore {
 /// one scalar add: decoding costs n·K·G·d gather-adds plus the n·rows·hd product; the histogram
 /// costs n·K·G·rows scattered adds plus rows·K·G·C·d multiply-adds in matrix products, which run
 /// about 4× faster per element than gathers.
-fn histogram_is_cheaper(rows: usize, n: usize, q: &Rvq, layout: &VectorLayout) -> bool {
+fn histogram_is_cheaper(rows: usize, n: usize, q: &dyn Quantizer, layout: &VectorLayout) -> bool {
     let (k, g, c, d) = (q.stages(), layout.groups(), q.size(), layout.group_dim);
     let hd = layout.vector_dim;
     let decode = n * k * g * d + n * rows * hd / 4;
@@ -632,6 +642,9 @@ impl KvCache for RvqCache {
         }
         if o.lane_encoder {
             s += ",encode=lanes";
+        }
+        if o.half_books {
+            s += ",books=f16";
         }
         match (o.quantize_keys, o.quantize_values) {
             (true, false) => s += ",only=k",
@@ -721,14 +734,12 @@ impl KvCache for RvqCache {
                 .iter()
                 .flat_map(|p| p.iter().map(PartStore::bytes))
                 .sum(),
-            fixed_bytes: self.books.bytes()
-                + self
-                    .parts
-                    .iter()
-                    .flatten()
-                    .filter_map(|p| p.few.as_ref())
-                    .map(FewVectorEncoder::bytes)
-                    .sum::<u64>(),
+            fixed_bytes: self
+                .parts
+                .iter()
+                .flatten()
+                .map(PartStore::fixed_bytes)
+                .sum(),
         }
     }
 
@@ -1025,24 +1036,81 @@ mod tests {
         }
     }
 
+    /// Every codeword rounded to f16 (kept in f32).
+    fn round_to_f16(b: &mut Codebooks) {
+        let round = |q: &Arc<Rvq>| Arc::new(HalfRvq::from_rvq(q).unwrap().to_rvq());
+        for layer in &mut b.layers {
+            layer.keys = layer.keys.as_ref().map(round);
+            layer.values = layer.values.as_ref().map(round);
+        }
+    }
+
+    #[test]
+    fn f16_books_are_the_f32_books_rounded_to_f16_at_half_the_bytes() {
+        let tokens = 300;
+        let (k, v) = (data(tokens * 128, 41), data(tokens * 128, 42));
+        let q = data(tokens * 6 * 64, 43);
+        let rope: Arc<LayerRopes> =
+            Arc::new(Rope::new(64, 500.0, 400, RopeLayout::Interleaved).into());
+        let cache_with = |half_books: bool| {
+            let (shape, mut b) = paper_shaped(Grouping::Strided, 9);
+            if !half_books {
+                round_to_f16(&mut b);
+            }
+            let o = RvqOptions {
+                half_books,
+                ..RvqOptions::default()
+            };
+            let mut c = RvqCache::new(shape, rope.clone(), Arc::new(b), o, "x".into()).unwrap();
+            // A prefill (the batch encoder), then decode steps (the few-vector one).
+            c.append(0, &k[..290 * 128], &v[..290 * 128]).unwrap();
+            for t in 290..tokens {
+                let at = t * 128..(t + 1) * 128;
+                c.append(0, &k[at.clone()], &v[at]).unwrap();
+            }
+            c
+        };
+        let (mut half, mut full) = (cache_with(true), cache_with(false));
+        assert!(half.spec().ends_with(",books=f16"));
+        for (h, part) in [(0, Part::Keys), (1, Part::Values)] {
+            let (mut a, mut b) = (vec![0f32; tokens * 64], vec![0f32; tokens * 64]);
+            half.read(0, h, part, 0..tokens, &mut a).unwrap();
+            full.read(0, h, part, 0..tokens, &mut b).unwrap();
+            assert_eq!(a, b, "{part:?}");
+        }
+        for values in [ValuePath::Histogram, ValuePath::Decode] {
+            half.set_value_path(values);
+            full.set_value_path(values);
+            for (first, rows) in [(tokens - 1, 1), (0, tokens)] {
+                let queries = Queries {
+                    q: &q[first * 384..(first + rows) * 384],
+                    tokens: rows,
+                    q_heads: 6,
+                    first_pos: first,
+                    scale: 0.125,
+                    window: None,
+                };
+                let (mut a, mut b) = (vec![0f32; rows * 384], vec![0f32; rows * 384]);
+                half.attend(0, &queries, &mut a).unwrap();
+                full.attend(0, &queries, &mut b).unwrap();
+                assert_eq!(a, b, "{values:?}, {rows} rows");
+            }
+        }
+        let (mh, mf) = (half.memory(), full.memory());
+        assert_eq!(mh.bytes, mf.bytes);
+        // Two parts × 3 stages × 37 codewords × 32, in 2 bytes instead of 4.
+        assert_eq!(
+            (mh.fixed_bytes, mf.fixed_bytes),
+            (2 * 3 * 37 * 32 * 2, 2 * 3 * 37 * 32 * 4)
+        );
+    }
+
     #[test]
     fn lane_encoder_stores_the_codes_of_the_default_encoder_for_its_bytes() {
         let (shape, mut b) = paper_shaped(Grouping::Strided, 8);
         // Codewords that f16 holds exactly, so the lane encoder's f16 search sees the very
         // codewords the default encoder does (its rounding is tested in `rvq::few`).
-        let f16_exact = |q: &Arc<Rvq>| {
-            let books = (0..q.stages())
-                .map(|s| {
-                    let round = |v: &f32| half::f16::from_f32(*v).to_f32();
-                    q.codebook(s).iter().map(round).collect()
-                })
-                .collect();
-            Arc::new(Rvq::from_codebooks(q.dim(), q.size(), books).unwrap())
-        };
-        for layer in &mut b.layers {
-            layer.keys = layer.keys.as_ref().map(f16_exact);
-            layer.values = layer.values.as_ref().map(f16_exact);
-        }
+        round_to_f16(&mut b);
         let b = Arc::new(b);
         let rope: Arc<LayerRopes> =
             Arc::new(Rope::new(64, 500.0, 64, RopeLayout::Interleaved).into());

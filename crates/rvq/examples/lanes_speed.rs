@@ -5,13 +5,14 @@
 //!
 //! 1. A decode step: 6 vectors of d = 32 per quantizer, K = 8, C = 2048, over 60 quantizers
 //!    (SmolLM2's 30 layers × K and V; 126 MB of f32 codebooks, so they come from memory as in
-//!    the model), with the ordinary encoder and with `FewVectorEncoder` (f16 lanes).
+//!    the model), with the ordinary encoder, from f16 codebooks (`HalfRvq`) and with
+//!    `FewVectorEncoder` (f16 lanes).
 //! 2. A batch: 16,384 vectors through one quantizer, C = 256 and 2048, on all threads
 //!    (`RVQ_KV_SIMD=portable` gives the matrix-product path for comparison: run both).
 
 use rvq::few::FewVectorEncoder;
 use rvq::rng::SplitMix64;
-use rvq::Rvq;
+use rvq::{HalfRvq, Quantizer, Rvq};
 use std::time::Instant;
 
 fn quantizer(rng: &mut SplitMix64, c: usize) -> Rvq {
@@ -47,7 +48,18 @@ fn main() {
         "decode step, 60 quantizers x 6 vectors: matrix product {:.2} ms",
         plain * 1e3
     );
-    let few: Option<Vec<FewVectorEncoder>> = qs.iter().map(FewVectorEncoder::new).collect();
+    let halves: Vec<HalfRvq> = qs.iter().map(|q| HalfRvq::from_rvq(q).unwrap()).collect();
+    let half = fastest(5, || {
+        for q in &halves {
+            Quantizer::encode(q, &x, 1, &mut codes).unwrap();
+        }
+    });
+    println!(
+        "  f16 codebooks (each stage converted, then the matrix product) {:.2} ms ({:.2}x)",
+        half * 1e3,
+        plain / half
+    );
+    let few: Option<Vec<FewVectorEncoder>> = qs.iter().map(|q| FewVectorEncoder::new(q)).collect();
     match few {
         Some(few) => {
             let lanes = fastest(5, || {

@@ -8,7 +8,7 @@
 //! between stages, stay the quantizer's f32 ones. Only the search sees f16-rounded codewords.
 
 use crate::lanes::{LaneBook, DIM, ROWS};
-use crate::{check_finite, Result, Rvq, RvqError};
+use crate::{check_finite, Quantizer, Result, RvqError};
 use half::f16;
 
 /// A quantizer's codebooks in f16 lane groups, for [`FewVectorEncoder::encode`].
@@ -21,12 +21,12 @@ pub struct FewVectorEncoder {
 impl FewVectorEncoder {
     /// The lane layout of `rvq`'s codebooks; `None` unless d = 32 and this CPU (or the forced
     /// [`crate::simd::level`]) runs the lane kernel, so no copy is made that would not be used.
-    pub fn new(rvq: &Rvq) -> Option<Self> {
+    pub fn new(rvq: &dyn Quantizer) -> Option<Self> {
         if !crate::lanes::available(rvq.dim()) {
             return None;
         }
         let books = (0..rvq.stages())
-            .map(|s| LaneBook::new(rvq.codebook(s), rvq.dim()))
+            .map(|s| LaneBook::new(&rvq.codebook_f32(s), rvq.dim()))
             .collect::<Option<_>>()?;
         Some(Self { books })
     }
@@ -36,11 +36,11 @@ impl FewVectorEncoder {
         self.books.iter().map(LaneBook::bytes).sum()
     }
 
-    /// Greedy codes of `x` ([n, 32]) into `codes` ([n, stages]), as [`Rvq::encode`] with beam 1
+    /// Greedy codes of `x` ([n, 32]) into `codes` ([n, stages]), as [`crate::Rvq::encode`] with beam 1
     /// except that each stage's nearest codeword is searched among the f16-rounded codewords
     /// (ties to the lower index). `Ok(false)` when the forced [`crate::simd::level`] no longer
     /// runs the kernel: the caller encodes the ordinary way.
-    pub fn encode(&self, rvq: &Rvq, x: &[f32], codes: &mut [u16]) -> Result<bool> {
+    pub fn encode(&self, rvq: &dyn Quantizer, x: &[f32], codes: &mut [u16]) -> Result<bool> {
         let k = rvq.stages();
         if self.books.len() != k || !x.len().is_multiple_of(DIM) || codes.len() != x.len() / DIM * k
         {
@@ -56,6 +56,7 @@ impl FewVectorEncoder {
         }
         let mut residual = [0f32; ROWS * DIM];
         let (mut best, mut value) = ([0u32; ROWS], [0f32; ROWS]);
+        let mut codeword = [0f32; DIM];
         for (xs, codes) in x.chunks(ROWS * DIM).zip(codes.chunks_mut(ROWS * k)) {
             let m = xs.len() / DIM;
             let residual = &mut residual[..xs.len()];
@@ -64,7 +65,8 @@ impl FewVectorEncoder {
                 book.nearest(residual, &mut best[..m], &mut value[..m]);
                 for (r, rest) in residual.chunks_exact_mut(DIM).enumerate() {
                     codes[r * k + s] = best[r] as u16;
-                    for (v, c) in rest.iter_mut().zip(rvq.codeword(s, best[r] as usize)) {
+                    rvq.codeword_into(s, best[r] as usize, &mut codeword);
+                    for (v, c) in rest.iter_mut().zip(&codeword) {
                         *v -= c;
                     }
                 }
@@ -79,6 +81,7 @@ mod tests {
     use super::*;
     use crate::rng::SplitMix64;
     use crate::simd::{at_each_level, Level};
+    use crate::Rvq;
 
     /// Slow greedy encoding: exact distances in f64 to the f16-rounded codewords, residuals left
     /// by the f32 ones, stage by stage.

@@ -8,7 +8,7 @@
 
 use crate::few::FewVectorEncoder;
 use crate::hadamard::Hadamard;
-use crate::{check_finite, Result, Rvq, RvqError};
+use crate::{check_finite, Quantizer, Result, Rvq, RvqError};
 use half::f16;
 use serde::{Deserialize, Serialize};
 
@@ -164,7 +164,12 @@ impl VectorLayout {
     }
 
     /// Encodes vectors ([n, vector_dim]) → (scales [n], codes [n, groups·stages]).
-    pub fn encode(&self, rvq: &Rvq, x: &[f32], beam: usize) -> Result<(Vec<f32>, Vec<u16>)> {
+    pub fn encode(
+        &self,
+        rvq: &dyn Quantizer,
+        x: &[f32],
+        beam: usize,
+    ) -> Result<(Vec<f32>, Vec<u16>)> {
         self.encode_with(rvq, x, beam, None)
     }
 
@@ -173,7 +178,7 @@ impl VectorLayout {
     /// product better).
     pub fn encode_with(
         &self,
-        rvq: &Rvq,
+        rvq: &dyn Quantizer,
         x: &[f32],
         beam: usize,
         few: Option<&FewVectorEncoder>,
@@ -198,18 +203,20 @@ impl VectorLayout {
     /// `scratch` holds [groups, d].
     pub fn decode_one(
         &self,
-        rvq: &Rvq,
+        rvq: &dyn Quantizer,
         scale: f32,
         codes: &[u16],
         scratch: &mut [f32],
         out: &mut [f32],
     ) {
         let (d, k) = (self.group_dim, rvq.stages());
+        let mut w = vec![0f32; d];
         for g in 0..self.groups() {
             let dst = &mut scratch[g * d..(g + 1) * d];
             dst.fill(0.0);
             for (s, &c) in codes[g * k..(g + 1) * k].iter().enumerate() {
-                for (x, w) in dst.iter_mut().zip(rvq.codeword(s, c as usize)) {
+                rvq.codeword_into(s, c as usize, &mut w);
+                for (x, w) in dst.iter_mut().zip(&w) {
                     *x += w;
                 }
             }
@@ -224,11 +231,11 @@ impl VectorLayout {
     /// Decodes many vectors: `scales` [n], `codes` [n, groups·stages] → `out` [n, vector_dim].
     /// The fast path of [`decode_one`](Self::decode_one) (same sums, in the same order): the
     /// codewords are summed by [`sum_codewords`].
-    pub fn decode_rows(&self, rvq: &Rvq, scales: &[f32], codes: &[u16], out: &mut [f32]) {
+    pub fn decode_rows(&self, rvq: &dyn Quantizer, scales: &[f32], codes: &[u16], out: &mut [f32]) {
         let (d, vd) = (self.group_dim, self.vector_dim);
         // acc [n, groups, d]: the summed codewords of every group of every vector.
         let mut acc = vec![0f32; scales.len() * vd];
-        sum_codewords(rvq, self.groups(), codes, &mut acc);
+        rvq.sum_codewords(self.groups(), codes, &mut acc);
         for ((a, &s), o) in acc
             .chunks_exact(vd)
             .zip(scales)
@@ -262,7 +269,7 @@ impl VectorLayout {
         }
     }
 
-    fn check_rvq(&self, rvq: &Rvq) -> Result<()> {
+    fn check_rvq(&self, rvq: &dyn Quantizer) -> Result<()> {
         if rvq.dim() != self.group_dim {
             return Err(RvqError::Config(format!(
                 "quantizer dimension {} differs from the group dimension {}",

@@ -10,6 +10,7 @@
 //!
 //! Nothing here knows about language models.
 
+pub mod codec;
 pub mod few;
 pub mod hadamard;
 pub mod io;
@@ -22,6 +23,7 @@ pub mod rng;
 pub mod simd;
 pub mod train;
 
+pub use codec::{HalfRvq, Quantizer};
 pub use layout::{Grouping, VectorLayout};
 pub use quantizer::Rvq;
 pub use train::{EmaCodebooks, TrainConfig, TrainReport, VectorSource};

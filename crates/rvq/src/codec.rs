@@ -1,0 +1,298 @@
+//! A trained quantizer as a codec — encode, sum codewords — whether its codebooks are held in
+//! f32 ([`Rvq`], as trained) or in f16 ([`HalfRvq`], half the bytes to hold and to read).
+//!
+//! At decode time a KV cache reads every layer's codebooks once per token (encoding and
+//! attention both touch them), so for a small model their bytes rival the cache's own; f16
+//! halves them. An [`HalfRvq`] is exactly the f32 quantizer of its f16-rounded codewords: it
+//! encodes to the codes that quantizer would choose and decodes to the same sums.
+
+use crate::kernels::{self, dot_products, row_norms};
+use crate::{bits_for, check_finite, Result, Rvq, RvqError};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use std::borrow::Cow;
+
+/// What encoding and decoding need from a quantizer, independent of how it stores codebooks.
+pub trait Quantizer: Send + Sync + std::fmt::Debug {
+    /// Vector dimension d.
+    fn dim(&self) -> usize;
+    /// Codewords per stage, C.
+    fn size(&self) -> usize;
+    /// Number of stages, K.
+    fn stages(&self) -> usize;
+    /// Bits of one code: ceil(log2 C).
+    fn code_bits(&self) -> u32 {
+        bits_for(self.size())
+    }
+    /// Bytes of the codebooks as held.
+    fn bytes(&self) -> u64;
+    /// Stage `stage`'s codebook ([C, d]) as f32: borrowed where stored so, converted otherwise.
+    fn codebook_f32(&self, stage: usize) -> Cow<'_, [f32]>;
+    /// One codeword as f32 into `out` ([d]).
+    fn codeword_into(&self, stage: usize, code: usize, out: &mut [f32]);
+    /// Codes ([n, stages]) of vectors `x` ([n, d]); `beam` = 1 is greedy. See [`Rvq::encode`].
+    fn encode(&self, x: &[f32], beam: usize, codes: &mut [u16]) -> Result<()>;
+    /// `acc` [n, groups·d] = per vector and group, Σ over stages of the named codewords, from
+    /// `codes` [n, groups·stages] (group-major). See [`crate::layout::sum_codewords`].
+    fn sum_codewords(&self, groups: usize, codes: &[u16], acc: &mut [f32]);
+}
+
+impl Quantizer for Rvq {
+    fn dim(&self) -> usize {
+        Rvq::dim(self)
+    }
+    fn size(&self) -> usize {
+        Rvq::size(self)
+    }
+    fn stages(&self) -> usize {
+        Rvq::stages(self)
+    }
+    fn bytes(&self) -> u64 {
+        self.codebook_bytes()
+    }
+    fn codebook_f32(&self, stage: usize) -> Cow<'_, [f32]> {
+        Cow::Borrowed(self.codebook(stage))
+    }
+    fn codeword_into(&self, stage: usize, code: usize, out: &mut [f32]) {
+        out.copy_from_slice(self.codeword(stage, code));
+    }
+    fn encode(&self, x: &[f32], beam: usize, codes: &mut [u16]) -> Result<()> {
+        Rvq::encode(self, x, beam, codes)
+    }
+    fn sum_codewords(&self, groups: usize, codes: &[u16], acc: &mut [f32]) {
+        crate::layout::sum_codewords(self, groups, codes, acc)
+    }
+}
+
+/// A quantizer whose codebooks are held in f16.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HalfRvq {
+    dim: usize,
+    size: usize,
+    /// [stages] of [size, dim]
+    codebooks: Vec<Vec<f16>>,
+    /// [stages] of [size]: squared norms of the f16 codewords
+    norms: Vec<Vec<f32>>,
+}
+
+impl HalfRvq {
+    /// `rvq`'s codebooks rounded to f16 (to nearest; values beyond f16's range are an error,
+    /// not infinities).
+    pub fn from_rvq(rvq: &Rvq) -> Result<Self> {
+        let (dim, size) = (rvq.dim(), rvq.size());
+        let mut codebooks = Vec::with_capacity(rvq.stages());
+        let mut norms = Vec::with_capacity(rvq.stages());
+        for s in 0..rvq.stages() {
+            let book: Vec<f16> = rvq.codebook(s).iter().map(|&v| f16::from_f32(v)).collect();
+            let back = to_f32(&book);
+            check_finite(&back, &format!("codebook {s} in f16 (|value| > 65504)"))?;
+            norms.push(row_norms(&back, dim));
+            codebooks.push(book);
+        }
+        Ok(Self {
+            dim,
+            size,
+            codebooks,
+            norms,
+        })
+    }
+
+    /// The f32 quantizer of the same (f16-valued) codewords.
+    pub fn to_rvq(&self) -> Rvq {
+        let books = self.codebooks.iter().map(|b| to_f32(b)).collect();
+        Rvq::from_codebooks(self.dim, self.size, books).expect("f16 codebooks are finite")
+    }
+
+    /// Stage `stage`'s codebook as stored.
+    pub fn codebook(&self, stage: usize) -> &[f16] {
+        &self.codebooks[stage]
+    }
+
+    /// Greedy encoding of a few vectors (one block): each stage's codebook converted once into
+    /// `book` ([C, d] f32 scratch) and searched as [`Rvq`] searches its own.
+    fn encode_few_greedy(&self, x: &[f32], codes: &mut [u16]) {
+        let (d, k, c) = (self.dim, self.stages(), self.size);
+        let m = x.len() / d;
+        let mut residual = x.to_vec(); // [m, d]
+        let mut scores = vec![0f32; m * c];
+        let mut book = vec![0f32; c * d];
+        for s in 0..k {
+            self.codebooks[s].convert_to_f32_slice(&mut book);
+            dot_products(m, c, d, &residual, &book, &mut scores);
+            for (r, rest) in residual.chunks_exact_mut(d).enumerate() {
+                let (best, _) =
+                    kernels::argmin_half_norm(&scores[r * c..(r + 1) * c], &self.norms[s]);
+                codes[r * k + s] = best as u16;
+                for (v, w) in rest.iter_mut().zip(&book[best * d..(best + 1) * d]) {
+                    *v -= w;
+                }
+            }
+        }
+    }
+}
+
+impl Quantizer for HalfRvq {
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn stages(&self) -> usize {
+        self.codebooks.len()
+    }
+    fn bytes(&self) -> u64 {
+        (self.stages() * self.size * self.dim * 2) as u64
+    }
+    fn codebook_f32(&self, stage: usize) -> Cow<'_, [f32]> {
+        Cow::Owned(to_f32(&self.codebooks[stage]))
+    }
+    fn codeword_into(&self, stage: usize, code: usize, out: &mut [f32]) {
+        let d = self.dim;
+        self.codebooks[stage][code * d..(code + 1) * d].convert_to_f32_slice(out);
+    }
+    fn encode(&self, x: &[f32], beam: usize, codes: &mut [u16]) -> Result<()> {
+        let (d, k) = (self.dim, self.stages());
+        if !x.len().is_multiple_of(d) || codes.len() != x.len() / d * k {
+            return Err(RvqError::Input(format!(
+                "{} values and {} code slots do not make vectors of {d} with {k} codes",
+                x.len(),
+                codes.len()
+            )));
+        }
+        check_finite(x, "vectors to encode")?;
+        let n = x.len() / d;
+        // As `Rvq` would for these vectors: one block through the matrix product unless the
+        // lane kernel takes the batch.
+        let lanes = n >= crate::lanes::MIN_BATCH && crate::lanes::available(d);
+        if beam == 1 && n <= kernels::BLOCK && !lanes {
+            self.encode_few_greedy(x, codes);
+            return Ok(());
+        }
+        // Batches and beams: converting all codebooks costs little next to the search.
+        self.to_rvq().encode(x, beam, codes)
+    }
+    fn sum_codewords(&self, groups: usize, codes: &[u16], acc: &mut [f32]) {
+        let (d, k) = (self.dim, self.stages());
+        assert_eq!(
+            codes.len() / (groups * k),
+            acc.len() / (groups * d),
+            "codes and sums disagree on n"
+        );
+        let max = codes.iter().copied().max().unwrap_or(0) as usize;
+        assert!(
+            max < self.size,
+            "code {max} out of range (C = {})",
+            self.size
+        );
+        #[cfg(target_arch = "x86_64")]
+        if d == 32 && crate::lanes::available(32) {
+            // SAFETY: AVX2 and F16C checked; every code < C, so every codeword read is inside
+            // its [C, 32] codebook.
+            unsafe { sum_codewords_f16_avx2(&self.codebooks, codes, acc) };
+            return;
+        }
+        let mut w = vec![0f32; d];
+        for (a, c) in acc.chunks_exact_mut(d).zip(codes.chunks_exact(k)) {
+            a.fill(0.0);
+            for (&code, book) in c.iter().zip(&self.codebooks) {
+                book[code as usize * d..][..d].convert_to_f32_slice(&mut w);
+                a.iter_mut().zip(&w).for_each(|(a, w)| *a += w);
+            }
+        }
+    }
+}
+
+fn to_f32(book: &[f16]) -> Vec<f32> {
+    let mut out = vec![0f32; book.len()];
+    book.convert_to_f32_slice(&mut out);
+    out
+}
+
+/// [`Quantizer::sum_codewords`] at d = 32: a group's 32 sums held in 4 registers across the
+/// stages, each codeword converted from f16 as it is loaded.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn sum_codewords_f16_avx2(books: &[Vec<f16>], codes: &[u16], acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let k = books.len();
+    for (a, c) in acc.chunks_exact_mut(32).zip(codes.chunks_exact(k)) {
+        let mut sum = [_mm256_setzero_ps(); 4];
+        for (&code, book) in c.iter().zip(books) {
+            let p = book.as_ptr().add(code as usize * 32) as *const __m128i;
+            for (i, s) in sum.iter_mut().enumerate() {
+                *s = _mm256_add_ps(*s, _mm256_cvtph_ps(_mm_loadu_si128(p.add(i))));
+            }
+        }
+        for (i, s) in sum.iter().enumerate() {
+            _mm256_storeu_ps(a.as_mut_ptr().add(8 * i), *s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    fn random_rvq(rng: &mut SplitMix64, d: usize, c: usize, k: usize) -> Rvq {
+        let books = (0..k)
+            .map(|s| (0..c * d).map(|_| rng.normal() / (s + 1) as f32).collect())
+            .collect();
+        Rvq::from_codebooks(d, c, books).unwrap()
+    }
+
+    #[test]
+    fn half_rvq_is_the_f32_quantizer_of_its_rounded_codewords() {
+        let mut rng = SplitMix64::new(4);
+        // d = 32 takes the AVX2 sums where the CPU has them; d = 6 the portable loop. 300
+        // vectors cross the few-vector path's block and take the batch path.
+        for (d, c, k, n) in [(32, 2048, 8, 6), (32, 300, 4, 300), (6, 19, 3, 40)] {
+            let q = random_rvq(&mut rng, d, c, k);
+            let half = HalfRvq::from_rvq(&q).unwrap();
+            let rounded = half.to_rvq();
+            for s in 0..k {
+                let want: Vec<f32> = q
+                    .codebook(s)
+                    .iter()
+                    .map(|&v| f16::from_f32(v).to_f32())
+                    .collect();
+                assert_eq!(rounded.codebook(s), want.as_slice());
+                assert_eq!(half.codebook_f32(s).as_ref(), want.as_slice());
+            }
+            assert_eq!(Quantizer::bytes(&half) * 2, Quantizer::bytes(&q));
+            let x: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
+            for beam in [1, 3] {
+                let (mut a, mut b) = (vec![0u16; n * k], vec![0u16; n * k]);
+                Quantizer::encode(&half, &x, beam, &mut a).unwrap();
+                rounded.encode(&x, beam, &mut b).unwrap();
+                assert_eq!(a, b, "d {d} C {c} n {n} beam {beam}");
+            }
+            let groups = 2;
+            let codes: Vec<u16> = (0..n * groups * k).map(|_| rng.below(c) as u16).collect();
+            for (level, (got, want)) in crate::simd::at_each_level(|_| {
+                let (mut got, mut want) = (vec![0f32; n * groups * d], vec![0f32; n * groups * d]);
+                half.sum_codewords(groups, &codes, &mut got);
+                Quantizer::sum_codewords(&rounded, groups, &codes, &mut want);
+                (got, want)
+            }) {
+                assert_eq!(got, want, "d {d} {level:?}");
+            }
+            let mut w = vec![0f32; d];
+            half.codeword_into(k - 1, c - 1, &mut w);
+            assert_eq!(w, rounded.codeword(k - 1, c - 1));
+        }
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        let q = Rvq::from_codebooks(2, 2, vec![vec![1e6, 0.0, 1.0, 1.0]]).unwrap();
+        let e = HalfRvq::from_rvq(&q).unwrap_err().to_string();
+        assert!(e.contains("f16"), "{e}");
+        let q = Rvq::from_codebooks(2, 2, vec![vec![0.0, 0.0, 1.0, 1.0]]).unwrap();
+        let half = HalfRvq::from_rvq(&q).unwrap();
+        let mut codes = vec![0u16; 1];
+        assert!(Quantizer::encode(&half, &[f32::NAN, 0.0], 1, &mut codes).is_err());
+        assert!(Quantizer::encode(&half, &[0.0; 3], 1, &mut codes).is_err());
+    }
+}
