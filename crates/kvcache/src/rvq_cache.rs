@@ -1309,6 +1309,35 @@ mod tests {
     }
 
     #[test]
+    fn rvq_specs_round_trip_and_bad_choices_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cb.safetensors");
+        books(7).save(&path).unwrap();
+        let config = crate::CacheConfig {
+            shape: SHAPE,
+            rope: rope(),
+            model_id: Some(identity()),
+        };
+        let file = format!("rvq:{}", path.display());
+        for opts in [
+            "",
+            ",keys=decode",
+            ",encode=lanes,books=f16",
+            ",books=f16,only=k",
+        ] {
+            let spec = format!("{file}{opts}");
+            assert_eq!(crate::spec::build(&spec, &config).unwrap().spec(), spec);
+        }
+        let e = crate::spec::build(&format!("{file},books=f8"), &config)
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("books=f8: expected f32 or f16"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn codebook_files_are_validated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cb.safetensors");
