@@ -52,21 +52,55 @@ pub struct Codebooks {
     pub layers: Vec<LayerBooks>,
 }
 
-impl Codebooks {
+impl CodebookMeta {
     pub fn key_layout(&self) -> Option<VectorLayout> {
-        self.meta.keys.as_ref().map(|p| self.layout(p))
+        self.keys.as_ref().map(|p| self.layout(p))
     }
     pub fn value_layout(&self) -> Option<VectorLayout> {
-        self.meta.values.as_ref().map(|p| self.layout(p))
+        self.values.as_ref().map(|p| self.layout(p))
     }
     fn layout(&self, p: &PartSettings) -> VectorLayout {
         VectorLayout {
-            vector_dim: self.meta.model.head_dim,
+            vector_dim: self.model.head_dim,
             group_dim: p.group_dim,
             grouping: p.grouping,
             scaled: p.scaled,
             rotation: p.rotation,
         }
+    }
+
+    /// Fails unless these codebooks were learned on `model`.
+    pub fn check_model(&self, model: &ModelIdentity) -> Result<(), CacheError> {
+        let m = &self.model;
+        if m != model {
+            return Err(CacheError::Codebooks(format!(
+                "codebooks were calibrated for {} ({} layers, {} KV heads x {}, sha256 {}…), \
+                 not for this model: {} ({} layers, {} KV heads x {}, sha256 {}…)",
+                m.architecture,
+                m.layers,
+                m.kv_heads,
+                m.head_dim,
+                &m.file_sha256[..m.file_sha256.len().min(12)],
+                model.architecture,
+                model.layers,
+                model.kv_heads,
+                model.head_dim,
+                &model.file_sha256[..model.file_sha256.len().min(12)],
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One layer's (keys, values) quantizers as `convert` made them from the file's.
+pub type ConvertedLayer<T> = (Option<T>, Option<T>);
+
+impl Codebooks {
+    pub fn key_layout(&self) -> Option<VectorLayout> {
+        self.meta.key_layout()
+    }
+    pub fn value_layout(&self) -> Option<VectorLayout> {
+        self.meta.value_layout()
     }
 
     /// Bytes of all codebooks (fixed overhead of the cache).
@@ -110,6 +144,21 @@ impl Codebooks {
     }
 
     pub fn load(path: &Path) -> Result<Self, CacheError> {
+        let (meta, layers) = Self::load_converted(path, |q| Ok(Arc::new(q)))?;
+        let layers = layers
+            .into_iter()
+            .map(|(keys, values)| LayerBooks { keys, values })
+            .collect();
+        Ok(Self { meta, layers })
+    }
+
+    /// [`load`](Self::load), each quantizer passed through `convert` as it is read (and its
+    /// file pages released), so a compact form of the codebooks never coexists with all the
+    /// f32 ones.
+    pub fn load_converted<T>(
+        path: &Path,
+        mut convert: impl FnMut(Rvq) -> Result<T, CacheError>,
+    ) -> Result<(CodebookMeta, Vec<ConvertedLayer<T>>), CacheError> {
         let p = path.display().to_string();
         let err = |reason: String| CacheError::Codebooks(format!("{p}: {reason}"));
         let file = std::fs::File::open(path).map_err(|e| err(format!("cannot read: {e}")))?;
@@ -141,10 +190,10 @@ impl Codebooks {
             .map_err(|e| err(format!("truncated or corrupted: {e}")))?;
         let mut layers = Vec::with_capacity(stages.len());
         for (l, &(ks, vs)) in stages.iter().enumerate() {
-            let read = |part: &str,
-                        n: usize,
-                        settings: &Option<PartSettings>|
-             -> Result<Option<Arc<Rvq>>, CacheError> {
+            let mut read = |part: &str,
+                            n: usize,
+                            settings: &Option<PartSettings>|
+             -> Result<Option<T>, CacheError> {
                 if n == 0 {
                     return Ok(None);
                 }
@@ -171,37 +220,19 @@ impl Codebooks {
                         s.group_dim
                     )));
                 }
-                Ok(Some(Arc::new(q)))
+                convert(q).map(Some)
             };
-            layers.push(LayerBooks {
-                keys: read("k", ks, &meta.keys)?,
-                values: read("v", vs, &meta.values)?,
-            });
+            let keys = read("k", ks, &meta.keys)?;
+            let values = read("v", vs, &meta.values)?;
+            layers.push((keys, values));
             release_pages(&map);
         }
-        Ok(Self { meta, layers })
+        Ok((meta, layers))
     }
 
     /// Fails unless these codebooks were learned on `model`.
     pub fn check_model(&self, model: &ModelIdentity) -> Result<(), CacheError> {
-        let m = &self.meta.model;
-        if m != model {
-            return Err(CacheError::Codebooks(format!(
-                "codebooks were calibrated for {} ({} layers, {} KV heads x {}, sha256 {}…), \
-                 not for this model: {} ({} layers, {} KV heads x {}, sha256 {}…)",
-                m.architecture,
-                m.layers,
-                m.kv_heads,
-                m.head_dim,
-                &m.file_sha256[..m.file_sha256.len().min(12)],
-                model.architecture,
-                model.layers,
-                model.kv_heads,
-                model.head_dim,
-                &model.file_sha256[..model.file_sha256.len().min(12)]
-            )));
-        }
-        Ok(())
+        self.meta.check_model(model)
     }
 }
 

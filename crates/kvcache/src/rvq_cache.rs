@@ -2,7 +2,7 @@
 //! for quantized tokens; optional full-precision (f16) windows keep the first `sinks` tokens
 //! (attention sinks) and the last `recent` tokens, which are encoded when they leave the window.
 
-use crate::codebooks::Codebooks;
+use crate::codebooks::{CodebookMeta, Codebooks, ConvertedLayer};
 use crate::rvq_attention;
 use crate::{
     attention, check_append, check_read, CacheError, CacheShape, GroupRope, KvCache, LayerRopes,
@@ -155,6 +155,23 @@ fn book_error(e: rvq::RvqError) -> CacheError {
     CacheError::Codebooks(e.to_string())
 }
 
+/// A loaded quantizer as `options` want the cache to hold it: its first `stages` stages, in f16
+/// or f32 (the same `Arc` when nothing changes, so caches share one copy).
+pub fn prepare_quantizer(
+    q: Arc<Rvq>,
+    options: &RvqOptions,
+) -> Result<Arc<dyn Quantizer>, CacheError> {
+    let q = match options.stages {
+        Some(k) => Arc::new(q.truncated(k).map_err(book_error)?),
+        None => q,
+    };
+    Ok(if options.half_books {
+        Arc::new(HalfRvq::from_rvq(&q).map_err(book_error)?)
+    } else {
+        q
+    })
+}
+
 /// Keys or values of one layer.
 #[derive(Clone, Debug)]
 struct PartStore {
@@ -180,6 +197,7 @@ pub struct RvqCache {
 }
 
 impl RvqCache {
+    /// A cache over loaded codebooks (shared with them where the options keep them as they are).
     pub fn new(
         shape: CacheShape,
         rope: Arc<LayerRopes>,
@@ -187,7 +205,32 @@ impl RvqCache {
         options: RvqOptions,
         path: String,
     ) -> Result<Self, CacheError> {
-        let m = &books.meta.model;
+        let layers = books
+            .layers
+            .iter()
+            .map(|b| {
+                let prepare = |q: &Option<Arc<Rvq>>| {
+                    q.clone()
+                        .map(|q| prepare_quantizer(q, &options))
+                        .transpose()
+                };
+                Ok((prepare(&b.keys)?, prepare(&b.values)?))
+            })
+            .collect::<Result<_, CacheError>>()?;
+        Self::from_quantizers(shape, rope, &books.meta, layers, options, path)
+    }
+
+    /// A cache over quantizers already prepared by [`prepare_quantizer`] (as
+    /// [`Codebooks::load_converted`] can, one layer at a time).
+    pub fn from_quantizers(
+        shape: CacheShape,
+        rope: Arc<LayerRopes>,
+        meta: &CodebookMeta,
+        layers: Vec<ConvertedLayer<Arc<dyn Quantizer>>>,
+        options: RvqOptions,
+        path: String,
+    ) -> Result<Self, CacheError> {
+        let m = &meta.model;
         if (m.layers, m.kv_heads, m.head_dim) != (shape.layers, shape.kv_heads, shape.head_dim) {
             return Err(CacheError::Codebooks(format!(
                 "codebooks are for {} layers x {} KV heads x {}, the model has {} x {} x {}",
@@ -199,21 +242,16 @@ impl RvqCache {
                 "beam width must be at least 1".into(),
             ));
         }
-        let part = |q: Option<&Arc<Rvq>>, layout: Option<VectorLayout>, on: bool| {
+        if layers.len() != m.layers {
+            return Err(CacheError::Codebooks(format!(
+                "{} layers of quantizers for {} layers of settings",
+                layers.len(),
+                m.layers
+            )));
+        }
+        let part = |q: Option<Arc<dyn Quantizer>>, layout: Option<VectorLayout>, on: bool| {
             let quant = match (q, layout, on) {
-                (Some(q), Some(l), true) => {
-                    let q = match options.stages {
-                        Some(k) => Arc::new(q.truncated(k).map_err(book_error)?),
-                        None => q.clone(),
-                    };
-                    // Shared with the loaded codebooks when kept in f32 and not truncated.
-                    let q: Arc<dyn Quantizer> = if options.half_books {
-                        Arc::new(HalfRvq::from_rvq(&q).map_err(book_error)?)
-                    } else {
-                        q
-                    };
-                    Some((q, l))
-                }
+                (Some(q), Some(l), true) => Some((q, l)),
                 _ => None,
             };
             let rows = quant
@@ -240,24 +278,16 @@ impl RvqCache {
                 heads: vec![head; shape.kv_heads],
             })
         };
-        let parts = books
-            .layers
-            .iter()
+        let parts = layers
+            .into_iter()
             .enumerate()
-            .map(|(l, b)| {
-                let mut keys = part(b.keys.as_ref(), books.key_layout(), options.quantize_keys)?;
+            .map(|(l, (k, v))| {
+                let mut keys = part(k, meta.key_layout(), options.quantize_keys)?;
                 keys.group_rope = keys
                     .quant
                     .as_ref()
                     .and_then(|(_, layout)| GroupRope::new(rope.layer(l), layout));
-                Ok([
-                    keys,
-                    part(
-                        b.values.as_ref(),
-                        books.value_layout(),
-                        options.quantize_values,
-                    )?,
-                ])
+                Ok([keys, part(v, meta.value_layout(), options.quantize_values)?])
             })
             .collect::<Result<_, CacheError>>()?;
         Ok(Self {

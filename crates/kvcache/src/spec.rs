@@ -2,7 +2,7 @@
 
 use crate::codebooks::Codebooks;
 use crate::dense::{F16Cache, F32Cache};
-use crate::rvq_cache::{RvqCache, RvqOptions};
+use crate::rvq_cache::{prepare_quantizer, RvqCache, RvqOptions};
 use crate::scalar::{BlockCache, KiviCache, KiviOptions, ScalarFormat, StoredForm};
 use crate::{CacheConfig, CacheError, KvCache};
 use std::path::Path;
@@ -151,19 +151,18 @@ fn build_rvq(
             }
         }
     }
-    let books = Codebooks::load(Path::new(path))?;
     let id = config
         .model_id
         .as_ref()
         .ok_or_else(|| err("the rvq cache needs the model's identity".into()))?;
-    books.check_model(id)?;
-    Ok(Box::new(RvqCache::new(
-        config.shape,
-        config.rope.clone(),
-        Arc::new(books),
-        o,
-        path.to_string(),
-    )?))
+    // Each quantizer is prepared (truncated, put in f16) as it is read, so the f32 codebooks
+    // are never all held next to their prepared form.
+    let prepare = |q| prepare_quantizer(Arc::new(q), &o);
+    let (meta, layers) = Codebooks::load_converted(Path::new(path), prepare)?;
+    meta.check_model(id)?;
+    let (shape, rope) = (config.shape, config.rope.clone());
+    let cache = RvqCache::from_quantizers(shape, rope, &meta, layers, o, path.to_string())?;
+    Ok(Box::new(cache))
 }
 
 #[cfg(test)]
