@@ -74,7 +74,8 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
     };
     assert_eq!(m.bytes, 10 * 30 * 3 * 2 * 5);
     assert!((m.bits_per_element() - 0.625).abs() < 1e-12);
-    assert_eq!(m.fixed_bytes, 30 * 2 * 2 * 64 * 32 * 4);
+    // Codebooks held in f16 (the default): 30 layers × K and V × 2 stages × 64 × 32 × 2 bytes.
+    assert_eq!(m.fixed_bytes, 30 * 2 * 2 * 64 * 32 * 2);
 
     // On one cache state, attention on codes (keys decoded, rotated and multiplied in group
     // order; values through per-stage histograms) gives the logits that decoding gives. (Two

@@ -69,9 +69,9 @@ fn main() {
         ("f16", Box::new(F16Cache::new(shape, rope.clone()))),
         ("rvq", rvq_cache(RvqOptions::default())),
         (
-            "rvq,books=f16",
+            "rvq,books=f32",
             rvq_cache(RvqOptions {
-                half_books: true,
+                half_books: false,
                 ..RvqOptions::default()
             }),
         ),

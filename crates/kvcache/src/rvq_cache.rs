@@ -36,8 +36,9 @@ pub struct RvqOptions {
     /// ([`rvq::few::FewVectorEncoder`], AVX2 only): ~3× faster encoding for half the codebooks'
     /// bytes again.
     pub lane_encoder: bool,
-    /// Hold the codebooks in f16 ([`rvq::HalfRvq`]): half their memory and half the bytes a
-    /// decode step reads from them; codes and sums are those of the f16-rounded codewords.
+    /// Hold the codebooks in f16 ([`rvq::HalfRvq`], the default): half their memory and half
+    /// the bytes a decode step reads from them; codes and sums are those of the f16-rounded
+    /// codewords (perplexity unchanged within noise). `false` keeps them in f32 as trained.
     pub half_books: bool,
 }
 
@@ -117,7 +118,7 @@ impl Default for RvqOptions {
             values: ValuePath::Auto,
             keys: KeyPath::Fused,
             lane_encoder: false,
-            half_books: false,
+            half_books: true,
         }
     }
 }
@@ -673,8 +674,8 @@ impl KvCache for RvqCache {
         if o.lane_encoder {
             s += ",encode=lanes";
         }
-        if o.half_books {
-            s += ",books=f16";
+        if !o.half_books {
+            s += ",books=f32";
         }
         match (o.quantize_keys, o.quantize_values) {
             (true, false) => s += ",only=k",
@@ -818,7 +819,15 @@ mod tests {
         }
     }
 
+    /// Random codebooks whose values f16 holds exactly, so the default f16 cache and the f32
+    /// references built from them agree (f16 rounding is tested on its own).
     fn random_rvq(rng: &mut SplitMix64, d: usize, c: usize, k: usize) -> Rvq {
+        HalfRvq::from_rvq(&unrounded_rvq(rng, d, c, k))
+            .unwrap()
+            .to_rvq()
+    }
+
+    fn unrounded_rvq(rng: &mut SplitMix64, d: usize, c: usize, k: usize) -> Rvq {
         let cbs = (0..k)
             .map(|s| {
                 (0..c * d)
@@ -919,7 +928,8 @@ mod tests {
         let m = cache.memory();
         assert_eq!(m.elements, (tokens * 2 * 8 * 2) as u64);
         assert_eq!(m.bytes, (tokens * 2 * 2 * (3 + 2)) as u64);
-        assert_eq!(m.fixed_bytes, 2 * 2 * 3 * 5 * 4 * 4);
+        // Codebooks: 2 layers × K and V × 3 stages × 5 codewords × 4 values, f16.
+        assert_eq!(m.fixed_bytes, 2 * 2 * 3 * 5 * 4 * 2);
     }
 
     #[test]
@@ -993,8 +1003,8 @@ mod tests {
             reports: vec![(None, None)],
         };
         let layers = vec![LayerBooks {
-            keys: Some(random_rvq(&mut rng, 32, 37, 3).into()),
-            values: Some(random_rvq(&mut rng, 32, 37, 3).into()),
+            keys: Some(unrounded_rvq(&mut rng, 32, 37, 3).into()),
+            values: Some(unrounded_rvq(&mut rng, 32, 37, 3).into()),
         }];
         (shape, Codebooks { meta, layers })
     }
@@ -1101,7 +1111,7 @@ mod tests {
             c
         };
         let (mut half, mut full) = (cache_with(true), cache_with(false));
-        assert!(half.spec().ends_with(",books=f16"));
+        assert!(full.spec().ends_with(",books=f32"));
         for (h, part) in [(0, Part::Keys), (1, Part::Values)] {
             let (mut a, mut b) = (vec![0f32; tokens * 64], vec![0f32; tokens * 64]);
             half.read(0, h, part, 0..tokens, &mut a).unwrap();
@@ -1352,8 +1362,8 @@ mod tests {
         for opts in [
             "",
             ",keys=decode",
-            ",encode=lanes,books=f16",
-            ",books=f16,only=k",
+            ",encode=lanes,books=f32",
+            ",books=f32,only=k",
         ] {
             let spec = format!("{file}{opts}");
             assert_eq!(crate::spec::build(&spec, &config).unwrap().spec(), spec);
@@ -1362,7 +1372,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            e.to_string().contains("books=f8: expected f32 or f16"),
+            e.to_string().contains("books=f8: expected f16 or f32"),
             "{e}"
         );
     }
