@@ -181,8 +181,8 @@ struct PartStore {
     quant: Option<(Arc<dyn Quantizer>, VectorLayout)>,
     /// Keys whose layout only permutes channels: RoPE in the quantizer's group order.
     group_rope: Option<GroupRope>,
-    /// The codebooks in lanes, when the options ask for the lane encoder.
-    few: Option<FewVectorEncoder>,
+    /// The codebooks in lanes, when the options ask for the lane encoder (shared like `quant`).
+    few: Option<Arc<FewVectorEncoder>>,
     heads: Vec<HeadStore>,
 }
 
@@ -269,7 +269,7 @@ impl RvqCache {
                 recent: vec![],
             };
             let few = match (&quant, options.lane_encoder) {
-                (Some((q, _)), true) => FewVectorEncoder::new(q.as_ref()),
+                (Some((q, _)), true) => FewVectorEncoder::new(q.as_ref()).map(Arc::new),
                 _ => None,
             };
             Ok(PartStore {
@@ -358,7 +358,7 @@ impl PartStore {
             return Ok(());
         }
         let (scales, codes) = layout
-            .encode_with(q.as_ref(), &all, opt.beam, self.few.as_ref())
+            .encode_with(q.as_ref(), &all, opt.beam, self.few.as_deref())
             .map_err(|e| CacheError::Codebooks(e.to_string()))?;
         let row = layout.groups() * q.stages();
         let mut i = 0;
@@ -608,7 +608,7 @@ impl PartStore {
     /// Bytes held whatever the context: the codebooks and any lane copy of them.
     fn fixed_bytes(&self) -> u64 {
         let books = self.quant.as_ref().map_or(0, |(q, _)| q.bytes());
-        books + self.few.as_ref().map_or(0, FewVectorEncoder::bytes)
+        books + self.few.as_ref().map_or(0, |f| f.bytes())
     }
 
     fn truncate(&mut self, len: usize, hd: usize) {
