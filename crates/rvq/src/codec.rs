@@ -6,7 +6,8 @@
 //! halves them. An [`HalfRvq`] is exactly the f32 quantizer of its f16-rounded codewords: it
 //! encodes to the codes that quantizer would choose and decodes to the same sums.
 
-use crate::kernels::{self, dot_products, row_norms};
+use crate::kernels::{self, row_norms};
+use crate::quantizer::greedy_stage;
 use crate::{bits_for, check_finite, Result, Rvq, RvqError};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -109,24 +110,22 @@ impl HalfRvq {
     }
 
     /// Greedy encoding of a few vectors (one block): each stage's codebook converted once into
-    /// `book` ([C, d] f32 scratch) and searched as [`Rvq`] searches its own.
+    /// an f32 scratch and searched as [`Rvq`] searches its own.
     fn encode_few_greedy(&self, x: &[f32], codes: &mut [u16]) {
-        let (d, k, c) = (self.dim, self.stages(), self.size);
-        let m = x.len() / d;
+        let (d, k) = (self.dim, self.stages());
         let mut residual = x.to_vec(); // [m, d]
-        let mut scores = vec![0f32; m * c];
-        let mut book = vec![0f32; c * d];
+        let mut scores = Vec::new();
+        let mut book = vec![0f32; self.size * d];
         for s in 0..k {
             f16_to_f32(&self.codebooks[s], &mut book);
-            dot_products(m, c, d, &residual, &book, &mut scores);
-            for (r, rest) in residual.chunks_exact_mut(d).enumerate() {
-                let (best, _) =
-                    kernels::argmin_half_norm(&scores[r * c..(r + 1) * c], &self.norms[s]);
-                codes[r * k + s] = best as u16;
-                for (v, w) in rest.iter_mut().zip(&book[best * d..(best + 1) * d]) {
-                    *v -= w;
-                }
-            }
+            greedy_stage(
+                &book,
+                &self.norms[s],
+                d,
+                &mut residual,
+                &mut scores,
+                |r, code| codes[r * k + s] = code,
+            );
         }
     }
 }

@@ -120,20 +120,12 @@ impl Rvq {
             .par_chunks_mut(kernels::BLOCK * k)
             .zip(x.par_chunks(kernels::BLOCK * d))
             .for_each_init(Vec::new, |scores, (codes, xb)| {
-                let m = xb.len() / d;
                 let mut residual = xb.to_vec(); // [m, d]
-                scores.resize(m * self.size, 0.0);
                 for s in 0..k {
-                    dot_products(m, self.size, d, &residual, &self.codebooks[s], scores);
-                    for r in 0..m {
-                        let row = &scores[r * self.size..(r + 1) * self.size];
-                        let (best, _) = kernels::argmin_half_norm(row, &self.norms[s]);
-                        codes[r * k + s] = best as u16;
-                        let cw = self.codeword(s, best);
-                        for (x, c) in residual[r * d..(r + 1) * d].iter_mut().zip(cw) {
-                            *x -= c;
-                        }
-                    }
+                    let (book, norms) = (&self.codebooks[s], &self.norms[s]);
+                    greedy_stage(book, norms, d, &mut residual, scores, |r, code| {
+                        codes[r * k + s] = code
+                    });
                 }
             });
     }
@@ -332,6 +324,33 @@ impl Rvq {
             )));
         }
         Ok(())
+    }
+}
+
+/// One greedy stage over a block of residuals ([m, d]): the nearest codeword of `book` ([C, d],
+/// squared norms `norms`) through one matrix product into `scores`, `put(r, code)` for each row,
+/// and the codeword subtracted from the row.
+pub(crate) fn greedy_stage(
+    book: &[f32],
+    norms: &[f32],
+    d: usize,
+    residual: &mut [f32],
+    scores: &mut Vec<f32>,
+    mut put: impl FnMut(usize, u16),
+) {
+    let (m, c) = (residual.len() / d, norms.len());
+    scores.resize(m * c, 0.0);
+    dot_products(m, c, d, residual, book, scores);
+    for (r, (rest, row)) in residual
+        .chunks_exact_mut(d)
+        .zip(scores.chunks_exact(c))
+        .enumerate()
+    {
+        let (best, _) = kernels::argmin_half_norm(row, norms);
+        put(r, best as u16);
+        for (x, w) in rest.iter_mut().zip(&book[best * d..(best + 1) * d]) {
+            *x -= w;
+        }
     }
 }
 
