@@ -19,8 +19,8 @@ pub struct FewVectorEncoder {
 }
 
 impl FewVectorEncoder {
-    /// The lane layout of `rvq`'s codebooks; `None` unless d = 32 and this CPU (or the forced
-    /// [`crate::simd::level`]) runs the lane kernel, so no copy is made that would not be used.
+    /// The lane layout of `rvq`'s codebooks; `None` unless d = 32 and the lane kernel runs here
+    /// ([`crate::lanes::available`]), so no copy is made that would not be used.
     pub fn new(rvq: &dyn Quantizer) -> Option<Self> {
         if !crate::lanes::available(rvq.dim()) {
             return None;
@@ -38,8 +38,8 @@ impl FewVectorEncoder {
 
     /// Greedy codes of `x` ([n, 32]) into `codes` ([n, stages]), as [`crate::Rvq::encode`] with beam 1
     /// except that each stage's nearest codeword is searched among the f16-rounded codewords
-    /// (ties to the lower index). `Ok(false)` when the forced [`crate::simd::level`] no longer
-    /// runs the kernel: the caller encodes the ordinary way.
+    /// (ties to the lower index). Always `Ok(true)` (an encoder exists only where the lane
+    /// kernel runs); the `bool` lets callers treat it as an optional fast path.
     pub fn encode(&self, rvq: &dyn Quantizer, x: &[f32], codes: &mut [u16]) -> Result<bool> {
         let k = rvq.stages();
         if self.books.len() != k || !x.len().is_multiple_of(DIM) || codes.len() != x.len() / DIM * k
@@ -51,9 +51,6 @@ impl FewVectorEncoder {
             )));
         }
         check_finite(x, "vectors to encode")?;
-        if !crate::lanes::available(DIM) {
-            return Ok(false);
-        }
         let mut residual = [0f32; ROWS * DIM];
         let (mut best, mut value) = ([0u32; ROWS], [0f32; ROWS]);
         let mut codeword = [0f32; DIM];
@@ -80,7 +77,7 @@ impl FewVectorEncoder {
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
-    use crate::simd::{at_each_level, Level};
+    use crate::simd::at_each_level;
     use crate::Rvq;
 
     /// Slow greedy encoding: exact distances in f64 to the f16-rounded codewords, residuals left
@@ -130,14 +127,12 @@ mod tests {
             assert_eq!(few.bytes(), 4 * (c.next_multiple_of(16) * DIM * 2) as u64);
             let x: Vec<f32> = (0..n * DIM).map(|_| rng.normal()).collect();
             let want: Vec<u16> = x.chunks_exact(DIM).flat_map(|v| reference(&q, v)).collect();
-            for (level, got) in at_each_level(|_| {
+            for (level, codes) in at_each_level(|_| {
                 let mut codes = vec![0u16; n * 4];
-                few.encode(&q, &x, &mut codes).unwrap().then_some(codes)
+                assert!(few.encode(&q, &x, &mut codes).unwrap());
+                codes
             }) {
-                match got {
-                    Some(codes) => assert_eq!(codes, want, "C {c}, {n} vectors, {level:?}"),
-                    None => assert_eq!(level, Level::Portable, "AVX2 takes the kernel"),
-                }
+                assert_eq!(codes, want, "C {c}, {n} vectors, {level:?}");
             }
         }
     }

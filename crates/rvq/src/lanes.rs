@@ -21,20 +21,13 @@ pub const MIN_BATCH: usize = 32;
 /// The only dimension the kernel is written for (the paper's group size).
 pub const DIM: usize = 32;
 
-/// Whether the lane kernel runs here for vectors of dimension `d`: d = 32 and the chosen
-/// [`crate::simd::level`] has AVX2 (and with it, on every x86-64 CPU that has it, F16C).
+/// Whether the lane kernel runs here for vectors of dimension `d`: d = 32 and the CPU has AVX2,
+/// FMA and F16C, unless `RVQ_KV_SIMD` asks for portable code. Decided once per process, not by
+/// [`crate::simd::force`]: the lane kernel sums in another order than the matrix product, so a
+/// level forced mid-run (tests do) must not switch between them under a running computation.
 pub fn available(d: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        d == DIM
-            && crate::simd::level() >= crate::simd::Level::Avx2
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = d;
-        false
-    }
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    d == DIM && *ON.get_or_init(|| crate::simd::configured() >= crate::simd::Level::Avx2)
 }
 
 /// What a lane holds: f32, or f16 for half the bytes.
@@ -89,9 +82,10 @@ pub struct LaneBook<T> {
 }
 
 impl<T: LaneWord> LaneBook<T> {
-    /// The lane layout of `codebook` ([C, 32]); `None` unless its rows have 32 values.
+    /// The lane layout of `codebook` ([C, 32]); `None` unless its rows have 32 values and the
+    /// kernel runs here ([`available`]).
     pub fn new(codebook: &[f32], d: usize) -> Option<Self> {
-        if d != DIM || codebook.is_empty() || !codebook.len().is_multiple_of(DIM) {
+        if !available(d) || codebook.is_empty() || !codebook.len().is_multiple_of(DIM) {
             return None;
         }
         let size = codebook.len() / DIM;
@@ -120,14 +114,10 @@ impl<T: LaneWord> LaneBook<T> {
     }
 
     /// For each row r of `x` ([n, 32]): `best[r]` = argmin over codewords c of ‖c‖² − 2·x_r·c
-    /// (ties to the lower index) and `value[r]` that minimum. `false`, with nothing written, when
-    /// the kernel cannot run here ([`available`]).
-    pub fn nearest(&self, x: &[f32], best: &mut [u32], value: &mut [f32]) -> bool {
+    /// (ties to the lower index) and `value[r]` that minimum.
+    pub fn nearest(&self, x: &[f32], best: &mut [u32], value: &mut [f32]) {
         let n = x.len() / DIM;
         assert!(x.len() == n * DIM && best.len() == n && value.len() == n);
-        if !available(DIM) {
-            return false;
-        }
         #[cfg(target_arch = "x86_64")]
         {
             let mut rows = [0f32; ROWS * DIM];
@@ -139,14 +129,15 @@ impl<T: LaneWord> LaneBook<T> {
             {
                 rows[..xs.len()].copy_from_slice(xs);
                 rows[xs.len()..].fill(0.0);
-                // SAFETY: `available` checked AVX2, FMA and F16C; the shapes are this type's own
-                // construction ([blocks][32][16] lanes, [blocks·16] norms).
+                // SAFETY: a LaneBook exists only where `available` found AVX2, FMA and F16C;
+                // the shapes are its own construction ([blocks][32][16] lanes, [blocks·16] norms).
                 unsafe { nearest_avx2(&rows, &self.lanes, &self.norms, &mut b, &mut v) };
                 best.copy_from_slice(&b[..best.len()]);
                 value.copy_from_slice(&v[..value.len()]);
             }
         }
-        true
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no LaneBook is built off x86-64");
     }
 }
 
@@ -218,7 +209,7 @@ unsafe fn nearest_avx2<T: LaneWord>(
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
-    use crate::simd::{at_each_level, Level};
+    use crate::simd::at_each_level;
 
     /// Slow nearest codeword: exact distances in f64 to the codewords as the lanes store them.
     fn reference<T: LaneWord>(book: &[f32], x: &[f32]) -> u32 {
@@ -240,7 +231,11 @@ mod tests {
 
     fn check<T: LaneWord>(rng: &mut SplitMix64, c: usize, n: usize) {
         let book: Vec<f32> = (0..c * DIM).map(|_| rng.normal()).collect();
-        let lanes = LaneBook::<T>::new(&book, DIM).unwrap();
+        let Some(lanes) = LaneBook::<T>::new(&book, DIM) else {
+            assert!(!available(DIM));
+            eprintln!("no AVX2/FMA/F16C here: the lane kernel is not built and not tested");
+            return;
+        };
         let words = c.next_multiple_of(LANES) * DIM;
         assert_eq!(lanes.bytes(), (words * std::mem::size_of::<T>()) as u64);
         let x: Vec<f32> = (0..n * DIM).map(|_| rng.normal()).collect();
@@ -248,16 +243,12 @@ mod tests {
             .chunks_exact(DIM)
             .map(|v| reference::<T>(&book, v))
             .collect();
-        for (level, got) in at_each_level(|_| {
+        // The kernel does not depend on a forced level: the same answer at each.
+        for (level, (best, value)) in at_each_level(|_| {
             let (mut best, mut value) = (vec![0u32; n], vec![0f32; n]);
-            lanes
-                .nearest(&x, &mut best, &mut value)
-                .then_some((best, value))
+            lanes.nearest(&x, &mut best, &mut value);
+            (best, value)
         }) {
-            let Some((best, value)) = got else {
-                assert_eq!(level, Level::Portable, "AVX2 takes the kernel");
-                continue;
-            };
             assert_eq!(best, want, "C {c}, {n} vectors, {level:?}");
             for ((v, &b), xr) in value.iter().zip(&best).zip(x.chunks_exact(DIM)) {
                 let exact: f64 = (0..DIM)

@@ -30,7 +30,7 @@ pub fn level() -> Level {
         2 => Level::Avx2,
         3 => Level::Avx512,
         _ => {
-            let l = requested().unwrap_or_else(detected).min(detected());
+            let l = configured();
             LEVEL.store(l as u8, Ordering::Relaxed);
             l
         }
@@ -39,6 +39,12 @@ pub fn level() -> Level {
 
 /// Makes every loop run at `level` from now on (capped at what the CPU has); returns the level
 /// in effect. For tests and benchmarks that compare versions.
+/// The level this process was configured with: `RVQ_KV_SIMD`, capped by the CPU — what
+/// [`level`] returns unless a test [`force`]s another.
+pub fn configured() -> Level {
+    requested().unwrap_or_else(detected).min(detected())
+}
+
 pub fn force(level: Level) -> Level {
     let l = level.min(detected());
     LEVEL.store(l as u8, Ordering::Relaxed);
