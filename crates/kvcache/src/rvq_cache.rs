@@ -872,6 +872,30 @@ mod tests {
         (0..n).map(|_| (rng.unit() as f32 - 0.5) * 3.0).collect()
     }
 
+    /// Query rows `first..first + rows` of `q` for [`SHAPE`]: 4 query heads of 8.
+    fn small_queries(q: &[f32], first: usize, rows: usize, window: Option<usize>) -> Queries<'_> {
+        Queries {
+            q: &q[first * 32..(first + rows) * 32],
+            tokens: rows,
+            q_heads: 4,
+            first_pos: first,
+            scale: 0.3,
+            window,
+        }
+    }
+
+    /// Query rows `first..first + rows` of `q` for [`paper_shaped`] caches: 6 query heads of 64.
+    fn paper_queries(q: &[f32], first: usize, rows: usize, window: Option<usize>) -> Queries<'_> {
+        Queries {
+            q: &q[first * 384..(first + rows) * 384],
+            tokens: rows,
+            q_heads: 6,
+            first_pos: first,
+            scale: 0.125,
+            window,
+        }
+    }
+
     fn rope() -> Arc<LayerRopes> {
         Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::Interleaved).into())
     }
@@ -951,14 +975,7 @@ mod tests {
             c
         };
         for (first, rows) in [(0, tokens), (tokens - 1, 1), (tokens - 3, 3)] {
-            let queries = Queries {
-                q: &q[first * 32..(first + rows) * 32],
-                tokens: rows,
-                q_heads: 4,
-                first_pos: first,
-                scale: 0.3,
-                window: None,
-            };
+            let queries = small_queries(&q, first, rows, None);
             let mut reference = vec![0f32; rows * 32];
             let decode = cache_with(ValuePath::Decode);
             // The generic path reads dense values through `read`: an independent reference.
@@ -1047,14 +1064,7 @@ mod tests {
                     (tokens - 3, 3, Some(100)),
                     (0, tokens, None),
                 ] {
-                    let queries = Queries {
-                        q: &q[first * 384..(first + rows) * 384],
-                        tokens: rows,
-                        q_heads: 6,
-                        first_pos: first,
-                        scale: 0.125,
-                        window,
-                    };
+                    let queries = paper_queries(&q, first, rows, window);
                     // Dense reads (`read` → RoPE → products): an independent reference.
                     let mut want = vec![0f32; rows * 384];
                     attention::dense_attention(&reference_cache, 0, &queries, &mut want).unwrap();
@@ -1122,14 +1132,7 @@ mod tests {
             half.set_value_path(values);
             full.set_value_path(values);
             for (first, rows) in [(tokens - 1, 1), (0, tokens)] {
-                let queries = Queries {
-                    q: &q[first * 384..(first + rows) * 384],
-                    tokens: rows,
-                    q_heads: 6,
-                    first_pos: first,
-                    scale: 0.125,
-                    window: None,
-                };
+                let queries = paper_queries(&q, first, rows, None);
                 let (mut a, mut b) = (vec![0f32; rows * 384], vec![0f32; rows * 384]);
                 half.attend(0, &queries, &mut a).unwrap();
                 full.attend(0, &queries, &mut b).unwrap();
@@ -1283,14 +1286,7 @@ mod tests {
             let mut keeps = RvqCache::new(SHAPE, rope(), b.clone(), o, "x".into()).unwrap();
             let mut forgets = keeps.clone();
             for t in 0..tokens {
-                let queries = Queries {
-                    q: &q[t * 32..(t + 1) * 32],
-                    tokens: 1,
-                    q_heads: 4,
-                    first_pos: t,
-                    scale: 0.3,
-                    window: Some(window),
-                };
+                let queries = small_queries(&q, t, 1, Some(window));
                 let (mut want, mut got) = (vec![0f32; 32], vec![0f32; 32]);
                 for (cache, out) in [(&mut keeps, &mut want), (&mut forgets, &mut got)] {
                     let (kt, vt) = (&k[t * 16..(t + 1) * 16], &v[t * 16..(t + 1) * 16]);
