@@ -7,8 +7,8 @@
 //! encodes to the codes that quantizer would choose and decodes to the same sums.
 
 use crate::kernels::{self, row_norms};
-use crate::quantizer::greedy_stage;
-use crate::{bits_for, check_finite, Result, Rvq, RvqError};
+use crate::quantizer::{check_vectors, greedy_stage};
+use crate::{bits_for, check_finite, Result, Rvq};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use std::borrow::Cow;
@@ -151,14 +151,8 @@ impl Quantizer for HalfRvq {
         f16_to_f32(&self.codebooks[stage][code * d..(code + 1) * d], out);
     }
     fn encode(&self, x: &[f32], beam: usize, codes: &mut [u16]) -> Result<()> {
-        let (d, k) = (self.dim, self.stages());
-        if !x.len().is_multiple_of(d) || codes.len() != x.len() / d * k {
-            return Err(RvqError::Input(format!(
-                "{} values and {} code slots do not make vectors of {d} with {k} codes",
-                x.len(),
-                codes.len()
-            )));
-        }
+        let d = self.dim;
+        check_vectors(d, self.stages(), x, codes.len(), "vectors to encode")?;
         check_finite(x, "vectors to encode")?;
         let n = x.len() / d;
         // As `Rvq` would for these vectors: one block through the matrix product unless the
@@ -208,7 +202,7 @@ fn to_f32(book: &[f16]) -> Vec<f32> {
     out
 }
 
-/// `dst[i] = src[i]` as f32. 32 values per loop with F16C where the CPU has it: `half`'s slice
+/// `dst[i] = src[i]` as f32, 8 values per F16C instruction where the CPU has it: `half`'s slice
 /// conversion calls a function per 8 values, ≈ 8× slower, and a decode step converts a whole
 /// codebook per stage.
 pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {

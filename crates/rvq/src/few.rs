@@ -8,6 +8,7 @@
 //! between stages, stay the quantizer's f32 ones. Only the search sees f16-rounded codewords.
 
 use crate::lanes::{LaneBook, DIM, ROWS};
+use crate::quantizer::check_vectors;
 use crate::{check_finite, Quantizer, Result, RvqError};
 use half::f16;
 
@@ -42,14 +43,13 @@ impl FewVectorEncoder {
     /// kernel runs); the `bool` lets callers treat it as an optional fast path.
     pub fn encode(&self, rvq: &dyn Quantizer, x: &[f32], codes: &mut [u16]) -> Result<bool> {
         let k = rvq.stages();
-        if self.books.len() != k || !x.len().is_multiple_of(DIM) || codes.len() != x.len() / DIM * k
-        {
+        if self.books.len() != k {
             return Err(RvqError::Input(format!(
-                "{} values and {} code slots do not make vectors of {DIM} with {k} codes",
-                x.len(),
-                codes.len()
+                "lane encoder of {} stages asked to encode for {k}",
+                self.books.len()
             )));
         }
+        check_vectors(DIM, k, x, codes.len(), "vectors to encode")?;
         check_finite(x, "vectors to encode")?;
         let mut residual = [0f32; ROWS * DIM];
         let (mut best, mut value) = ([0u32; ROWS], [0f32; ROWS]);

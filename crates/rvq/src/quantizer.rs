@@ -80,7 +80,7 @@ impl Rvq {
     /// Encodes vectors `x` ([n, dim]) into `codes` ([n, stages]). `beam` = 1 is greedy (the
     /// paper); wider beams keep the `beam` best partial encodings across stages.
     pub fn encode(&self, x: &[f32], beam: usize, codes: &mut [u16]) -> Result<()> {
-        self.check_vectors(x, codes.len(), "vectors to encode")?;
+        check_vectors(self.dim, self.stages(), x, codes.len(), "vectors to encode")?;
         check_finite(x, "vectors to encode")?;
         if beam == 0 {
             return Err(RvqError::Config("beam width must be at least 1".into()));
@@ -273,7 +273,7 @@ impl Rvq {
 
     /// Sums the codewords of `codes` ([n, stages]) into `out` ([n, dim]).
     pub fn decode(&self, codes: &[u16], out: &mut [f32]) -> Result<()> {
-        self.check_vectors(out, codes.len(), "decode output")?;
+        check_vectors(self.dim, self.stages(), out, codes.len(), "decode output")?;
         let (d, k) = (self.dim, self.stages());
         if let Some(&bad) = codes.iter().find(|&&c| c as usize >= self.size) {
             return Err(RvqError::Input(format!(
@@ -307,24 +307,30 @@ impl Rvq {
         let energy = x.iter().map(|a| (*a as f64).powi(2)).sum();
         Ok((err, energy))
     }
+}
 
-    fn check_vectors(&self, x: &[f32], codes_len: usize, what: &str) -> Result<()> {
-        if !x.len().is_multiple_of(self.dim) {
-            return Err(RvqError::Input(format!(
-                "{what}: {} values is not a whole number of {}-dim vectors",
-                x.len(),
-                self.dim
-            )));
-        }
-        let n = x.len() / self.dim;
-        if codes_len != n * self.stages() {
-            return Err(RvqError::Input(format!(
-                "{what}: {n} vectors need {} codes, got {codes_len}",
-                n * self.stages()
-            )));
-        }
-        Ok(())
+/// Fails unless `x` is whole vectors of `dim` and `codes_len` holds `stages` codes for each.
+pub(crate) fn check_vectors(
+    dim: usize,
+    stages: usize,
+    x: &[f32],
+    codes_len: usize,
+    what: &str,
+) -> Result<()> {
+    if !x.len().is_multiple_of(dim) {
+        return Err(RvqError::Input(format!(
+            "{what}: {} values is not a whole number of {dim}-dim vectors",
+            x.len()
+        )));
     }
+    let n = x.len() / dim;
+    if codes_len != n * stages {
+        return Err(RvqError::Input(format!(
+            "{what}: {n} vectors need {} codes, got {codes_len}",
+            n * stages
+        )));
+    }
+    Ok(())
 }
 
 /// One greedy stage over a block of residuals ([m, d]): the nearest codeword of `book` ([C, d],
