@@ -127,7 +127,9 @@ impl<T: LaneWord> LaneBook<T> {
                 .zip(best.chunks_mut(ROWS))
                 .zip(value.chunks_mut(ROWS))
             {
-                rows[..xs.len()].copy_from_slice(xs);
+                for (r, &v) in rows.iter_mut().zip(xs) {
+                    *r = -2.0 * v; // exact: the kernel then only adds
+                }
                 rows[xs.len()..].fill(0.0);
                 // SAFETY: a LaneBook exists only where `available` found AVX2, FMA and F16C;
                 // the shapes are its own construction ([blocks][32][16] lanes, [blocks·16] norms).
@@ -142,11 +144,11 @@ impl<T: LaneWord> LaneBook<T> {
 }
 
 /// `best[r]`, `value[r]` = argmin and min over codewords of ‖c‖² − 2·x_r·c for the 6 rows of `x`
-/// ([6, 32]).
+/// ([6, 32]), given `x` already multiplied by −2 (`minus_two_x`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn nearest_avx2<T: LaneWord>(
-    x: &[f32; ROWS * DIM],
+    minus_two_x: &[f32; ROWS * DIM],
     lanes: &[T],
     norms: &[f32],
     best: &mut [u32; ROWS],
@@ -154,15 +156,23 @@ unsafe fn nearest_avx2<T: LaneWord>(
 ) {
     use std::arch::x86_64::*;
     assert!(lanes.len() == norms.len() * DIM);
-    let (xp, lp) = (x.as_ptr(), lanes.as_ptr());
-    let mut min_val = [_mm256_set1_ps(f32::INFINITY); 2 * ROWS];
-    let mut min_idx = [_mm256_setzero_si256(); 2 * ROWS];
-    let two = _mm256_set1_ps(2.0);
+    let (xp, lp) = (minus_two_x.as_ptr(), lanes.as_ptr());
+    // Per row, lane i holds the best of the codewords whose index is i mod 8: one running
+    // minimum per row instead of one per accumulator keeps fewer registers live.
+    let mut min_val = [_mm256_set1_ps(f32::INFINITY); ROWS];
+    let mut min_idx = [_mm256_setzero_si256(); ROWS];
     let step = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for b in 0..norms.len() / LANES {
         let block = lp.add(b * DIM * LANES);
-        // acc[2r + h]: dot products of row r with codewords 16b + 8h .. 16b + 8h + 8.
-        let mut acc = [_mm256_setzero_ps(); 2 * ROWS];
+        let first = b * LANES;
+        // acc[2r + h] = ‖c‖² − 2·x_r·c for codewords 16b + 8h .. 16b + 8h + 8: seeded with the
+        // norms, so the scores need no pass of their own.
+        let norm_lo = _mm256_loadu_ps(norms.as_ptr().add(first));
+        let norm_hi = _mm256_loadu_ps(norms.as_ptr().add(first + 8));
+        let mut acc = [
+            norm_lo, norm_hi, norm_lo, norm_hi, norm_lo, norm_hi, norm_lo, norm_hi, norm_lo,
+            norm_hi, norm_lo, norm_hi,
+        ];
         for j in 0..DIM {
             let lo = T::load8(block.add(j * LANES));
             let hi = T::load8(block.add(j * LANES + 8));
@@ -172,17 +182,15 @@ unsafe fn nearest_avx2<T: LaneWord>(
                 acc[2 * r + 1] = _mm256_fmadd_ps(xj, hi, acc[2 * r + 1]);
             }
         }
+        // Lower half first, strict <: ties keep the lower index.
         for h in 0..2 {
-            let first = b * LANES + 8 * h;
-            let norm = _mm256_loadu_ps(norms.as_ptr().add(first));
-            let idx = _mm256_add_epi32(_mm256_set1_epi32(first as i32), step);
+            let idx = _mm256_add_epi32(_mm256_set1_epi32((first + 8 * h) as i32), step);
             for r in 0..ROWS {
-                let a = 2 * r + h;
-                let v = _mm256_fnmadd_ps(two, acc[a], norm); // ‖c‖² − 2·x·c
-                let lower = _mm256_cmp_ps(v, min_val[a], _CMP_LT_OQ);
-                min_val[a] = _mm256_blendv_ps(min_val[a], v, lower);
-                min_idx[a] = _mm256_castps_si256(_mm256_blendv_ps(
-                    _mm256_castsi256_ps(min_idx[a]),
+                let v = acc[2 * r + h];
+                let lower = _mm256_cmp_ps(v, min_val[r], _CMP_LT_OQ);
+                min_val[r] = _mm256_min_ps(v, min_val[r]);
+                min_idx[r] = _mm256_castps_si256(_mm256_blendv_ps(
+                    _mm256_castsi256_ps(min_idx[r]),
                     _mm256_castsi256_ps(idx),
                     lower,
                 ));
@@ -190,15 +198,13 @@ unsafe fn nearest_avx2<T: LaneWord>(
         }
     }
     for r in 0..ROWS {
+        let (mut vals, mut idx) = ([0f32; 8], [0u32; 8]);
+        _mm256_storeu_ps(vals.as_mut_ptr(), min_val[r]);
+        _mm256_storeu_si256(idx.as_mut_ptr() as *mut __m256i, min_idx[r]);
         let (mut bv, mut bi) = (f32::INFINITY, 0u32);
-        for a in [2 * r, 2 * r + 1] {
-            let (mut vals, mut idx) = ([0f32; 8], [0u32; 8]);
-            _mm256_storeu_ps(vals.as_mut_ptr(), min_val[a]);
-            _mm256_storeu_si256(idx.as_mut_ptr() as *mut __m256i, min_idx[a]);
-            for (&v, &i) in vals.iter().zip(&idx) {
-                if v < bv || (v == bv && i < bi) {
-                    (bv, bi) = (v, i);
-                }
+        for (&v, &i) in vals.iter().zip(&idx) {
+            if v < bv || (v == bv && i < bi) {
+                (bv, bi) = (v, i);
             }
         }
         (best[r], value[r]) = (bi, bv);
