@@ -1,6 +1,6 @@
 //! Times training and encoding of one paper-config quantizer on Gaussian data, and reports the
 //! relative MSE of beam search widths on held-out vectors:
-//! `cargo run --release -p rvq --example train_speed -- [vectors] [kmeans_iters]`.
+//! `cargo run --release -p rvq --example train_speed -- [vectors] [kmeans_iters] [codebook_size]`.
 use rvq::rng::SplitMix64;
 use rvq::train::SliceSource;
 use rvq::{Rvq, TrainConfig};
@@ -13,11 +13,16 @@ fn main() {
         .next()
         .and_then(|s| s.parse().ok())
         .unwrap_or(TrainConfig::paper().kmeans_iters);
+    let size = args
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(TrainConfig::paper().size);
     let mut rng = SplitMix64::new(1);
     let data: Vec<f32> = (0..n * 32).map(|_| rng.unit() as f32 - 0.5).collect();
     let held_out: Vec<f32> = (0..4096 * 32).map(|_| rng.unit() as f32 - 0.5).collect();
     let cfg = TrainConfig {
         kmeans_iters: iters,
+        size,
         ..TrainConfig::paper()
     };
     let t = Instant::now();
@@ -35,7 +40,7 @@ fn main() {
     q.encode(&data, 1, &mut codes).unwrap();
     let enc = n as f64 / t.elapsed().as_secs_f64();
     println!(
-        "train {n} vectors (k-means iterations {iters}): {train_s:.2}s; greedy encode {enc:.0} vectors/s; \
+        "train {n} vectors (C = {size}, k-means iterations {iters}): {train_s:.2}s; greedy encode {enc:.0} vectors/s; \
          final relative MSE on the sample {:.4}",
         report.stages.last().unwrap().relative_mse
     );
