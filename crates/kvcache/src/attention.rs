@@ -173,6 +173,13 @@ pub fn accumulate_values(
 
 /// Causal attention whose scores come from `score_keys` block by block and whose values are
 /// reduced by `reduce_values`, so a backend can do both on its compressed form.
+///
+/// Tasks run in parallel. Each attention of one KV head and one block of query tokens is a
+/// task; with several query blocks (a prefill) there are plenty. A single block over a long
+/// context (a decode step) has only the model's few KV heads (SmolLM2: 3, on two cores, one
+/// idle a third of the time), so its keys are first scored in [`key_parts`] parts as tasks of
+/// their own, then each head's softmax and values run. The parts are whole key blocks, scored
+/// exactly as in one pass: the result does not depend on the split, nor on the thread count.
 pub fn attention_with<C: KvCache + ?Sized>(
     cache: &C,
     layer: usize,
@@ -189,94 +196,173 @@ pub fn attention_with<C: KvCache + ?Sized>(
         Some(w) => (queries.first_pos + 1).saturating_sub(w),
         None => 0,
     };
-
-    // One task per KV head; each returns its [tokens, group, head_dim] slab.
-    let per_head: Vec<Result<Vec<f32>, CacheError>> = (0..kv_heads)
-        .into_par_iter()
-        .map(|h| {
-            let heads = (h, group);
-            attend_one_head(hd, queries, heads, first_key, score_keys, reduce_values)
+    let blocks: Vec<Range<usize>> = (0..queries.tokens)
+        .step_by(QUERY_BLOCK)
+        .map(|i0| i0..(i0 + QUERY_BLOCK).min(queries.tokens))
+        .collect();
+    let units: Vec<Unit> = (0..kv_heads)
+        .flat_map(|head| {
+            blocks.iter().map(move |tokens| Unit {
+                head,
+                tokens: tokens.clone(),
+                // Keys the block can see, relative to `first_key`: up to its last query's.
+                keys: queries.first_pos + tokens.end - first_key,
+            })
         })
         .collect();
-
-    for (h, slab) in per_head.into_iter().enumerate() {
-        let slab = slab?;
-        for i in 0..queries.tokens {
-            for j in 0..group {
-                let dst = (i * queries.q_heads + h * group + j) * hd;
-                let src = (i * group + j) * hd;
-                out[dst..dst + hd].copy_from_slice(&slab[src..src + hd]);
-            }
+    let ctx = Context {
+        hd,
+        group,
+        first_key,
+        queries,
+    };
+    let slabs: Vec<Vec<f32>> = if blocks.len() > 1 {
+        units
+            .par_iter()
+            .map(|u| {
+                let scores = ctx.scores(u, 0..u.keys, score_keys)?;
+                ctx.softmax_and_values(u, scores, reduce_values)
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        let parts: Vec<(usize, Range<usize>)> = units
+            .iter()
+            .enumerate()
+            .flat_map(|(i, u)| key_parts(u.keys).into_iter().map(move |k| (i, k)))
+            .collect();
+        let part_scores: Vec<Vec<f32>> = parts
+            .par_iter()
+            .map(|(i, keys)| ctx.scores(&units[*i], keys.clone(), score_keys))
+            .collect::<Result<_, _>>()?;
+        let mut per_unit: Vec<Vec<(Range<usize>, Vec<f32>)>> =
+            units.iter().map(|_| vec![]).collect();
+        for ((i, keys), scores) in parts.into_iter().zip(part_scores) {
+            per_unit[i].push((keys, scores));
+        }
+        units
+            .par_iter()
+            .zip(per_unit)
+            .map(|(u, parts)| {
+                let scores = ctx.join_parts(u, parts);
+                ctx.softmax_and_values(u, scores, reduce_values)
+            })
+            .collect::<Result<_, _>>()?
+    };
+    for (u, slab) in units.iter().zip(&slabs) {
+        // slab: [tokens, group, hd]
+        for (i, rows) in u.tokens.clone().zip(slab.chunks_exact(group * hd)) {
+            let dst = (i * queries.q_heads + u.head * group) * hd;
+            out[dst..dst + group * hd].copy_from_slice(rows);
         }
     }
     Ok(())
 }
 
-/// Softmax attention of the `group` query heads of KV head `h` (`heads` = (h, group)) over
-/// positions `first_key..`. Returns [tokens, group, hd].
-fn attend_one_head(
+/// Keys each part of a single query block's keys gets at least: below that the second core's
+/// help costs more than it brings.
+const MIN_PART_KEYS: usize = 1024;
+
+/// The key ranges (relative to the first visible key) scored as separate tasks: two halves cut
+/// at a [`KEY_BLOCK`] boundary from 2 · [`MIN_PART_KEYS`] keys on, else one.
+fn key_parts(keys: usize) -> Vec<Range<usize>> {
+    if keys < 2 * MIN_PART_KEYS {
+        #[allow(clippy::single_range_in_vec_init)] // one part: all the keys, as a range
+        return vec![0..keys];
+    }
+    let mid = (keys / 2).next_multiple_of(KEY_BLOCK).min(keys);
+    vec![0..mid, mid..keys]
+}
+
+/// One attention: the `group` query heads of KV head `head` for query `tokens`, over `keys`
+/// keys from the first visible one. Its rows are r = (i − tokens.start)·group + j.
+struct Unit {
+    head: usize,
+    tokens: Range<usize>,
+    keys: usize,
+}
+
+/// What every task of one `attention_with` call shares.
+struct Context<'a> {
     hd: usize,
-    queries: &Queries,
-    (h, group): (usize, usize),
+    group: usize,
     first_key: usize,
-    score_keys: &KeyScorer,
-    reduce_values: &ValueReducer,
-) -> Result<Vec<f32>, CacheError> {
-    let n = queries.tokens;
-    let mut result = vec![0f32; n * group * hd];
-    let mut i0 = 0;
-    while i0 < n {
-        let i1 = (i0 + QUERY_BLOCK).min(n);
-        let rows = (i1 - i0) * group;
-        // Keys this block can see: up to the last query's position.
-        let t_end = queries.first_pos + i1 - first_key;
-        // [rows, hd], row r = (i - i0) * group + j
+    queries: &'a Queries<'a>,
+}
+
+impl Context<'_> {
+    /// Scores [rows, keys.len()] of the unit's query rows against its keys `keys`.
+    fn scores(
+        &self,
+        u: &Unit,
+        keys: Range<usize>,
+        score_keys: &KeyScorer,
+    ) -> Result<Vec<f32>, CacheError> {
+        let (hd, group, queries) = (self.hd, self.group, self.queries);
+        let rows = u.tokens.len() * group;
+        let n = keys.len();
+        // [rows, hd]
         let mut q = vec![0f32; rows * hd];
-        for i in i0..i1 {
+        for i in u.tokens.clone() {
             for j in 0..group {
-                let src = (i * queries.q_heads + h * group + j) * hd;
-                let r = (i - i0) * group + j;
+                let src = (i * queries.q_heads + u.head * group + j) * hd;
+                let r = (i - u.tokens.start) * group + j;
                 q[r * hd..(r + 1) * hd].copy_from_slice(&queries.q[src..src + hd]);
             }
         }
-        let mut scores = vec![0f32; rows * t_end]; // [rows, t_end]
-        let mut block_scores = vec![0f32; rows * KEY_BLOCK.min(t_end)];
-        for b0 in (0..t_end).step_by(KEY_BLOCK) {
-            let len = KEY_BLOCK.min(t_end - b0);
+        let mut scores = vec![0f32; rows * n]; // [rows, n]
+        let mut block_scores = vec![0f32; rows * KEY_BLOCK.min(n)];
+        for b0 in (0..n).step_by(KEY_BLOCK) {
+            let len = KEY_BLOCK.min(n - b0);
             let bs = &mut block_scores[..rows * len];
-            score_keys(h, &q, first_key + b0..first_key + b0 + len, bs)?;
+            let first = self.first_key + keys.start + b0;
+            score_keys(u.head, &q, first..first + len, bs)?;
             for r in 0..rows {
-                scores[r * t_end + b0..r * t_end + b0 + len]
-                    .copy_from_slice(&bs[r * len..(r + 1) * len]);
+                scores[r * n + b0..r * n + b0 + len].copy_from_slice(&bs[r * len..(r + 1) * len]);
             }
         }
-        for i in i0..i1 {
+        Ok(scores)
+    }
+
+    /// The unit's scores [rows, keys] from its parts' [rows, part.len()], in key order.
+    fn join_parts(&self, u: &Unit, mut parts: Vec<(Range<usize>, Vec<f32>)>) -> Vec<f32> {
+        if parts.len() == 1 {
+            return parts.pop().expect("one part").1;
+        }
+        let rows = u.tokens.len() * self.group;
+        let mut scores = vec![0f32; rows * u.keys];
+        for (keys, part) in &parts {
+            for (r, p) in part.chunks_exact(keys.len()).enumerate() {
+                scores[r * u.keys + keys.start..r * u.keys + keys.end].copy_from_slice(p);
+            }
+        }
+        scores
+    }
+
+    /// Softmax of each row of `scores` under its causal (and window) mask, then the values:
+    /// the unit's output [tokens, group, hd].
+    fn softmax_and_values(
+        &self,
+        u: &Unit,
+        mut scores: Vec<f32>,
+        reduce_values: &ValueReducer,
+    ) -> Result<Vec<f32>, CacheError> {
+        let (queries, n) = (self.queries, u.keys);
+        for i in u.tokens.clone() {
             let pos = queries.first_pos + i;
             let lo = match queries.window {
-                Some(w) => (pos + 1).saturating_sub(w).saturating_sub(first_key),
+                Some(w) => (pos + 1).saturating_sub(w).saturating_sub(self.first_key),
                 None => 0,
             };
-            let hi = pos + 1 - first_key; // exclusive
-            for j in 0..group {
-                let r = (i - i0) * group + j;
-                softmax_masked(
-                    &mut scores[r * t_end..(r + 1) * t_end],
-                    lo,
-                    hi,
-                    queries.scale,
-                );
+            let hi = pos + 1 - self.first_key; // exclusive
+            for j in 0..self.group {
+                let r = (i - u.tokens.start) * self.group + j;
+                softmax_masked(&mut scores[r * n..(r + 1) * n], lo, hi, queries.scale);
             }
         }
-        reduce_values(
-            h,
-            &scores,
-            first_key,
-            t_end,
-            &mut result[i0 * group * hd..i1 * group * hd],
-        )?;
-        i0 = i1;
+        let mut out = vec![0f32; u.tokens.len() * self.group * self.hd];
+        reduce_values(u.head, &scores, self.first_key, n, &mut out)?;
+        Ok(out)
     }
-    Ok(result)
 }
 
 /// In place: row[lo..hi] = softmax(row[lo..hi] * scale), zero elsewhere.

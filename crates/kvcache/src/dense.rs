@@ -216,6 +216,21 @@ mod tests {
         q_heads: usize,
         window: Option<usize>,
     ) -> Vec<f32> {
+        reference_attention_from(k, v, q, 0, rope, s, q_heads, window)
+    }
+
+    /// [`reference_attention`] of queries at positions `first_pos..`.
+    #[allow(clippy::too_many_arguments)]
+    fn reference_attention_from(
+        k: &[f32],
+        v: &[f32],
+        q: &[f32],
+        first_pos: usize,
+        rope: &Rope,
+        s: CacheShape,
+        q_heads: usize,
+        window: Option<usize>,
+    ) -> Vec<f32> {
         let hd = s.head_dim;
         let n = q.len() / (q_heads * hd);
         let group = q_heads / s.kv_heads;
@@ -224,7 +239,7 @@ mod tests {
             for qh in 0..q_heads {
                 let h = qh / group;
                 let qv = &q[(i * q_heads + qh) * hd..][..hd];
-                let pos = i;
+                let pos = first_pos + i;
                 let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
                 let mut scores = vec![];
                 for t in lo..=pos {
@@ -384,6 +399,42 @@ mod tests {
             cache.attend(0, &queries, &mut out).unwrap();
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "{}: {a} vs {b}", cache.spec());
+            }
+        }
+    }
+
+    /// A decode step over thousands of keys scores them in two parts on two threads; joined,
+    /// they give the one softmax over all keys (windowed or not, one query or a few).
+    #[test]
+    fn decode_over_long_context_in_key_parts_matches_reference() {
+        let s = shape();
+        let tokens = 2348; // two parts of ≥ 1024 keys, the second not a whole key block
+        let rope: Arc<LayerRopes> =
+            Arc::new(Rope::new(8, 10000.0, tokens, RopeLayout::HalfSplit).into());
+        let row = s.kv_heads * s.head_dim;
+        let (k, v) = (data(tokens * row, 0.5), data(tokens * row, 2.5));
+        let mut cache = F32Cache::new(s, rope.clone());
+        cache.append(0, &k, &v).unwrap();
+        for (n, window) in [(1, None), (3, None), (1, Some(2100)), (3, Some(2200))] {
+            // Peaked scores: a misplaced part would move the output far from the reference.
+            let q: Vec<f32> = data(n * 4 * 8, 4.0).iter().map(|x| 6.0 * x).collect();
+            let first_pos = tokens - n;
+            let queries = Queries {
+                q: &q,
+                tokens: n,
+                q_heads: 4,
+                first_pos,
+                scale: 1.0 / 8f32.sqrt(),
+                window,
+            };
+            let mut out = vec![0f32; q.len()];
+            cache.attend(0, &queries, &mut out).unwrap();
+            let want = reference_attention_from(&k, &v, &q, first_pos, rope.layer(0), s, 4, window);
+            for (a, b) in out.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "{n} queries, window {window:?}: {a} vs {b}"
+                );
             }
         }
     }
