@@ -144,9 +144,7 @@ impl HeadStore {
     fn unpack(&self, first: usize, n: usize, codes: &mut Vec<u16>, scales: &mut Vec<f32>) {
         let row = self.codes.codes_per_row();
         codes.resize(n * row, 0);
-        for (i, c) in codes.chunks_exact_mut(row).enumerate() {
-            self.codes.get(first + i, c);
-        }
+        self.codes.get_rows(first, n, codes);
         scales.clear();
         scales.extend(self.scales[first..first + n].iter().map(|s| s.to_f32()));
     }

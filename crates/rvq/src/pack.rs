@@ -47,6 +47,67 @@ pub fn unpack_row(bytes: &[u8], bits: u32, out: &mut [u16]) {
     unpack_bits(bytes, bits as u32, done, &mut out[done..]);
 }
 
+/// Unpacks `out.len()` codes of `bits` bits from a stream of them (`bytes`, code 0 at bit 0;
+/// bytes past the last code may follow and speed it up). With AVX2 and `bits` ≤ 16, eight codes
+/// at a time: eight codes span `bits` whole bytes, so every group of eight starts on a byte and
+/// the same byte shuffle and per-lane shifts extract any of them.
+pub fn unpack_stream(bytes: &[u8], bits: u32, out: &mut [u16]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if bits <= 16 && crate::simd::level() >= crate::simd::Level::Avx2 {
+        // SAFETY: AVX2 is present (the level never exceeds what the CPU has); the kernel reads
+        // only within `bytes` and writes only within `out`.
+        done = unsafe { unpack_eights_avx2(bytes, bits, out) };
+    }
+    let at = done * bits as usize / 8;
+    unpack_row(&bytes[at..], bits, &mut out[done..]);
+}
+
+/// Unpacks whole groups of eight codes while both 16-byte loads of a group stay within
+/// `bytes`; returns how many codes it wrote (a multiple of 8).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_eights_avx2(bytes: &[u8], bits: u32, out: &mut [u16]) -> usize {
+    use std::arch::x86_64::*;
+    let b = bits as usize;
+    // Code 4 of a group starts in byte `half` of it: the upper lane loads from there.
+    let half = 4 * b / 8;
+    let (mut shuffle, mut shifts) = ([0i8; 32], [0i32; 8]);
+    for i in 0..8 {
+        let bit = i * b;
+        let base = if i < 4 { 0 } else { half };
+        for j in 0..4 {
+            // Four bytes from the code's first: ≤ 16 bits shifted by ≤ 7 fit in 32.
+            shuffle[(i / 4) * 16 + (i % 4) * 4 + j] = (bit / 8 - base + j) as i8;
+        }
+        shifts[i] = (bit % 8) as i32;
+    }
+    let shuffle = _mm256_loadu_si256(shuffle.as_ptr() as *const __m256i);
+    let shifts = _mm256_loadu_si256(shifts.as_ptr() as *const __m256i);
+    let mask = _mm256_set1_epi32((1 << b) - 1);
+    let groups = (out.len() / 8).min(match bytes.len().checked_sub(half + 16) {
+        // Group g loads bytes g·b .. g·b + half + 16.
+        Some(room) => room / b + 1,
+        None => 0,
+    });
+    let p = bytes.as_ptr();
+    for g in 0..groups {
+        let at = p.add(g * b);
+        let v = _mm256_loadu2_m128i(at.add(half) as *const __m128i, at as *const __m128i);
+        let codes = _mm256_and_si256(
+            _mm256_srlv_epi32(_mm256_shuffle_epi8(v, shuffle), shifts),
+            mask,
+        );
+        // 8 × u32 → 8 × u16: pack within lanes, then bring lane 1's four next to lane 0's.
+        let packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(codes, codes), 0b1000);
+        _mm_storeu_si128(
+            out.as_mut_ptr().add(8 * g) as *mut __m128i,
+            _mm256_castsi256_si128(packed),
+        );
+    }
+    8 * groups
+}
+
 /// The obvious bit-by-bit unpacking of codes `first..first + out.len()`.
 fn unpack_bits(bytes: &[u8], bits: u32, first: usize, out: &mut [u16]) {
     let mut bitpos = first * bits as usize;
@@ -117,6 +178,26 @@ impl PackedRows {
         let end = (start + self.row_bytes + 7).min(self.bytes.len());
         unpack_row(&self.bytes[start..end], self.bits, out);
     }
+    /// The codes of rows `first..first + n`, one row after another ([n, codes_per_row]).
+    pub fn get_rows(&self, first: usize, n: usize, out: &mut [u16]) {
+        let cpr = self.codes_per_row;
+        assert!(
+            first + n <= self.len(),
+            "rows {first}..{} out of range",
+            first + n
+        );
+        assert_eq!(out.len(), n * cpr);
+        let bits = self.bits as usize;
+        if (cpr * bits).is_multiple_of(8) {
+            // Rows end on whole bytes with no padding: the range is one stream of codes.
+            let start = first * self.row_bytes;
+            unpack_stream(&self.bytes[start..], self.bits, out);
+        } else {
+            for (i, row) in out.chunks_exact_mut(cpr).enumerate() {
+                self.get(first + i, row);
+            }
+        }
+    }
     pub fn truncate(&mut self, rows: usize) {
         self.bytes.truncate(rows * self.row_bytes);
     }
@@ -145,6 +226,38 @@ mod tests {
             let mut back = vec![0u16; n];
             unpack_row(&packed, bits, &mut back);
             prop_assert_eq!(back, codes);
+        }
+    }
+
+    proptest! {
+        /// Any range of rows, by the eight-at-a-time kernel and portably, equals the rows one
+        /// by one through the bit-by-bit reference.
+        #[test]
+        fn row_ranges_unpack_like_the_bit_by_bit_reference(
+            bits in 1u32..=16, cpr in 1usize..20, rows in 1usize..40, seed in any::<u64>()
+        ) {
+            let mut rng = crate::rng::SplitMix64::new(seed);
+            let mut packed = PackedRows::new(cpr, bits);
+            let all: Vec<u16> = (0..rows * cpr).map(|_| rng.below(1 << bits) as u16).collect();
+            for row in all.chunks_exact(cpr) {
+                packed.push(row);
+            }
+            let first = rng.below(rows);
+            let n = rng.below(rows - first + 1);
+            let mut want = vec![0u16; n * cpr];
+            for (i, w) in want.chunks_exact_mut(cpr).enumerate() {
+                let r = first + i;
+                let rb = packed.row_bytes();
+                unpack_bits(&packed.bytes[r * rb..(r + 1) * rb], bits, 0, w);
+            }
+            prop_assert_eq!(&want[..], &all[first * cpr..(first + n) * cpr]);
+            for (level, got) in crate::simd::at_each_level(|_| {
+                let mut got = vec![0u16; n * cpr];
+                packed.get_rows(first, n, &mut got);
+                got
+            }) {
+                prop_assert_eq!(&got, &want, "{:?}", level);
+            }
         }
     }
 
