@@ -126,15 +126,11 @@ fn value_histograms_body(
     }
 }
 
-rvq::multiversion! {
-    /// `sums[r, g·d..(g+1)·d] = Σ_stage Σ_code hist[(stage·groups + g)·C + code][r] · codeword`:
-    /// the histograms of [`value_histograms`] times their codebooks; `sums` is [rows, groups·d]
-    /// in group order.
-    pub fn histograms_times_codebooks(rvq: &dyn Quantizer, groups: usize, hist: &[f32], rows: usize, sums: &mut [f32]) = histograms_times_codebooks_body;
-}
-
-#[inline(always)]
-fn histograms_times_codebooks_body(
+/// `sums[r, g·d..(g+1)·d] = Σ_stage Σ_code hist[(stage·groups + g)·C + code][r] · codeword`:
+/// the histograms of [`value_histograms`] times their codebooks, read as stored (f16 codewords
+/// are converted as they are loaded, not a stage at a time); `sums` is [rows, groups·d] in
+/// group order.
+pub fn histograms_times_codebooks(
     rvq: &dyn Quantizer,
     groups: usize,
     hist: &[f32],
@@ -144,36 +140,10 @@ fn histograms_times_codebooks_body(
     let (k, c, d) = (rvq.stages(), rvq.size(), rvq.dim());
     let lanes = rows.next_multiple_of(HIST_LANES);
     sums.fill(0.0);
-    // Stage-major, so a codebook held in f16 is converted once per stage.
     for st in 0..k {
-        let book = rvq.codebook_f32(st);
         for g in 0..groups {
             let h = &hist[(st * groups + g) * c * lanes..][..c * lanes];
-            for (cw, weights) in book.chunks_exact(d).zip(h.chunks_exact(lanes)) {
-                for (r, &wr) in weights[..rows].iter().enumerate() {
-                    // Most codes get no weight at short context; skipping them is exact.
-                    if wr != 0.0 {
-                        axpy(&mut sums[(r * groups + g) * d..][..d], wr, cw);
-                    }
-                }
-            }
+            rvq.add_weighted_codewords(st, h, lanes, rows, &mut sums[g * d..], groups * d);
         }
-    }
-}
-
-/// `acc += a · x`, unrolled for the paper's d = 32.
-#[inline(always)]
-fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
-    if let (Ok(acc), Ok(x)) = (
-        <&mut [f32; 32]>::try_from(&mut *acc),
-        <&[f32; 32]>::try_from(x),
-    ) {
-        for j in 0..32 {
-            acc[j] += a * x[j];
-        }
-        return;
-    }
-    for (s, v) in acc.iter_mut().zip(x) {
-        *s += a * v;
     }
 }
