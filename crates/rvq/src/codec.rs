@@ -142,6 +142,9 @@ impl HalfRvq {
     /// an f32 scratch and searched as [`Rvq`] searches its own.
     fn encode_few_greedy(&self, x: &[f32], codes: &mut [u16]) {
         let (d, k) = (self.dim, self.stages());
+        if crate::row_search::available(d) {
+            return crate::row_search::encode_greedy(&self.codebooks, &self.norms, x, codes);
+        }
         let mut residual = x.to_vec(); // [m, d]
         let mut scores = Vec::new();
         let mut book = vec![0f32; self.size * d];

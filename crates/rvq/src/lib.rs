@@ -20,6 +20,7 @@ pub mod layout;
 pub mod pack;
 mod quantizer;
 pub mod rng;
+pub mod row_search;
 pub mod simd;
 pub mod train;
 

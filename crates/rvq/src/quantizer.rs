@@ -113,8 +113,12 @@ impl Rvq {
     /// Greedy encoding, stage by stage over blocks of vectors.
     fn encode_greedy(&self, x: &[f32], codes: &mut [u16]) {
         let (d, k) = (self.dim, self.stages());
-        if x.len() / d >= lanes::MIN_BATCH && lanes::available(d) {
-            return self.encode_greedy_lanes(x, codes);
+        if lanes::available(d) {
+            // A batch pays for a lane copy of the codebooks; a few vectors search them as held.
+            if x.len() / d >= lanes::MIN_BATCH {
+                return self.encode_greedy_lanes(x, codes);
+            }
+            return crate::row_search::encode_greedy(&self.codebooks, &self.norms, x, codes);
         }
         codes
             .par_chunks_mut(kernels::BLOCK * k)

@@ -1,0 +1,202 @@
+//! Nearest codewords of a few d = 32 vectors in a codebook as it is stored: row-major, f32 or
+//! f16.
+//!
+//! A decode step encodes ~6 vectors per quantizer. A matrix product needs the codebook in f32
+//! and packed, which costs more than the products; the lane kernel ([`crate::lanes`]) needs a
+//! transposed copy, which a KV cache's attention cannot gather codewords from, so both copies
+//! would travel through the caches every token. Here one vector at a time runs through the
+//! codebook (a stage's 64–128 KB stays in L2 for the next), 8 codewords at a time: their 8 dot
+//! products are reduced together by a tree of horizontal adds, and the running minimum lives in
+//! 8 lanes of a register.
+
+use crate::lanes::{LaneWord, DIM};
+
+/// Codewords scored together.
+const BLOCK: usize = 8;
+
+/// Whether [`nearest`] runs here: the lane kernel's condition (d = 32; AVX2, FMA and F16C,
+/// decided once per process so that no forced level switches kernels mid-computation).
+pub fn available(d: usize) -> bool {
+    crate::lanes::available(d)
+}
+
+/// For each row r of `x` ([m, 32]): `best[r]` = argmin over codewords c of `book` ([C, 32]) of
+/// ‖c‖² − 2·x_r·c, with `norms[c]` = ‖c‖² (ties to the lower index). Panics unless
+/// [`available`]`(32)` and the shapes agree.
+pub fn nearest<T: LaneWord>(book: &[T], norms: &[f32], x: &[f32], best: &mut [u32]) {
+    assert!(available(DIM), "the row-search kernel does not run here");
+    let c = norms.len();
+    assert!(book.len() == c * DIM && x.len() == best.len() * DIM && c > 0);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `available` found AVX2, FMA and F16C; shapes checked above.
+    unsafe {
+        nearest_avx2(book, norms, x, best)
+    };
+}
+
+/// Greedy codes ([m, stages]) of a few vectors `x` ([m, 32]) with [`nearest`] at each stage:
+/// `books[s]` ([C, 32]) and `norms[s]` as the quantizer holds them.
+pub fn encode_greedy<T: LaneWord>(
+    books: &[Vec<T>],
+    norms: &[Vec<f32>],
+    x: &[f32],
+    codes: &mut [u16],
+) {
+    let (m, k) = (x.len() / DIM, books.len());
+    let mut residual = x.to_vec(); // [m, 32]
+    let mut best = vec![0u32; m];
+    for (s, (book, norms)) in books.iter().zip(norms).enumerate() {
+        nearest(book, norms, &residual, &mut best);
+        for (r, rest) in residual.chunks_exact_mut(DIM).enumerate() {
+            codes[r * k + s] = best[r] as u16;
+            let word = &book[best[r] as usize * DIM..(best[r] as usize + 1) * DIM];
+            for (v, w) in rest.iter_mut().zip(word) {
+                *v -= w.to_f32();
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nearest_avx2<T: LaneWord>(book: &[T], norms: &[f32], x: &[f32], best: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let c = norms.len();
+    let whole = c / BLOCK * BLOCK;
+    let two = _mm256_set1_ps(2.0);
+    let step = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (r, best) in best.iter_mut().enumerate() {
+        // One vector against the whole codebook: its 32 values and its running minimum (lane l:
+        // the best among codewords ≡ l mod 8) stay in registers, and successive blocks are
+        // independent work for the out-of-order core.
+        let xr = x.as_ptr().add(r * DIM);
+        let xs = [
+            _mm256_loadu_ps(xr),
+            _mm256_loadu_ps(xr.add(8)),
+            _mm256_loadu_ps(xr.add(16)),
+            _mm256_loadu_ps(xr.add(24)),
+        ];
+        let mut min_val = _mm256_set1_ps(f32::INFINITY);
+        let mut min_idx = _mm256_setzero_si256();
+        for c0 in (0..whole).step_by(BLOCK) {
+            let p = book.as_ptr().add(c0 * DIM);
+            let mut acc = [_mm256_setzero_ps(); BLOCK];
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let w = p.add(t * DIM);
+                *acc = _mm256_mul_ps(xs[0], T::load8(w));
+                *acc = _mm256_fmadd_ps(xs[1], T::load8(w.add(8)), *acc);
+                *acc = _mm256_fmadd_ps(xs[2], T::load8(w.add(16)), *acc);
+                *acc = _mm256_fmadd_ps(xs[3], T::load8(w.add(24)), *acc);
+            }
+            // Lane t = the dot product with codeword c0 + t.
+            let q0 = _mm256_hadd_ps(
+                _mm256_hadd_ps(acc[0], acc[1]),
+                _mm256_hadd_ps(acc[2], acc[3]),
+            );
+            let q1 = _mm256_hadd_ps(
+                _mm256_hadd_ps(acc[4], acc[5]),
+                _mm256_hadd_ps(acc[6], acc[7]),
+            );
+            let dots = _mm256_add_ps(
+                _mm256_permute2f128_ps(q0, q1, 0x20),
+                _mm256_permute2f128_ps(q0, q1, 0x31),
+            );
+            let norm = _mm256_loadu_ps(norms.as_ptr().add(c0));
+            let v = _mm256_fnmadd_ps(two, dots, norm); // ‖c‖² − 2·x·c
+            let lower = _mm256_cmp_ps(v, min_val, _CMP_LT_OQ);
+            min_val = _mm256_min_ps(v, min_val);
+            let idx = _mm256_add_epi32(_mm256_set1_epi32(c0 as i32), step);
+            min_idx = _mm256_castps_si256(_mm256_blendv_ps(
+                _mm256_castsi256_ps(min_idx),
+                _mm256_castsi256_ps(idx),
+                lower,
+            ));
+        }
+        let (mut vals, mut idx) = ([0f32; 8], [0u32; 8]);
+        _mm256_storeu_ps(vals.as_mut_ptr(), min_val);
+        _mm256_storeu_si256(idx.as_mut_ptr() as *mut __m256i, min_idx);
+        let (mut bv, mut bi) = (f32::INFINITY, 0u32);
+        for (&v, &i) in vals.iter().zip(&idx) {
+            if v < bv || (v == bv && i < bi) {
+                (bv, bi) = (v, i);
+            }
+        }
+        // The last C mod 8 codewords, one at a time.
+        let xr = &x[r * DIM..(r + 1) * DIM];
+        for (j, word) in book.chunks_exact(DIM).enumerate().skip(whole) {
+            let dot: f32 = xr.iter().zip(word).map(|(a, w)| a * w.to_f32()).sum();
+            let v = norms[j] - 2.0 * dot;
+            if v < bv {
+                (bv, bi) = (v, j as u32);
+            }
+        }
+        *best = bi;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::row_norms;
+    use crate::rng::SplitMix64;
+    use half::f16;
+
+    /// Slow nearest codeword in f64 among the codewords as stored.
+    fn reference(book: &[f32], x: &[f32]) -> u32 {
+        let dist = |cw: &[f32]| -> f64 {
+            x.iter()
+                .zip(cw)
+                .map(|(&a, &w)| (a as f64 - w as f64).powi(2))
+                .sum()
+        };
+        let (mut best, mut best_d) = (0, f64::INFINITY);
+        for (i, cw) in book.chunks_exact(DIM).enumerate() {
+            let d = dist(cw);
+            if d < best_d {
+                (best, best_d) = (i as u32, d);
+            }
+        }
+        best
+    }
+
+    fn check<T: LaneWord>(rng: &mut SplitMix64, c: usize, m: usize) {
+        let stored: Vec<T> = (0..c * DIM).map(|_| T::from_f32(rng.normal())).collect();
+        let book: Vec<f32> = stored.iter().map(|w| w.to_f32()).collect();
+        let norms = row_norms(&book, DIM);
+        let x: Vec<f32> = (0..m * DIM).map(|_| rng.normal()).collect();
+        let want: Vec<u32> = x.chunks_exact(DIM).map(|v| reference(&book, v)).collect();
+        let mut got = vec![0u32; m];
+        nearest(&stored, &norms, &x, &mut got);
+        assert_eq!(got, want, "C {c}, {m} vectors");
+    }
+
+    #[test]
+    fn nearest_equals_the_slow_reference_in_f32_and_f16() {
+        if !available(DIM) {
+            eprintln!("no AVX2/FMA/F16C here: the row-search kernel does not run, nor its test");
+            return;
+        }
+        let mut rng = SplitMix64::new(5);
+        // Sizes with and without a tail past the blocks of 8; one vector to a batch's worth.
+        for (c, m) in [(2048, 6), (37, 3), (8, 1), (300, 13), (5, 2)] {
+            check::<f32>(&mut rng, c, m);
+            check::<f16>(&mut rng, c, m);
+        }
+    }
+
+    #[test]
+    fn ties_go_to_the_lower_index() {
+        if !available(DIM) {
+            return;
+        }
+        // Codewords 3 and 11 equal (different lanes of different blocks), and 20 (in the tail).
+        let mut book = vec![5f32; 21 * DIM];
+        for j in [3, 11, 20] {
+            book[j * DIM..(j + 1) * DIM].fill(1.0);
+        }
+        let norms = row_norms(&book, DIM);
+        let mut got = [0u32];
+        nearest(&book, &norms, &[1.0; DIM], &mut got);
+        assert_eq!(got, [3]);
+    }
+}
