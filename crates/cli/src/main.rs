@@ -26,8 +26,9 @@ use clap::{Parser, Subcommand};
         \x20                              stages=K (first K stages only), values=decode|histogram\n\
         \x20                              (attention on values; default: the cheaper by a cost model),\n\
         \x20                              keys=decode (dense keys instead of scoring on the codes),\n\
-        \x20                              encode=lanes (a decode step's encode ~3x faster with AVX2,\n\
-        \x20                              for an f16 copy of the codebooks: half their bytes again),\n\
+        \x20                              encode=lanes (a decode step's encode ~2x faster with AVX2,\n\
+        \x20                              from an f16 copy of the codebooks: half their bytes again,\n\
+        \x20                              and attention then reads the codebooks themselves cold),\n\
         \x20                              books=f32 (codebooks held in f32 as trained; default f16:\n\
         \x20                              half the memory, same perplexity within noise)\n\n\
         Hot loops pick AVX-512, AVX2 or portable code at run time; RVQ_KV_SIMD=avx2|portable\n\

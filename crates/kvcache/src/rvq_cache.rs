@@ -33,8 +33,9 @@ pub struct RvqOptions {
     /// How attention scores coded keys.
     pub keys: KeyPath,
     /// Encode a decode step's few vectors with an f16 lane-layout copy of the codebooks
-    /// ([`rvq::few::FewVectorEncoder`], AVX2 only): ~3× faster encoding for half the codebooks'
-    /// bytes again.
+    /// ([`rvq::few::FewVectorEncoder`], AVX2 only): ~2× faster encoding than searching the
+    /// codebooks as held (`encode=books`, the default), for half the codebooks' bytes again —
+    /// and attention, which gathers from the codebooks, then finds them cold.
     pub lane_encoder: bool,
     /// Hold the codebooks in f16 ([`rvq::HalfRvq`], the default): half their memory and half
     /// the bytes a decode step reads from them; codes and sums are those of the f16-rounded
@@ -1201,7 +1202,7 @@ mod tests {
             "values=x: expected auto, decode or histogram"
         );
         assert_eq!(
-            one_of("encode", "lanes", &[("matmul", 0), ("lanes", 1)]),
+            one_of("encode", "lanes", &[("books", 0), ("lanes", 1)]),
             Ok(1)
         );
     }
