@@ -24,13 +24,27 @@ pub fn available(d: usize) -> bool {
 /// ‖c‖² − 2·x_r·c, with `norms[c]` = ‖c‖² (ties to the lower index). Panics unless
 /// [`available`]`(32)` and the shapes agree.
 pub fn nearest<T: LaneWord>(book: &[T], norms: &[f32], x: &[f32], best: &mut [u32]) {
+    nearest_prefetching(book, norms, x, best, &[]);
+}
+
+/// [`nearest`], asking the CPU meanwhile to bring `next` (the codebook searched next) into L2:
+/// spread over the search, the prefetches overlap its arithmetic, where the next search would
+/// otherwise wait for memory on its first pass.
+pub fn nearest_prefetching<T: LaneWord>(
+    book: &[T],
+    norms: &[f32],
+    x: &[f32],
+    best: &mut [u32],
+    next: &[T],
+) {
     assert!(available(DIM), "the row-search kernel does not run here");
     let c = norms.len();
     assert!(book.len() == c * DIM && x.len() == best.len() * DIM && c > 0);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `available` found AVX2, FMA and F16C; shapes checked above.
+    // SAFETY: `available` found AVX2, FMA and F16C; shapes checked above; prefetches of
+    // addresses inside `next` cannot fault.
     unsafe {
-        nearest_avx2(book, norms, x, best)
+        nearest_avx2(book, norms, x, best, next)
     };
 }
 
@@ -46,7 +60,8 @@ pub fn encode_greedy<T: LaneWord>(
     let mut residual = x.to_vec(); // [m, 32]
     let mut best = vec![0u32; m];
     for (s, (book, norms)) in books.iter().zip(norms).enumerate() {
-        nearest(book, norms, &residual, &mut best);
+        let next = books.get(s + 1).map_or(&[][..], |b| &b[..]);
+        nearest_prefetching(book, norms, &residual, &mut best, next);
         for (r, rest) in residual.chunks_exact_mut(DIM).enumerate() {
             codes[r * k + s] = best[r] as u16;
             let word = &book[best[r] as usize * DIM..(best[r] as usize + 1) * DIM];
@@ -59,10 +74,21 @@ pub fn encode_greedy<T: LaneWord>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nearest_avx2<T: LaneWord>(book: &[T], norms: &[f32], x: &[f32], best: &mut [u32]) {
+unsafe fn nearest_avx2<T: LaneWord>(
+    book: &[T],
+    norms: &[f32],
+    x: &[f32],
+    best: &mut [u32],
+    next: &[T],
+) {
     use std::arch::x86_64::*;
     let c = norms.len();
     let whole = c / BLOCK * BLOCK;
+    // Cache lines of `next` to prefetch per block of codewords scored, to cover it by the end.
+    let next_bytes = std::mem::size_of_val(next);
+    let blocks = (best.len() * (whole / BLOCK)).max(1);
+    let per_block = next_bytes.div_ceil(64).div_ceil(blocks);
+    let mut fetched = 0;
     let two = _mm256_set1_ps(2.0);
     let step = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (r, best) in best.iter_mut().enumerate() {
@@ -79,6 +105,13 @@ unsafe fn nearest_avx2<T: LaneWord>(book: &[T], norms: &[f32], x: &[f32], best: 
         let mut min_val = _mm256_set1_ps(f32::INFINITY);
         let mut min_idx = _mm256_setzero_si256();
         for c0 in (0..whole).step_by(BLOCK) {
+            for _ in 0..per_block {
+                if fetched < next_bytes {
+                    let line = (next.as_ptr() as *const i8).add(fetched);
+                    _mm_prefetch::<_MM_HINT_T1>(line);
+                    fetched += 64;
+                }
+            }
             let p = book.as_ptr().add(c0 * DIM);
             let mut acc = [_mm256_setzero_ps(); BLOCK];
             for (t, acc) in acc.iter_mut().enumerate() {
