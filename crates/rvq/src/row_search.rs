@@ -4,10 +4,11 @@
 //! A decode step encodes ~6 vectors per quantizer. A matrix product needs the codebook in f32
 //! and packed, which costs more than the products; the lane kernel ([`crate::lanes`]) needs a
 //! transposed copy, which a KV cache's attention cannot gather codewords from, so both copies
-//! would travel through the caches every token. Here one vector at a time runs through the
-//! codebook (a stage's 64–128 KB stays in L2 for the next), 8 codewords at a time: their 8 dot
-//! products are reduced together by a tree of horizontal adds, and the running minimum lives in
-//! 8 lanes of a register.
+//! would travel through the caches every token. Here two vectors at a time run through the
+//! codebook (a stage's 64–128 KB stays in L2 for the next pair), 4 codewords at a time, each
+//! codeword chunk converted once for both: the dot products are reduced together by a tree of
+//! horizontal adds, and the running minima live in registers. An odd vector goes alone, 8
+//! codewords at a time, with the same arithmetic per codeword.
 
 use crate::lanes::{LaneWord, DIM};
 
@@ -81,90 +82,209 @@ unsafe fn nearest_avx2<T: LaneWord>(
     best: &mut [u32],
     next: &[T],
 ) {
+    let (m, c) = (best.len(), norms.len());
+    // Vectors go two at a time (each codeword chunk converted once for both), an odd one alone.
+    let steps = m / 2 * (c / PAIR_BLOCK) + m % 2 * (c / BLOCK);
+    let mut prefetch = Prefetch::new(next, steps);
+    for (pair, best) in best.chunks_exact_mut(2).enumerate() {
+        let (a, b) = nearest_pair_avx2(book, norms, &x[2 * pair * DIM..], &mut prefetch);
+        (best[0], best[1]) = (a, b);
+    }
+    if m % 2 == 1 {
+        best[m - 1] = nearest_one_avx2(book, norms, &x[(m - 1) * DIM..], &mut prefetch);
+    }
+}
+
+/// Prefetches a codebook into L2 a few cache lines per step of a search, to cover it by the
+/// search's end.
+struct Prefetch {
+    at: *const i8,
+    bytes: usize,
+    fetched: usize,
+    per_step: usize,
+}
+
+impl Prefetch {
+    fn new<T>(next: &[T], steps: usize) -> Self {
+        let bytes = std::mem::size_of_val(next);
+        Self {
+            at: next.as_ptr() as *const i8,
+            bytes,
+            fetched: 0,
+            per_step: bytes.div_ceil(64).div_ceil(steps.max(1)),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn step(&mut self) {
+        use std::arch::x86_64::*;
+        for _ in 0..self.per_step {
+            if self.fetched < self.bytes {
+                _mm_prefetch::<_MM_HINT_T1>(self.at.add(self.fetched));
+                self.fetched += 64;
+            }
+        }
+    }
+}
+
+/// Codewords scored together when two vectors share them: 4 codewords × 2 vectors take 8
+/// accumulators, leaving registers for the codeword chunk and both vectors' chunks.
+const PAIR_BLOCK: usize = 4;
+
+/// Best codes of vectors `x[..32]` and `x[32..64]`. Per vector and codeword the arithmetic is
+/// [`nearest_one_avx2`]'s (a multiply, three multiply-adds, the same tree of adds), so the codes
+/// do not depend on how vectors are paired.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nearest_pair_avx2<T: LaneWord>(
+    book: &[T],
+    norms: &[f32],
+    x: &[f32],
+    prefetch: &mut Prefetch,
+) -> (u32, u32) {
     use std::arch::x86_64::*;
     let c = norms.len();
-    let whole = c / BLOCK * BLOCK;
-    // Cache lines of `next` to prefetch per block of codewords scored, to cover it by the end.
-    let next_bytes = std::mem::size_of_val(next);
-    let blocks = (best.len() * (whole / BLOCK)).max(1);
-    let per_block = next_bytes.div_ceil(64).div_ceil(blocks);
-    let mut fetched = 0;
-    let two = _mm256_set1_ps(2.0);
-    let step = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (r, best) in best.iter_mut().enumerate() {
-        // One vector against the whole codebook: its 32 values and its running minimum (lane l:
-        // the best among codewords ≡ l mod 8) stay in registers, and successive blocks are
-        // independent work for the out-of-order core.
-        let xr = x.as_ptr().add(r * DIM);
-        let xs = [
-            _mm256_loadu_ps(xr),
-            _mm256_loadu_ps(xr.add(8)),
-            _mm256_loadu_ps(xr.add(16)),
-            _mm256_loadu_ps(xr.add(24)),
-        ];
-        let mut min_val = _mm256_set1_ps(f32::INFINITY);
-        let mut min_idx = _mm256_setzero_si256();
-        for c0 in (0..whole).step_by(BLOCK) {
-            for _ in 0..per_block {
-                if fetched < next_bytes {
-                    let line = (next.as_ptr() as *const i8).add(fetched);
-                    _mm_prefetch::<_MM_HINT_T1>(line);
-                    fetched += 64;
-                }
-            }
-            let p = book.as_ptr().add(c0 * DIM);
-            let mut acc = [_mm256_setzero_ps(); BLOCK];
+    let whole = c / PAIR_BLOCK * PAIR_BLOCK;
+    let (xa, xb) = (x.as_ptr(), x.as_ptr().add(DIM));
+    let two = _mm_set1_ps(2.0);
+    let step = _mm_setr_epi32(0, 1, 2, 3);
+    let mut min_val = [_mm_set1_ps(f32::INFINITY); 2];
+    let mut min_idx = [_mm_setzero_si128(); 2];
+    for c0 in (0..whole).step_by(PAIR_BLOCK) {
+        prefetch.step();
+        let p = book.as_ptr().add(c0 * DIM);
+        // acc[t] = [vector a's, vector b's] partial sums with codeword c0 + t.
+        let mut acc = [[_mm256_setzero_ps(); 2]; PAIR_BLOCK];
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let w = T::load8(p.add(t * DIM));
+            acc[0] = _mm256_mul_ps(_mm256_loadu_ps(xa), w);
+            acc[1] = _mm256_mul_ps(_mm256_loadu_ps(xb), w);
+        }
+        for s in 1..4 {
             for (t, acc) in acc.iter_mut().enumerate() {
-                let w = p.add(t * DIM);
-                *acc = _mm256_mul_ps(xs[0], T::load8(w));
-                *acc = _mm256_fmadd_ps(xs[1], T::load8(w.add(8)), *acc);
-                *acc = _mm256_fmadd_ps(xs[2], T::load8(w.add(16)), *acc);
-                *acc = _mm256_fmadd_ps(xs[3], T::load8(w.add(24)), *acc);
+                let w = T::load8(p.add(t * DIM + 8 * s));
+                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xa.add(8 * s)), w, acc[0]);
+                acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(xb.add(8 * s)), w, acc[1]);
             }
-            // Lane t = the dot product with codeword c0 + t.
-            let q0 = _mm256_hadd_ps(
-                _mm256_hadd_ps(acc[0], acc[1]),
-                _mm256_hadd_ps(acc[2], acc[3]),
-            );
-            let q1 = _mm256_hadd_ps(
-                _mm256_hadd_ps(acc[4], acc[5]),
-                _mm256_hadd_ps(acc[6], acc[7]),
-            );
-            let dots = _mm256_add_ps(
-                _mm256_permute2f128_ps(q0, q1, 0x20),
-                _mm256_permute2f128_ps(q0, q1, 0x31),
-            );
-            let norm = _mm256_loadu_ps(norms.as_ptr().add(c0));
-            let v = _mm256_fnmadd_ps(two, dots, norm); // ‖c‖² − 2·x·c
-            let lower = _mm256_cmp_ps(v, min_val, _CMP_LT_OQ);
-            min_val = _mm256_min_ps(v, min_val);
-            let idx = _mm256_add_epi32(_mm256_set1_epi32(c0 as i32), step);
-            min_idx = _mm256_castps_si256(_mm256_blendv_ps(
-                _mm256_castsi256_ps(min_idx),
-                _mm256_castsi256_ps(idx),
+        }
+        let norm = _mm_loadu_ps(norms.as_ptr().add(c0));
+        let idx = _mm_add_epi32(_mm_set1_epi32(c0 as i32), step);
+        for v in 0..2 {
+            // Lane t = the dot product with codeword c0 + t, in `tree_sum`'s order.
+            let a = [acc[0][v], acc[1][v], acc[2][v], acc[3][v]];
+            let q = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            let dots = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));
+            let d = _mm_fnmadd_ps(two, dots, norm); // ‖c‖² − 2·x·c
+            let lower = _mm_cmplt_ps(d, min_val[v]);
+            min_val[v] = _mm_min_ps(d, min_val[v]);
+            min_idx[v] = _mm_castps_si128(_mm_blendv_ps(
+                _mm_castsi128_ps(min_idx[v]),
+                _mm_castsi128_ps(idx),
                 lower,
             ));
         }
-        let (mut vals, mut idx) = ([0f32; 8], [0u32; 8]);
-        _mm256_storeu_ps(vals.as_mut_ptr(), min_val);
-        _mm256_storeu_si256(idx.as_mut_ptr() as *mut __m256i, min_idx);
-        let (mut bv, mut bi) = (f32::INFINITY, 0u32);
-        for (&v, &i) in vals.iter().zip(&idx) {
-            if v < bv || (v == bv && i < bi) {
-                (bv, bi) = (v, i);
-            }
-        }
-        // The last C mod 8 codewords, one at a time.
-        let xr = &x[r * DIM..(r + 1) * DIM];
-        for (j, word) in book.chunks_exact(DIM).enumerate().skip(whole) {
-            let dot: f32 = xr.iter().zip(word).map(|(a, w)| a * w.to_f32()).sum();
-            let v = norms[j] - 2.0 * dot;
-            if v < bv {
-                (bv, bi) = (v, j as u32);
-            }
-        }
-        *best = bi;
     }
+    let mut out = [0u32; 2];
+    for (v, out) in out.iter_mut().enumerate() {
+        let (mut vals, mut idx) = ([0f32; 4], [0u32; 4]);
+        _mm_storeu_ps(vals.as_mut_ptr(), min_val[v]);
+        _mm_storeu_si128(idx.as_mut_ptr() as *mut __m128i, min_idx[v]);
+        *out = finish(book, norms, &x[v * DIM..(v + 1) * DIM], &vals, &idx, whole);
+    }
+    (out[0], out[1])
+}
+
+/// The best of a vector's lanes (value, codeword index), ties to the lower index, then of the
+/// codewords from `whole` on, one at a time.
+fn finish<T: LaneWord>(
+    book: &[T],
+    norms: &[f32],
+    x: &[f32],
+    vals: &[f32],
+    idx: &[u32],
+    whole: usize,
+) -> u32 {
+    let (mut bv, mut bi) = (f32::INFINITY, 0u32);
+    for (&v, &i) in vals.iter().zip(idx) {
+        if v < bv || (v == bv && i < bi) {
+            (bv, bi) = (v, i);
+        }
+    }
+    for (j, word) in book.chunks_exact(DIM).enumerate().skip(whole) {
+        let dot: f32 = x.iter().zip(word).map(|(a, w)| a * w.to_f32()).sum();
+        let v = norms[j] - 2.0 * dot;
+        if v < bv {
+            (bv, bi) = (v, j as u32);
+        }
+    }
+    bi
+}
+
+/// Best code of vector `x[..32]`: its 32 values and its running minimum (lane l: the best among
+/// codewords ≡ l mod 8) stay in registers, and successive blocks are independent work for the
+/// out-of-order core.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nearest_one_avx2<T: LaneWord>(
+    book: &[T],
+    norms: &[f32],
+    x: &[f32],
+    prefetch: &mut Prefetch,
+) -> u32 {
+    use std::arch::x86_64::*;
+    let c = norms.len();
+    let whole = c / BLOCK * BLOCK;
+    let two = _mm256_set1_ps(2.0);
+    let step = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let xr = x.as_ptr();
+    let xs = [
+        _mm256_loadu_ps(xr),
+        _mm256_loadu_ps(xr.add(8)),
+        _mm256_loadu_ps(xr.add(16)),
+        _mm256_loadu_ps(xr.add(24)),
+    ];
+    let mut min_val = _mm256_set1_ps(f32::INFINITY);
+    let mut min_idx = _mm256_setzero_si256();
+    for c0 in (0..whole).step_by(BLOCK) {
+        prefetch.step();
+        let p = book.as_ptr().add(c0 * DIM);
+        let mut acc = [_mm256_setzero_ps(); BLOCK];
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let w = p.add(t * DIM);
+            *acc = _mm256_mul_ps(xs[0], T::load8(w));
+            *acc = _mm256_fmadd_ps(xs[1], T::load8(w.add(8)), *acc);
+            *acc = _mm256_fmadd_ps(xs[2], T::load8(w.add(16)), *acc);
+            *acc = _mm256_fmadd_ps(xs[3], T::load8(w.add(24)), *acc);
+        }
+        // Lane t = the dot product with codeword c0 + t.
+        let q0 = _mm256_hadd_ps(
+            _mm256_hadd_ps(acc[0], acc[1]),
+            _mm256_hadd_ps(acc[2], acc[3]),
+        );
+        let q1 = _mm256_hadd_ps(
+            _mm256_hadd_ps(acc[4], acc[5]),
+            _mm256_hadd_ps(acc[6], acc[7]),
+        );
+        let dots = _mm256_add_ps(
+            _mm256_permute2f128_ps(q0, q1, 0x20),
+            _mm256_permute2f128_ps(q0, q1, 0x31),
+        );
+        let norm = _mm256_loadu_ps(norms.as_ptr().add(c0));
+        let v = _mm256_fnmadd_ps(two, dots, norm); // ‖c‖² − 2·x·c
+        let lower = _mm256_cmp_ps(v, min_val, _CMP_LT_OQ);
+        min_val = _mm256_min_ps(v, min_val);
+        let idx = _mm256_add_epi32(_mm256_set1_epi32(c0 as i32), step);
+        min_idx = _mm256_castps_si256(_mm256_blendv_ps(
+            _mm256_castsi256_ps(min_idx),
+            _mm256_castsi256_ps(idx),
+            lower,
+        ));
+    }
+    let (mut vals, mut idx) = ([0f32; 8], [0u32; 8]);
+    _mm256_storeu_ps(vals.as_mut_ptr(), min_val);
+    _mm256_storeu_si256(idx.as_mut_ptr() as *mut __m256i, min_idx);
+    finish(book, norms, &x[..DIM], &vals, &idx, whole)
 }
 
 #[cfg(test)]
@@ -228,8 +348,12 @@ mod tests {
             book[j * DIM..(j + 1) * DIM].fill(1.0);
         }
         let norms = row_norms(&book, DIM);
+        // One vector (the single-vector kernel), three (a pair and a single).
         let mut got = [0u32];
         nearest(&book, &norms, &[1.0; DIM], &mut got);
         assert_eq!(got, [3]);
+        let mut got = [0u32; 3];
+        nearest(&book, &norms, &[1.0; 3 * DIM], &mut got);
+        assert_eq!(got, [3; 3]);
     }
 }
