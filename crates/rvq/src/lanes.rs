@@ -201,14 +201,21 @@ unsafe fn nearest_avx2<T: LaneWord>(
         let (mut vals, mut idx) = ([0f32; 8], [0u32; 8]);
         _mm256_storeu_ps(vals.as_mut_ptr(), min_val[r]);
         _mm256_storeu_si256(idx.as_mut_ptr() as *mut __m256i, min_idx[r]);
-        let (mut bv, mut bi) = (f32::INFINITY, 0u32);
-        for (&v, &i) in vals.iter().zip(&idx) {
-            if v < bv || (v == bv && i < bi) {
-                (bv, bi) = (v, i);
-            }
-        }
+        let (bv, bi) = best_of_lanes(&vals, &idx);
         (best[r], value[r]) = (bi, bv);
     }
+}
+
+/// The smallest of per-lane running minima `vals` and its codeword index from `idx`, ties to the
+/// lower index: what a kernel keeping one minimum per lane reports.
+pub(crate) fn best_of_lanes(vals: &[f32], idx: &[u32]) -> (f32, u32) {
+    let (mut bv, mut bi) = (f32::INFINITY, 0u32);
+    for (&v, &i) in vals.iter().zip(idx) {
+        if v < bv || (v == bv && i < bi) {
+            (bv, bi) = (v, i);
+        }
+    }
+    (bv, bi)
 }
 
 #[cfg(test)]

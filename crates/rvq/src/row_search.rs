@@ -205,12 +205,7 @@ fn finish<T: LaneWord>(
     idx: &[u32],
     whole: usize,
 ) -> u32 {
-    let (mut bv, mut bi) = (f32::INFINITY, 0u32);
-    for (&v, &i) in vals.iter().zip(idx) {
-        if v < bv || (v == bv && i < bi) {
-            (bv, bi) = (v, i);
-        }
-    }
+    let (mut bv, mut bi) = crate::lanes::best_of_lanes(vals, idx);
     for (j, word) in book.chunks_exact(DIM).enumerate().skip(whole) {
         let dot: f32 = x.iter().zip(word).map(|(a, w)| a * w.to_f32()).sum();
         let v = norms[j] - 2.0 * dot;
