@@ -53,7 +53,21 @@ fn few_rows_dot_products_body(
     b: &[f32],
     scores: &mut [f32],
 ) {
-    for (j, bj) in b.chunks_exact(k).take(n).enumerate() {
+    dot_columns(m, n, k, a, b, scores, 0);
+}
+
+/// Columns `first..n` of `scores[m, n] = a[m, k] · b[n, k]ᵀ`, one [`dot`] each.
+#[inline(always)]
+fn dot_columns(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    scores: &mut [f32],
+    first: usize,
+) {
+    for (j, bj) in b.chunks_exact(k).take(n).enumerate().skip(first) {
         for i in 0..m {
             scores[i * n + j] = dot(&a[i * k..(i + 1) * k], bj);
         }
@@ -120,11 +134,7 @@ unsafe fn dot_products_by_eight_avx2(
             _mm256_storeu_ps(scores.as_mut_ptr().add(i * n + j0), sums);
         }
     }
-    for j in whole..n {
-        for i in 0..m {
-            scores[i * n + j] = dot(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
-        }
-    }
+    dot_columns(m, n, k, a, b, scores, whole);
 }
 
 /// ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)): the order a tree of horizontal adds

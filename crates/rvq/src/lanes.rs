@@ -218,6 +218,26 @@ pub(crate) fn best_of_lanes(vals: &[f32], idx: &[u32]) -> (f32, u32) {
     (bv, bi)
 }
 
+/// Slow nearest codeword of `x` among `book` ([C, 32]): exact distances in f64, ties to the
+/// lower index. The reference the kernels' tests compare with.
+#[cfg(test)]
+pub(crate) fn nearest_reference(book: &[f32], x: &[f32]) -> u32 {
+    let dist = |cw: &[f32]| -> f64 {
+        x.iter()
+            .zip(cw)
+            .map(|(&a, &w)| (a as f64 - w as f64).powi(2))
+            .sum()
+    };
+    let (mut best, mut best_d) = (0, f64::INFINITY);
+    for (i, cw) in book.chunks_exact(DIM).enumerate() {
+        let d = dist(cw);
+        if d < best_d {
+            (best, best_d) = (i as u32, d);
+        }
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,20 +246,8 @@ mod tests {
 
     /// Slow nearest codeword: exact distances in f64 to the codewords as the lanes store them.
     fn reference<T: LaneWord>(book: &[f32], x: &[f32]) -> u32 {
-        let dist = |cw: &[f32]| -> f64 {
-            x.iter()
-                .zip(cw)
-                .map(|(&a, &w)| (a as f64 - T::from_f32(w).to_f32() as f64).powi(2))
-                .sum()
-        };
-        let (mut best, mut best_d) = (0, f64::INFINITY);
-        for (i, cw) in book.chunks_exact(DIM).enumerate() {
-            let d = dist(cw);
-            if d < best_d {
-                (best, best_d) = (i as u32, d);
-            }
-        }
-        best
+        let stored: Vec<f32> = book.iter().map(|&w| T::from_f32(w).to_f32()).collect();
+        nearest_reference(&stored, x)
     }
 
     fn check<T: LaneWord>(rng: &mut SplitMix64, c: usize, n: usize) {

@@ -289,30 +289,15 @@ mod tests {
     use crate::rng::SplitMix64;
     use half::f16;
 
-    /// Slow nearest codeword in f64 among the codewords as stored.
-    fn reference(book: &[f32], x: &[f32]) -> u32 {
-        let dist = |cw: &[f32]| -> f64 {
-            x.iter()
-                .zip(cw)
-                .map(|(&a, &w)| (a as f64 - w as f64).powi(2))
-                .sum()
-        };
-        let (mut best, mut best_d) = (0, f64::INFINITY);
-        for (i, cw) in book.chunks_exact(DIM).enumerate() {
-            let d = dist(cw);
-            if d < best_d {
-                (best, best_d) = (i as u32, d);
-            }
-        }
-        best
-    }
-
     fn check<T: LaneWord>(rng: &mut SplitMix64, c: usize, m: usize) {
         let stored: Vec<T> = (0..c * DIM).map(|_| T::from_f32(rng.normal())).collect();
         let book: Vec<f32> = stored.iter().map(|w| w.to_f32()).collect();
         let norms = row_norms(&book, DIM);
         let x: Vec<f32> = (0..m * DIM).map(|_| rng.normal()).collect();
-        let want: Vec<u32> = x.chunks_exact(DIM).map(|v| reference(&book, v)).collect();
+        let want: Vec<u32> = x
+            .chunks_exact(DIM)
+            .map(|v| crate::lanes::nearest_reference(&book, v))
+            .collect();
         let mut got = vec![0u32; m];
         nearest(&stored, &norms, &x, &mut got);
         assert_eq!(got, want, "C {c}, {m} vectors");
