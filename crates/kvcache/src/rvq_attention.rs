@@ -143,7 +143,7 @@ pub fn histograms_times_codebooks(
     for st in 0..k {
         for g in 0..groups {
             let h = &hist[(st * groups + g) * c * lanes..][..c * lanes];
-            rvq.add_weighted_codewords(st, h, lanes, rows, &mut sums[g * d..], groups * d);
+            rvq.add_weighted_codewords(st, (h, lanes, rows), &mut sums[g * d..], groups * d);
         }
     }
 }

@@ -37,14 +37,12 @@ pub trait Quantizer: Send + Sync + std::fmt::Debug {
     /// `acc` [n, groups·d] = per vector and group, Σ over stages of the named codewords, from
     /// `codes` [n, groups·stages] (group-major). See [`crate::layout::sum_codewords`].
     fn sum_codewords(&self, groups: usize, codes: &[u16], acc: &mut [f32]);
-    /// Stage `stage`'s codewords weighted per row, added to `out`: see
-    /// [`add_weighted_codewords`] (`weights` [C, lanes], rows r < `rows` at `out[r·stride..]`).
+    /// Stage `stage`'s codewords weighted per row, added to `out` (row r at `out[r·stride..]`):
+    /// see [`add_weighted_codewords`].
     fn add_weighted_codewords(
         &self,
         stage: usize,
-        weights: &[f32],
-        lanes: usize,
-        rows: usize,
+        weights: RowWeights,
         out: &mut [f32],
         stride: usize,
     );
@@ -78,19 +76,11 @@ impl Quantizer for Rvq {
     fn add_weighted_codewords(
         &self,
         stage: usize,
-        weights: &[f32],
-        lanes: usize,
-        rows: usize,
+        weights: RowWeights,
         out: &mut [f32],
         stride: usize,
     ) {
-        add_weighted_codewords(
-            self.codebook(stage),
-            self.dim(),
-            (weights, lanes, rows),
-            out,
-            stride,
-        )
+        add_weighted_codewords(self.codebook(stage), self.dim(), weights, out, stride)
     }
 }
 
@@ -229,19 +219,11 @@ impl Quantizer for HalfRvq {
     fn add_weighted_codewords(
         &self,
         stage: usize,
-        weights: &[f32],
-        lanes: usize,
-        rows: usize,
+        weights: RowWeights,
         out: &mut [f32],
         stride: usize,
     ) {
-        add_weighted_codewords(
-            self.codebook(stage),
-            self.dim,
-            (weights, lanes, rows),
-            out,
-            stride,
-        )
+        add_weighted_codewords(self.codebook(stage), self.dim, weights, out, stride)
     }
 }
 
@@ -302,6 +284,10 @@ unsafe fn sum_codewords_f16_avx2(books: &[Vec<f16>], codes: &[u16], acc: &mut [f
     }
 }
 
+/// Per-row weights of a codebook's codewords: (`weights` [C, lanes], lanes, rows ≤ lanes), row r
+/// of codeword c at `weights[c·lanes + r]` — attention's value histograms.
+pub type RowWeights<'a> = (&'a [f32], usize, usize);
+
 /// `out[r·stride + j] += Σ_c weights[c·lanes + r] · book[c·d + j]` for rows r < `rows`: one
 /// stage's codewords ([C, d], f32 or f16) weighted per row — in attention, the value
 /// histograms times a codebook. Each row sums over c in order, multiply then add, from zero,
@@ -311,7 +297,7 @@ unsafe fn sum_codewords_f16_avx2(books: &[Vec<f16>], codes: &[u16], acc: &mut [f
 pub fn add_weighted_codewords<T: LaneWord>(
     book: &[T],
     d: usize,
-    (weights, lanes, rows): (&[f32], usize, usize),
+    (weights, lanes, rows): RowWeights,
     out: &mut [f32],
     stride: usize,
 ) {
@@ -355,7 +341,7 @@ pub fn add_weighted_codewords<T: LaneWord>(
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn add_weighted_codewords_avx2<T: LaneWord>(
     book: &[T],
-    (weights, lanes, rows): (&[f32], usize, usize),
+    (weights, lanes, rows): RowWeights,
     out: &mut [f32],
     stride: usize,
 ) {
