@@ -238,8 +238,12 @@ pub fn attention_with<C: KvCache + ?Sized>(
                 Ok(())
             });
     }
-    // A single block: its keys in parts over the heads, then each head's softmax and values.
-    let units: Vec<Unit> = (0..kv_heads).map(|h| unit(h, &blocks[0])).collect();
+    // A single block (or none: zero queries attend to nothing): its keys in parts over the
+    // heads, then each head's softmax and values.
+    let units: Vec<Unit> = blocks
+        .iter()
+        .flat_map(|tokens| (0..kv_heads).map(|h| unit(h, tokens)))
+        .collect();
     let parts: Vec<(usize, Range<usize>)> = units
         .iter()
         .enumerate()

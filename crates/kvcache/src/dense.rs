@@ -440,6 +440,26 @@ mod tests {
     }
 
     #[test]
+    fn zero_queries_attend_to_nothing() {
+        let s = shape();
+        let rope: Arc<LayerRopes> =
+            Arc::new(Rope::new(8, 10000.0, 64, RopeLayout::Interleaved).into());
+        let mut cache = F32Cache::new(s, rope);
+        cache
+            .append(0, &data(3 * 16, 1.0), &data(3 * 16, 2.0))
+            .unwrap();
+        let queries = Queries {
+            q: &[],
+            tokens: 0,
+            q_heads: 4,
+            first_pos: 3,
+            scale: 1.0,
+            window: None,
+        };
+        cache.attend(0, &queries, &mut []).unwrap();
+    }
+
+    #[test]
     fn f16_cache_rounds_and_counts_bytes() {
         let s = shape();
         let rope: Arc<LayerRopes> =
