@@ -9,6 +9,7 @@
 use crate::kernels::{self, row_norms};
 use crate::lanes::LaneWord;
 use crate::quantizer::{check_vectors, greedy_stage};
+use crate::vector::F32x16;
 use crate::{bits_for, check_finite, Result, Rvq};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -30,6 +31,8 @@ pub trait Quantizer: Send + Sync + std::fmt::Debug {
     fn bytes(&self) -> u64;
     /// Stage `stage`'s codebook ([C, d]) as f32: borrowed where stored so, converted otherwise.
     fn codebook_f32(&self, stage: usize) -> Cow<'_, [f32]>;
+    /// The codebooks as held ([stages] of [C, d]), for kernels that gather codewords themselves.
+    fn codewords(&self) -> Codewords<'_>;
     /// One codeword as f32 into `out` ([d]).
     fn codeword_into(&self, stage: usize, code: usize, out: &mut [f32]);
     /// Codes ([n, stages]) of vectors `x` ([n, d]); `beam` = 1 is greedy. See [`Rvq::encode`].
@@ -64,6 +67,9 @@ impl Quantizer for Rvq {
     fn codebook_f32(&self, stage: usize) -> Cow<'_, [f32]> {
         Cow::Borrowed(self.codebook(stage))
     }
+    fn codewords(&self) -> Codewords<'_> {
+        Codewords::F32(self.codebooks())
+    }
     fn codeword_into(&self, stage: usize, code: usize, out: &mut [f32]) {
         out.copy_from_slice(self.codeword(stage, code));
     }
@@ -82,6 +88,13 @@ impl Quantizer for Rvq {
     ) {
         add_weighted_codewords(self.codebook(stage), self.dim(), weights, out, stride)
     }
+}
+
+/// A quantizer's codebooks as held: [stages] of [C, d], in f32 or f16.
+#[derive(Clone, Copy, Debug)]
+pub enum Codewords<'a> {
+    F32(&'a [Vec<f32>]),
+    F16(&'a [Vec<f16>]),
 }
 
 /// A quantizer whose codebooks are held in f16.
@@ -167,6 +180,9 @@ impl Quantizer for HalfRvq {
     }
     fn codebook_f32(&self, stage: usize) -> Cow<'_, [f32]> {
         Cow::Owned(to_f32(&self.codebooks[stage]))
+    }
+    fn codewords(&self) -> Codewords<'_> {
+        Codewords::F16(&self.codebooks)
     }
     fn codeword_into(&self, stage: usize, code: usize, out: &mut [f32]) {
         let d = self.dim;
@@ -292,8 +308,9 @@ pub type RowWeights<'a> = (&'a [f32], usize, usize);
 /// stage's codewords ([C, d], f32 or f16) weighted per row — in attention, the value
 /// histograms times a codebook. Each row sums over c in order, multiply then add, from zero,
 /// and the sum is then added to `out`; codewords no row weighs are skipped (adding ±0 changes
-/// nothing). With AVX2 at d = 32 three rows' 32 sums stay in 12 registers and each codeword is
-/// converted as it is loaded; the arithmetic is the same, so every level gives the same sums.
+/// nothing). At d = 32 three rows' 32 sums stay in registers ([`F32x16`] lanes, AVX-512 or
+/// AVX2) and each codeword is converted as it is loaded; the arithmetic is the same, so every
+/// level gives the same sums.
 pub fn add_weighted_codewords<T: LaneWord>(
     book: &[T],
     d: usize,
@@ -310,11 +327,8 @@ pub fn add_weighted_codewords<T: LaneWord>(
         return;
     }
     assert!(out.len() >= (rows - 1) * stride + d, "out: rows × stride");
-    #[cfg(target_arch = "x86_64")]
-    if d == 32 && crate::simd::level() >= crate::simd::Level::Avx2 {
-        // SAFETY: the level implies AVX2 and F16C; shapes asserted above.
-        unsafe { add_weighted_codewords_avx2(book, (weights, lanes, rows), out, stride) };
-        return;
+    if d == 32 {
+        return weighted_codewords_d32(book, (weights, lanes, rows), out, stride);
     }
     let mut acc = vec![0f32; rows * d];
     let mut cw = vec![0f32; d];
@@ -337,20 +351,24 @@ pub fn add_weighted_codewords<T: LaneWord>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn add_weighted_codewords_avx2<T: LaneWord>(
+crate::dispatch16! {
+    fn weighted_codewords_d32<T: LaneWord>(book: &[T], weights: RowWeights, out: &mut [f32], stride: usize) = weighted_codewords_d32_body;
+}
+
+/// [`add_weighted_codewords`] at d = 32, whose asserts this relies on.
+#[inline(always)]
+unsafe fn weighted_codewords_d32_body<V: F32x16, T: LaneWord>(
+    _avx2: bool,
     book: &[T],
     (weights, lanes, rows): RowWeights,
     out: &mut [f32],
     stride: usize,
 ) {
-    use std::arch::x86_64::*;
     const ROWS: usize = 3;
     let c = book.len() / 32;
     for r0 in (0..rows).step_by(ROWS) {
         let nr = ROWS.min(rows - r0);
-        let mut acc = [[_mm256_setzero_ps(); 4]; ROWS];
+        let mut acc = [[V::zero(); 2]; ROWS];
         for i in 0..c {
             let mut w = [0f32; ROWS];
             w[..nr].copy_from_slice(&weights[i * lanes + r0..i * lanes + r0 + nr]);
@@ -358,17 +376,18 @@ unsafe fn add_weighted_codewords_avx2<T: LaneWord>(
                 continue;
             }
             let p = book.as_ptr().add(i * 32);
-            for (s, chunk) in (0..4).map(|s| (s, T::load8(p.add(8 * s)))) {
-                for (acc, &wr) in acc.iter_mut().zip(&w) {
-                    acc[s] = _mm256_add_ps(acc[s], _mm256_mul_ps(_mm256_set1_ps(wr), chunk));
+            let word: [V; 2] = [T::load16(p), T::load16(p.add(16))];
+            for (acc, &wr) in acc.iter_mut().zip(&w) {
+                for (a, &x) in acc.iter_mut().zip(&word) {
+                    *a = a.add(V::splat(wr).mul(x));
                 }
             }
         }
         for (r, acc) in acc.iter().enumerate().take(nr) {
             let o = out.as_mut_ptr().add((r0 + r) * stride);
-            for (s, a) in acc.iter().enumerate() {
-                let at = o.add(8 * s);
-                _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), *a));
+            for (h, a) in acc.iter().enumerate() {
+                let at = o.add(16 * h);
+                V::load(at).add(*a).store(at);
             }
         }
     }

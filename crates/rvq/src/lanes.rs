@@ -9,6 +9,7 @@
 //! (half the bytes; the distances are then to the f16-rounded codewords).
 
 use crate::kernels::row_norms;
+use crate::vector::F32x16;
 
 /// Codewords side by side in one lane group.
 pub const LANES: usize = 16;
@@ -40,6 +41,11 @@ pub trait LaneWord: Copy + Default + Send + Sync + 'static {
     /// 8 values must be readable at `p`, and the CPU must have AVX2 and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen lanes at `p` as f32, for kernels written against [`F32x16`].
+    ///
+    /// # Safety
+    /// 16 values must be readable at `p`, and the CPU must run `V`'s level.
+    unsafe fn load16<V: F32x16>(p: *const Self) -> V;
 }
 
 impl LaneWord for f32 {
@@ -53,6 +59,10 @@ impl LaneWord for f32 {
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn load16<V: F32x16>(p: *const Self) -> V {
+        V::load(p)
     }
 }
 
@@ -68,6 +78,10 @@ impl LaneWord for half::f16 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[inline(always)]
+    unsafe fn load16<V: F32x16>(p: *const Self) -> V {
+        V::load_f16(p)
     }
 }
 

@@ -23,8 +23,9 @@ pub mod rng;
 pub mod row_search;
 pub mod simd;
 pub mod train;
+pub mod vector;
 
-pub use codec::{HalfRvq, Quantizer};
+pub use codec::{Codewords, HalfRvq, Quantizer};
 pub use layout::{Grouping, VectorLayout};
 pub use quantizer::Rvq;
 pub use train::{EmaCodebooks, TrainConfig, TrainReport, VectorSource};

@@ -60,6 +60,10 @@ impl Rvq {
     pub fn codebook(&self, stage: usize) -> &[f32] {
         &self.codebooks[stage]
     }
+    /// All codebooks: [stages] of [size, dim].
+    pub fn codebooks(&self) -> &[Vec<f32>] {
+        &self.codebooks
+    }
     pub fn codeword(&self, stage: usize, code: usize) -> &[f32] {
         &self.codebooks[stage][code * self.dim..(code + 1) * self.dim]
     }

@@ -1,0 +1,318 @@
+//! Sixteen f32 lanes as one AVX-512 register, two AVX2 registers or a plain array.
+//!
+//! A hot loop written once against [`F32x16`] and compiled by [`dispatch16!`](crate::dispatch16)
+//! runs at every [`Level`](crate::simd::Level) with the same operations lane for lane, so every
+//! level gives the same bits: adds, multiplies and subtractions are separate (no fused
+//! multiply-add, which the portable build would have to emulate in software), and the one
+//! horizontal reduction, [`F32x16::fold8`] followed by [`tree_sums8`], has a fixed order.
+//!
+//! Where a whole AVX-512 register pays: a d = 32 codeword is two registers instead of four,
+//! and an f16 codeword converts with two instructions instead of four. Codeword element types
+//! load through [`LaneWord::load16`](crate::lanes::LaneWord::load16).
+
+use half::f16;
+
+/// Sixteen f32 lanes.
+///
+/// # Safety
+/// One contract for every method: the caller runs at the level the type needs (see
+/// [`dispatch16!`](crate::dispatch16)), and pointers are valid for 16 values (8 for
+/// `fold8`'s output).
+#[allow(clippy::missing_safety_doc)] // stated once, above
+pub trait F32x16: Copy {
+    unsafe fn zero() -> Self;
+    unsafe fn splat(x: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    /// Sixteen f16 values at `p`, converted exactly.
+    unsafe fn load_f16(p: *const f16) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    unsafe fn add(self, o: Self) -> Self;
+    unsafe fn sub(self, o: Self) -> Self;
+    unsafe fn mul(self, o: Self) -> Self;
+    /// `out[l] = self[l] + self[l + 8]` for l < 8: the first step of a horizontal sum, whose
+    /// rest [`tree_sums8`] does for eight vectors at once.
+    unsafe fn fold8(self, out: *mut f32);
+}
+
+/// ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)): the order a tree of horizontal adds
+/// produces.
+#[inline(always)]
+pub fn tree_sum8(a: &[f32; 8]) -> f32 {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// `out[i] = tree_sum8(rows[i])` for eight rows of eight: with AVX2 by one tree of horizontal
+/// adds for all eight (9 instructions), in exactly [`tree_sum8`]'s order.
+///
+/// # Safety
+/// With `avx2 = true` the CPU must have AVX2.
+#[inline(always)]
+pub unsafe fn tree_sums8(rows: &[[f32; 8]; 8], out: &mut [f32; 8], avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        use std::arch::x86_64::*;
+        let r = |i: usize| _mm256_loadu_ps(rows[i].as_ptr());
+        let h01 = _mm256_hadd_ps(r(0), r(1));
+        let h23 = _mm256_hadd_ps(r(2), r(3));
+        let h45 = _mm256_hadd_ps(r(4), r(5));
+        let h67 = _mm256_hadd_ps(r(6), r(7));
+        let q0 = _mm256_hadd_ps(h01, h23);
+        let q1 = _mm256_hadd_ps(h45, h67);
+        let sums = _mm256_add_ps(
+            _mm256_permute2f128_ps(q0, q1, 0x20),
+            _mm256_permute2f128_ps(q0, q1, 0x31),
+        );
+        _mm256_storeu_ps(out.as_mut_ptr(), sums);
+        return;
+    }
+    let _ = avx2;
+    for (o, r) in out.iter_mut().zip(rows) {
+        *o = tree_sum8(r);
+    }
+}
+
+/// Plain Rust lanes: the reference the vector versions must equal.
+#[derive(Clone, Copy)]
+pub struct Portable([f32; 16]);
+
+impl F32x16 for Portable {
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Self([0.0; 16])
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        Self([x; 16])
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Self(std::ptr::read_unaligned(p as *const [f32; 16]))
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> Self {
+        let h = std::ptr::read_unaligned(p as *const [f16; 16]);
+        Self(h.map(f16::to_f32))
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        std::ptr::write_unaligned(p as *mut [f32; 16], self.0)
+    }
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        Self(std::array::from_fn(|l| self.0[l] + o.0[l]))
+    }
+    #[inline(always)]
+    unsafe fn sub(self, o: Self) -> Self {
+        Self(std::array::from_fn(|l| self.0[l] - o.0[l]))
+    }
+    #[inline(always)]
+    unsafe fn mul(self, o: Self) -> Self {
+        Self(std::array::from_fn(|l| self.0[l] * o.0[l]))
+    }
+    #[inline(always)]
+    unsafe fn fold8(self, out: *mut f32) {
+        let h: [f32; 8] = std::array::from_fn(|l| self.0[l] + self.0[l + 8]);
+        std::ptr::write_unaligned(out as *mut [f32; 8], h)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::F32x16;
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// Two AVX2 registers: lanes 0–7 and 8–15.
+    #[derive(Clone, Copy)]
+    pub struct Avx2(__m256, __m256);
+
+    impl F32x16 for Avx2 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Self(_mm256_setzero_ps(), _mm256_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            Self(_mm256_set1_ps(x), _mm256_set1_ps(x))
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Self(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const f16) -> Self {
+            let p = p as *const __m128i;
+            Self(
+                _mm256_cvtph_ps(_mm_loadu_si128(p)),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
+            )
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm256_storeu_ps(p, self.0);
+            _mm256_storeu_ps(p.add(8), self.1);
+        }
+        #[inline(always)]
+        unsafe fn add(self, o: Self) -> Self {
+            Self(_mm256_add_ps(self.0, o.0), _mm256_add_ps(self.1, o.1))
+        }
+        #[inline(always)]
+        unsafe fn sub(self, o: Self) -> Self {
+            Self(_mm256_sub_ps(self.0, o.0), _mm256_sub_ps(self.1, o.1))
+        }
+        #[inline(always)]
+        unsafe fn mul(self, o: Self) -> Self {
+            Self(_mm256_mul_ps(self.0, o.0), _mm256_mul_ps(self.1, o.1))
+        }
+        #[inline(always)]
+        unsafe fn fold8(self, out: *mut f32) {
+            _mm256_storeu_ps(out, _mm256_add_ps(self.0, self.1))
+        }
+    }
+
+    /// One AVX-512 register.
+    #[derive(Clone, Copy)]
+    pub struct Avx512(__m512);
+
+    impl F32x16 for Avx512 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Self(_mm512_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            Self(_mm512_set1_ps(x))
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Self(_mm512_loadu_ps(p))
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const f16) -> Self {
+            Self(_mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)))
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm512_storeu_ps(p, self.0)
+        }
+        #[inline(always)]
+        unsafe fn add(self, o: Self) -> Self {
+            Self(_mm512_add_ps(self.0, o.0))
+        }
+        #[inline(always)]
+        unsafe fn sub(self, o: Self) -> Self {
+            Self(_mm512_sub_ps(self.0, o.0))
+        }
+        #[inline(always)]
+        unsafe fn mul(self, o: Self) -> Self {
+            Self(_mm512_mul_ps(self.0, o.0))
+        }
+        #[inline(always)]
+        unsafe fn fold8(self, out: *mut f32) {
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
+            _mm256_storeu_ps(out, _mm256_add_ps(_mm512_castps512_ps256(self.0), hi))
+        }
+    }
+}
+
+/// Defines `fn $name<generics>(args) -> ret` that runs `$body::<V, generics>(args)` — an
+/// `#[inline(always)] unsafe fn` generic over `V: F32x16` — with `V` the lane type of
+/// [`level()`](crate::simd::level), compiled for that level. The body receives `avx2: bool`
+/// as its first argument (whether [`tree_sums8`] may use AVX2).
+///
+/// The caller of the defined function vouches for what the body's `unsafe` needs besides the
+/// instruction set (pointer validity, shapes); the defined function itself is safe to call
+/// only if the body is safe for every valid input, which its definer must ensure.
+#[macro_export]
+macro_rules! dispatch16 {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident $(<$($g:ident: $bound:path),*>)?
+        ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:ident;) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name $(<$($g: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512 $(<$($g: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? {
+                    $body::<$crate::vector::Avx512 $($(, $g)*)?>(true, $($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma,f16c")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2 $(<$($g: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? {
+                    $body::<$crate::vector::Avx2 $($(, $g)*)?>(true, $($arg),*)
+                }
+                match $crate::simd::level() {
+                    // SAFETY: `level()` never exceeds what the CPU reports.
+                    $crate::simd::Level::Avx512 => return unsafe { avx512 $(::<$($g),*>)? ($($arg),*) },
+                    // SAFETY: as above.
+                    $crate::simd::Level::Avx2 => return unsafe { avx2 $(::<$($g),*>)? ($($arg),*) },
+                    $crate::simd::Level::Portable => {}
+                }
+            }
+            // SAFETY: portable lanes need no instruction set beyond the baseline.
+            unsafe { $body::<$crate::vector::Portable $($(, $g)*)?>(false, $($arg),*) }
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    /// Every operation of every lane type against plain scalar arithmetic.
+    #[inline(always)]
+    unsafe fn exercise<V: F32x16>(avx2: bool, a: &[f32], b: &[f32], h: &[f16]) -> Vec<f32> {
+        let (x, y) = (V::load(a.as_ptr()), V::load(b.as_ptr()));
+        let z = x
+            .mul(y)
+            .add(V::load_f16(h.as_ptr()))
+            .sub(V::splat(0.5))
+            .add(V::zero());
+        let mut out = vec![0f32; 16 + 8 * 9];
+        z.store(out.as_mut_ptr());
+        let mut rows = [[0f32; 8]; 8];
+        for (i, r) in rows.iter_mut().enumerate() {
+            z.mul(V::splat(i as f32 + 1.0)).fold8(r.as_mut_ptr());
+        }
+        out[16..80].copy_from_slice(rows.as_flattened());
+        let mut sums = [0f32; 8];
+        tree_sums8(&rows, &mut sums, avx2);
+        out[80..].copy_from_slice(&sums);
+        out
+    }
+
+    crate::dispatch16! {
+        fn exercise_at_level(a: &[f32], b: &[f32], h: &[f16]) -> Vec<f32> = exercise;
+    }
+
+    #[test]
+    fn every_level_computes_the_scalar_definition() {
+        let mut rng = SplitMix64::new(4);
+        let a: Vec<f32> = (0..16).map(|_| rng.normal()).collect();
+        let b: Vec<f32> = (0..16).map(|_| rng.normal()).collect();
+        let h: Vec<f16> = (0..16).map(|_| f16::from_f32(rng.normal())).collect();
+        let z: Vec<f32> = (0..16)
+            .map(|l| a[l] * b[l] + h[l].to_f32() - 0.5 + 0.0)
+            .collect();
+        let mut want = z.clone();
+        for i in 0..8 {
+            let s = i as f32 + 1.0;
+            let fold: [f32; 8] = std::array::from_fn(|l| z[l] * s + z[l + 8] * s);
+            want.extend_from_slice(&fold);
+        }
+        for i in 0..8 {
+            let row: [f32; 8] = want[16 + 8 * i..24 + 8 * i].try_into().unwrap();
+            want.push(tree_sum8(&row));
+        }
+        let each = crate::simd::at_each_level(|_| exercise_at_level(&a, &b, &h));
+        for (level, got) in &each {
+            assert_eq!(got, &want, "{level:?}");
+        }
+        assert_eq!(each.len(), crate::simd::detected() as usize);
+    }
+}
