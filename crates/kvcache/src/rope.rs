@@ -239,6 +239,17 @@ impl GroupRope {
         })
     }
 
+    /// Channels of the head.
+    pub fn head_dim(&self) -> usize {
+        self.channel_of.len()
+    }
+
+    /// Whether the pairs in group order are (j, head_dim/2 + j) at angle j: the two halves of
+    /// the head rotate against each other with the RoPE table's angles as stored.
+    pub fn pairs_halves(&self) -> bool {
+        self.block == self.channel_of.len() && self.angle_of.is_none()
+    }
+
     /// `out[j] = q[channel_of[j]]`: a query (or any vector) put in group order.
     pub fn to_group_order(&self, q: &[f32], out: &mut [f32]) {
         for (o, &c) in out.iter_mut().zip(&self.channel_of) {

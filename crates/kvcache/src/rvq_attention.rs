@@ -2,23 +2,185 @@
 //!
 //! Keys: the codewords of a block of keys are summed in the quantizer's group order
 //! ([`Quantizer::sum_codewords`]), scaled, rotated there by [`GroupRope`] and dotted with
-//! queries put in the same order. Nothing is scattered back into channel order. Values: each
-//! stage's codes turn the attention weights into a histogram over its codebook, and one product
-//! per stage with the codebook gives the output.
-//! Both loops are compiled per instruction set ([`rvq::multiversion!`]).
+//! queries put in the same order. Nothing is scattered back into channel order. A decode
+//! step's few query rows take [`fused_key_scores`] instead: each key is summed, rotated and
+//! dotted in registers, with nothing written but its scores. Values: each stage's codes turn
+//! the attention weights into a histogram over its codebook, and one product per stage with
+//! the codebook gives the output.
+//! The loops are compiled per instruction set ([`rvq::multiversion!`], [`rvq::dispatch16!`]).
 
 use crate::rope::{GroupRope, Rope};
 use rvq::kernels::dot_products;
-use rvq::Quantizer;
+use rvq::lanes::LaneWord;
+use rvq::vector::{tree_sums8, F32x16};
+use rvq::{Codewords, Quantizer};
 
 /// Keys decoded per pass, as many as attention asks for at once (its 256-position blocks): their
 /// sums ([256, head_dim] f32, 64 KB) stay in L2 while being rotated and multiplied.
 const KEY_BLOCK: usize = 256;
 
+/// Query rows up to which keys are scored by [`fused_key_scores`] (a decode step: the query
+/// heads of one KV head for a token or a few); more rows share each rotated key through a
+/// matrix product instead.
+pub const FUSED_ROWS: usize = 8;
+
+/// `scores[r·stride + t] = scales[t] · q[r] · RoPE_{first_pos + t}(Σ codewords of key t)`,
+/// where `q` is [rows, hd] in group order, `codes` [n, groups·stages] and `scales` [n]. Few rows
+/// over the paper's head shape go through [`fused_key_scores`], the rest block by block.
+#[allow(clippy::too_many_arguments)]
+pub fn key_scores(
+    rvq: &dyn Quantizer,
+    group_rope: &GroupRope,
+    rope: &Rope,
+    codes: &[u16],
+    scales: &[f32],
+    first_pos: usize,
+    q: &[f32],
+    scores: &mut [f32],
+    stride: usize,
+) {
+    let rows = q.len() / rope.head_dim();
+    if rows <= FUSED_ROWS && fuses(rvq, group_rope) {
+        fused_key_scores(rvq, rope, codes, scales, first_pos, q, scores, stride);
+        return;
+    }
+    key_scores_blocks(
+        rvq, group_rope, rope, codes, scales, first_pos, q, scores, stride,
+    );
+}
+
+/// Whether [`fused_key_scores`] takes these keys: a 64-channel head in two groups of d = 32
+/// whose RoPE pairs are (j, 32 + j) at angle j — llama's interleaved pairs under the paper's
+/// strided groups.
+pub fn fuses(rvq: &dyn Quantizer, group_rope: &GroupRope) -> bool {
+    rvq.dim() == 32 && group_rope.pairs_halves() && group_rope.head_dim() == 64
+}
+
+/// [`key_scores`] for keys that [`fuses`] takes, with at most [`FUSED_ROWS`] rows: per key the
+/// two groups' codewords are summed in registers (stage 0 first, f16 converted as loaded), the
+/// pair rotated (x·cos − y·sin, x·sin + y·cos), dotted with every row as
+/// ((x'₀·q₀ + x'₁·q₁) + (y'₀·q₂ + y'₁·q₃)) over 16-lane quarters, folded to 8 lanes and
+/// summed for 8 keys at once by [`tree_sums8`], then scaled. Every level computes exactly
+/// this, so all give the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_key_scores(
+    rvq: &dyn Quantizer,
+    rope: &Rope,
+    codes: &[u16],
+    scales: &[f32],
+    first_pos: usize,
+    q: &[f32],
+    scores: &mut [f32],
+    stride: usize,
+) {
+    let (k, n) = (rvq.stages(), scales.len());
+    let rows = q.len() / 64;
+    assert!(rvq.dim() == 32 && rope.head_dim() == 64 && q.len() == rows * 64);
+    assert!(
+        rows <= FUSED_ROWS && codes.len() == n * 2 * k,
+        "codes: [n, 2·stages]"
+    );
+    assert!(
+        first_pos + n <= rope.max_positions(),
+        "positions beyond the RoPE table"
+    );
+    assert!(
+        rows == 0 || scores.len() >= (rows - 1) * stride + n,
+        "scores: rows × stride"
+    );
+    let max = codes.iter().copied().max().unwrap_or(0) as usize;
+    assert!(
+        max < rvq.size(),
+        "code {max} out of range (C = {})",
+        rvq.size()
+    );
+    // Checked above: every code names a codeword inside its [C, 32] codebook, every position
+    // a row of the RoPE table, every score a slot of `scores`.
+    match rvq.codewords() {
+        Codewords::F16(books) => {
+            fused_scores(books, rope, codes, scales, first_pos, q, scores, stride)
+        }
+        Codewords::F32(books) => {
+            fused_scores(books, rope, codes, scales, first_pos, q, scores, stride)
+        }
+    }
+}
+
+rvq::dispatch16! {
+    fn fused_scores<W: LaneWord>(books: &[Vec<W>], rope: &Rope, codes: &[u16], scales: &[f32], first_pos: usize, q: &[f32], scores: &mut [f32], stride: usize) = fused_scores_body;
+}
+
+/// The two 16-lane halves of Σ_s `books[s]`[codes[s]] (d = 32), stage 0 first.
+///
+/// # Safety
+/// Every code < C of its codebook; the CPU runs `V`'s level.
+#[inline(always)]
+unsafe fn sum_group<V: F32x16, W: LaneWord>(books: &[Vec<W>], codes: &[u16]) -> (V, V) {
+    let (mut lo, mut hi) = (V::zero(), V::zero());
+    for (&code, book) in codes.iter().zip(books) {
+        let w = book.as_ptr().add(code as usize * 32);
+        lo = lo.add(W::load16(w));
+        hi = hi.add(W::load16(w.add(16)));
+    }
+    (lo, hi)
+}
+
+/// See [`fused_key_scores`], which checks the shapes this relies on.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn fused_scores_body<V: F32x16, W: LaneWord>(
+    avx2: bool,
+    books: &[Vec<W>],
+    rope: &Rope,
+    codes: &[u16],
+    scales: &[f32],
+    first_pos: usize,
+    q: &[f32],
+    scores: &mut [f32],
+    stride: usize,
+) {
+    let k = books.len();
+    let (n, rows) = (scales.len(), q.len() / 64);
+    // [rows][8 keys][8]: each row's dot products of 8 keys, folded to 8 lanes.
+    let mut folded = [[[0f32; 8]; 8]; FUSED_ROWS];
+    let mut sums = [0f32; 8];
+    for t0 in (0..n).step_by(8) {
+        let m = 8.min(n - t0);
+        for i in 0..m {
+            let t = t0 + i;
+            let c = codes.as_ptr().add(t * 2 * k);
+            let (x0, x1) = sum_group::<V, W>(books, std::slice::from_raw_parts(c, k));
+            let (y0, y1) = sum_group::<V, W>(books, std::slice::from_raw_parts(c.add(k), k));
+            let (cos, sin) = rope.angles(first_pos + t);
+            let (c0, c1) = (V::load(cos.as_ptr()), V::load(cos.as_ptr().add(16)));
+            let (s0, s1) = (V::load(sin.as_ptr()), V::load(sin.as_ptr().add(16)));
+            let rx0 = x0.mul(c0).sub(y0.mul(s0));
+            let rx1 = x1.mul(c1).sub(y1.mul(s1));
+            let ry0 = x0.mul(s0).add(y0.mul(c0));
+            let ry1 = x1.mul(s1).add(y1.mul(c1));
+            for (r, folded) in folded.iter_mut().enumerate().take(rows) {
+                let qr = q.as_ptr().add(r * 64);
+                let x = rx0.mul(V::load(qr)).add(rx1.mul(V::load(qr.add(16))));
+                let y = ry0
+                    .mul(V::load(qr.add(32)))
+                    .add(ry1.mul(V::load(qr.add(48))));
+                x.add(y).fold8(folded[i].as_mut_ptr());
+            }
+        }
+        for (r, folded) in folded.iter().enumerate().take(rows) {
+            tree_sums8(folded, &mut sums, avx2);
+            let out = &mut scores[r * stride + t0..r * stride + t0 + m];
+            for ((o, s), scale) in out.iter_mut().zip(&sums).zip(&scales[t0..t0 + m]) {
+                *o = s * scale;
+            }
+        }
+    }
+}
+
 rvq::multiversion! {
-    /// `scores[r·stride + t] = scales[t] · q[r] · RoPE_{first_pos + t}(Σ codewords of key t)`,
-    /// where `q` is [rows, hd] in group order, `codes` [n, groups·stages] and `scales` [n].
-    pub fn key_scores(
+    /// [`key_scores`] block by block: a block's keys summed into memory, scaled, rotated, then
+    /// multiplied with all rows at once.
+    fn key_scores_blocks(
         rvq: &dyn Quantizer,
         group_rope: &GroupRope,
         rope: &Rope,
@@ -144,6 +306,117 @@ pub fn histograms_times_codebooks(
         for g in 0..groups {
             let h = &hist[(st * groups + g) * c * lanes..][..c * lanes];
             rvq.add_weighted_codewords(st, (h, lanes, rows), &mut sums[g * d..], groups * d);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rope::RopeLayout;
+    use rvq::rng::SplitMix64;
+    use rvq::{Grouping, HalfRvq, Rvq, VectorLayout};
+
+    /// Slow reference: key t decoded in f64 in channel order (strided groups), scaled, rotated
+    /// with llama's interleaved pairs at its position, dotted with each row's channel-order query.
+    fn reference(
+        rvq: &Rvq,
+        rope: &Rope,
+        codes: &[u16],
+        scales: &[f32],
+        first_pos: usize,
+        q: &[f32],
+    ) -> Vec<f64> {
+        let (k, n, rows) = (rvq.stages(), scales.len(), q.len() / 64);
+        let mut out = vec![0f64; rows * n];
+        for t in 0..n {
+            let mut key = [0f64; 64];
+            for g in 0..2 {
+                for s in 0..k {
+                    let w = rvq.codeword(s, codes[t * 2 * k + g * k + s] as usize);
+                    for (j, &x) in w.iter().enumerate() {
+                        key[2 * j + g] += x as f64; // strided: group g holds channels g, g+2, …
+                    }
+                }
+            }
+            let (cos, sin) = rope.angles(first_pos + t);
+            let mut rotated = [0f64; 64];
+            for i in 0..32 {
+                let (a, b) = (
+                    key[2 * i] * scales[t] as f64,
+                    key[2 * i + 1] * scales[t] as f64,
+                );
+                let (c, s) = (cos[i] as f64, sin[i] as f64);
+                rotated[2 * i] = a * c - b * s;
+                rotated[2 * i + 1] = a * s + b * c;
+            }
+            for r in 0..rows {
+                out[r * n + t] = (0..64).map(|j| q[r * 64 + j] as f64 * rotated[j]).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn fused_scores_equal_the_slow_reference_at_every_level() {
+        let mut rng = SplitMix64::new(31);
+        let (c, k, n, first_pos) = (300, 8, 37, 90); // 37: four blocks of 8 keys and a tail of 5
+        let books = (0..k)
+            .map(|s| (0..c * 32).map(|_| rng.normal() / (s + 1) as f32).collect())
+            .collect();
+        // f16-valued codewords, so the f32 and f16 quantizers hold the same numbers.
+        let rvq = HalfRvq::from_rvq(&Rvq::from_codebooks(32, c, books).unwrap())
+            .unwrap()
+            .to_rvq();
+        let half = HalfRvq::from_rvq(&rvq).unwrap();
+        let rope = Rope::new(64, 10000.0, 200, RopeLayout::Interleaved);
+        let layout = VectorLayout::new(64, 32, Grouping::Strided, true).unwrap();
+        let group_rope = GroupRope::new(&rope, &layout).unwrap();
+        assert!(fuses(&rvq, &group_rope) && fuses(&half, &group_rope));
+        let codes: Vec<u16> = (0..n * 2 * k).map(|_| rng.below(c) as u16).collect();
+        let scales: Vec<f32> = (0..n).map(|_| 0.5 + rng.unit() as f32).collect();
+        for rows in [1, 3, 8] {
+            let q_channels: Vec<f32> = (0..rows * 64).map(|_| rng.normal()).collect();
+            let mut q = vec![0f32; rows * 64];
+            for (g, c) in q.chunks_exact_mut(64).zip(q_channels.chunks_exact(64)) {
+                group_rope.to_group_order(c, g);
+            }
+            let want = reference(&rvq, &rope, &codes, &scales, first_pos, &q_channels);
+            let stride = n + 4;
+            for quantizer in [&rvq as &dyn Quantizer, &half] {
+                let each = rvq::simd::at_each_level(|_| {
+                    let mut scores = vec![f32::NAN; rows * stride];
+                    key_scores(
+                        quantizer,
+                        &group_rope,
+                        &rope,
+                        &codes,
+                        &scales,
+                        first_pos,
+                        &q,
+                        &mut scores,
+                        stride,
+                    );
+                    scores
+                });
+                for (level, got) in &each {
+                    for r in 0..rows {
+                        for t in 0..n {
+                            let (a, w) = (got[r * stride + t] as f64, want[r * n + t]);
+                            assert!((a - w).abs() < 1e-4 * (1.0 + w.abs()), "{level:?} {r} {t}");
+                        }
+                        // Nothing written past the row's n scores.
+                        assert!(got[r * stride + n..(r + 1) * stride]
+                            .iter()
+                            .all(|x| x.is_nan()));
+                    }
+                }
+                // The same bits at every level and for f32 and f16 books of the same values.
+                assert!(each.iter().all(|(_, s)| s
+                    .iter()
+                    .zip(&each[0].1)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())));
+            }
         }
     }
 }

@@ -1054,9 +1054,13 @@ mod tests {
                 };
                 let reference_cache = cache_with(KeyPath::Decode, ValuePath::Decode);
                 let fast = cache_with(KeyPath::Fused, ValuePath::Histogram);
-                assert!(
-                    fast.parts[0][0].group_rope.is_some(),
-                    "{grouping:?} {rope_layout:?}"
+                let group_rope = fast.parts[0][0].group_rope.as_ref();
+                assert!(group_rope.is_some(), "{grouping:?} {rope_layout:?}");
+                // A decode step's rows take the fused kernel where the head shape allows it.
+                let (q0, _) = fast.parts[0][0].quant.as_ref().unwrap();
+                assert_eq!(
+                    rvq_attention::fuses(q0.as_ref(), group_rope.unwrap()),
+                    grouping == Grouping::Strided && rope_layout == RopeLayout::Interleaved
                 );
                 for (first, rows, window) in [
                     (tokens - 1, 1, None),
