@@ -392,21 +392,136 @@ impl Context<'_> {
     }
 }
 
-/// In place: row[lo..hi] = softmax(row[lo..hi] * scale), zero elsewhere.
-pub fn softmax_masked(row: &mut [f32], lo: usize, hi: usize, scale: f32) {
-    let mut max = f32::NEG_INFINITY;
-    for &s in &row[lo..hi] {
+rvq::multiversion! {
+    /// In place: row[lo..hi] = softmax(row[lo..hi] · scale), zero elsewhere. The maximum and
+    /// the sum run over 16 lanes, then a fixed tree; [`exp`] is a polynomial: the loops
+    /// vectorize, and every level computes the same bits.
+    pub fn softmax_masked(row: &mut [f32], lo: usize, hi: usize, scale: f32) = softmax_masked_body;
+}
+
+/// Lanes of [`softmax_masked`]'s maximum and sum.
+const SOFTMAX_LANES: usize = 16;
+
+#[inline(always)]
+fn softmax_masked_body(row: &mut [f32], lo: usize, hi: usize, scale: f32) {
+    const L: usize = SOFTMAX_LANES;
+    let xs = &mut row[lo..hi];
+    let whole = xs.len() / L * L;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    for c in xs[..whole].chunks_exact(L) {
+        for l in 0..L {
+            let v = c[l] * scale;
+            lanes[l] = if v > lanes[l] { v } else { lanes[l] };
+        }
+    }
+    let mut max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for &s in &xs[whole..] {
         max = max.max(s * scale);
     }
-    let mut sum = 0f32;
-    for s in &mut row[lo..hi] {
-        *s = (*s * scale - max).exp();
+    let mut sums = [0f32; L];
+    for c in xs[..whole].chunks_exact_mut(L) {
+        for l in 0..L {
+            c[l] = exp(c[l] * scale - max);
+            sums[l] += c[l];
+        }
+    }
+    let mut sum = lane_sum(&sums);
+    for s in &mut xs[whole..] {
+        *s = exp(*s * scale - max);
         sum += *s;
     }
     let inv = 1.0 / sum;
-    for s in &mut row[lo..hi] {
+    for s in xs.iter_mut() {
         *s *= inv;
     }
     row[..lo].fill(0.0);
     row[hi..].fill(0.0);
+}
+
+/// Σ of 16 lanes as a balanced tree (a fixed order).
+#[inline(always)]
+fn lane_sum(a: &[f32; SOFTMAX_LANES]) -> f32 {
+    let h: [f32; 8] = std::array::from_fn(|l| a[l] + a[l + 8]);
+    rvq::vector::tree_sum8(&h)
+}
+
+/// e^x for softmax: 2^n · e^r with n = round(x / ln 2) and |r| ≤ ln 2 / 2, e^r by Cephes'
+/// single-precision polynomial (within 2 ulp of the exact value; the test checks it). Plain
+/// arithmetic that vectorizes, where `f32::exp` is a library call per value. Arguments below
+/// −87 give e^−87 (≈ 1.6e−38, the smallest normal range) instead of something smaller: in a
+/// softmax, whose sum is at least 1, the difference is invisible.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4; // 0.693359375: few bits, so n · LN2_HI is exact
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let k = x * LOG2E + ROUND;
+    let n = k - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
+    let e = (p * (r * r) + r) + 1.0;
+    // The integer n sits in k's low mantissa bits; 2^n is n + 127 in the exponent field.
+    let n_int = k.to_bits() as i32 - ROUND.to_bits() as i32;
+    e * f32::from_bits(((n_int + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_the_exact_value() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            let ulp = (want as f32).abs() * f32::EPSILON;
+            worst = worst.max((exp(x) as f64 - want).abs() / ulp as f64);
+        }
+        assert!(worst <= 2.0, "{worst} ulp");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-1e30), exp(-87.0));
+        assert!(exp(-87.0) > 0.0 && exp(-87.0) < 2e-38);
+    }
+
+    #[test]
+    fn softmax_matches_the_f64_definition_and_is_the_same_at_every_level() {
+        let mut rng = rvq::rng::SplitMix64::new(9);
+        // Lengths below, at and past the 16 lanes; masks that cut both ends.
+        for (n, lo, hi) in [
+            (1, 0, 1),
+            (16, 0, 16),
+            (37, 3, 35),
+            (300, 0, 300),
+            (50, 49, 50),
+        ] {
+            let row: Vec<f32> = (0..n).map(|_| 20.0 * rng.normal()).collect();
+            let scale = 0.125;
+            let xs: Vec<f64> = row[lo..hi].iter().map(|&s| (s * scale) as f64).collect();
+            let max = xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = xs.iter().map(|x| (x - max).exp()).sum();
+            let each = rvq::simd::at_each_level(|_| {
+                let mut r = row.clone();
+                softmax_masked(&mut r, lo, hi, scale);
+                r
+            });
+            assert!(
+                each.iter().all(|(_, r)| *r == each[0].1),
+                "levels differ at {n}"
+            );
+            for (i, &p) in each[0].1.iter().enumerate() {
+                let want = if (lo..hi).contains(&i) {
+                    (xs[i - lo] - max).exp() / z
+                } else {
+                    0.0
+                };
+                assert!((p as f64 - want).abs() < 1e-6 * (1.0 + want), "{n}: {i}");
+            }
+        }
+    }
 }
