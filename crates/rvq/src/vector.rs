@@ -71,6 +71,23 @@ pub unsafe fn tree_sums8(rows: &[[f32; 8]; 8], out: &mut [f32; 8], avx2: bool) {
     }
 }
 
+/// The f32 of the f16 with bits `h`, exactly, without branches (so that a loop of them
+/// vectorizes; `half` converts one value per call where the CPU lacks F16C). The magnitude's
+/// bits shifted into an f32 and multiplied by 2^112 rebias the exponent — subnormal f16 values
+/// included, which arrive as f32 subnormals — then infinities and NaNs get the f32 exponent.
+#[inline(always)]
+pub fn f16_bits_to_f32(h: u16) -> f32 {
+    let magnitude = ((h & 0x7fff) as u32) << 13;
+    let value = f32::from_bits(magnitude) * f32::from_bits((127 + 112) << 23);
+    let special = (h & 0x7c00) == 0x7c00;
+    let bits = if special {
+        magnitude | 0x7f80_0000
+    } else {
+        value.to_bits()
+    };
+    f32::from_bits(bits | (((h & 0x8000) as u32) << 16))
+}
+
 /// Plain Rust lanes: the reference the vector versions must equal.
 #[derive(Clone, Copy)]
 pub struct Portable([f32; 16]);
@@ -90,8 +107,8 @@ impl F32x16 for Portable {
     }
     #[inline(always)]
     unsafe fn load_f16(p: *const f16) -> Self {
-        let h = std::ptr::read_unaligned(p as *const [f16; 16]);
-        Self(h.map(f16::to_f32))
+        let h = std::ptr::read_unaligned(p as *const [u16; 16]);
+        Self(h.map(f16_bits_to_f32))
     }
     #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
@@ -288,6 +305,21 @@ mod tests {
 
     crate::dispatch16! {
         fn exercise_at_level(a: &[f32], b: &[f32], h: &[f16]) -> Vec<f32> = exercise;
+    }
+
+    #[test]
+    fn f16_conversion_is_exact_for_every_bit_pattern() {
+        for h in 0..=u16::MAX {
+            let (got, want) = (f16_bits_to_f32(h), f16::from_bits(h).to_f32());
+            if want.is_nan() {
+                assert!(
+                    got.is_nan() && got.to_bits() >> 31 == want.to_bits() >> 31,
+                    "{h:#x}"
+                );
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{h:#x}");
+            }
+        }
     }
 
     #[test]
