@@ -23,8 +23,10 @@ use clap::{Parser, Subcommand};
         \x20                              token, last R tokens in f16 (defaults G=32, R=32)\n\
         \x20 rvq:FILE.safetensors[,opts]  codes from `rvq-kv calibrate`; opts: sinks=S and recent=W\n\
         \x20                              (first S / last W tokens kept in f16), beam=B, only=k|v,\n\
-        \x20                              stages=K (first K stages only), values=decode|histogram\n\
-        \x20                              (attention on values; default: the cheaper by a cost model),\n\
+        \x20                              stages=K (first K stages only), values=fused|histogram|decode\n\
+        \x20                              (attention on values: each value's codewords summed in\n\
+        \x20                              registers, per-stage histograms of the weights, or dense\n\
+        \x20                              decode; default: fused for a decode step, else the cheaper),\n\
         \x20                              keys=decode (dense keys instead of scoring on the codes),\n\
         \x20                              encode=lanes (a decode step's encode ~2x faster with AVX2,\n\
         \x20                              from an f16 copy of the codebooks: half their bytes again,\n\

@@ -4,7 +4,7 @@
 //! 9 query heads). The model's own per-token work is not included: see `rvq-kv bench` for that.
 use kvcache::codebooks::{CodebookMeta, Codebooks, LayerBooks, PartSettings};
 use kvcache::dense::{F16Cache, F32Cache};
-use kvcache::rvq_cache::{RvqCache, RvqOptions};
+use kvcache::rvq_cache::{RvqCache, RvqOptions, ValuePath};
 use kvcache::{CacheShape, KvCache, ModelIdentity, Queries, Rope, RopeLayout};
 use rvq::rng::SplitMix64;
 use rvq::{Grouping, Rvq};
@@ -68,6 +68,20 @@ fn main() {
         ("f32", Box::new(F32Cache::new(shape, rope.clone()))),
         ("f16", Box::new(F16Cache::new(shape, rope.clone()))),
         ("rvq", rvq_cache(RvqOptions::default())),
+        (
+            "rvq,values=histogram",
+            rvq_cache(RvqOptions {
+                values: ValuePath::Histogram,
+                ..RvqOptions::default()
+            }),
+        ),
+        (
+            "rvq,values=fused",
+            rvq_cache(RvqOptions {
+                values: ValuePath::Fused,
+                ..RvqOptions::default()
+            }),
+        ),
         (
             "rvq,books=f32",
             rvq_cache(RvqOptions {

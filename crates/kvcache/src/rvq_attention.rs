@@ -237,6 +237,111 @@ fn key_scores_body(
     }
 }
 
+/// `sums[r·groups·32 + g·32 + j] = Σ_t weights[t·lanes + r] · (Σ_s codeword of stage s named by
+/// key t's code of group g)[j]` for rows r < `rows` ≤ `lanes`: the weighted value sums of a few
+/// query rows ([rows, groups·32] in group order, as [`histograms_times_codebooks`] gives them)
+/// with each value's codewords summed in registers, stage 0 first, then multiplied by each
+/// row's weight and added, token by token. Per token it costs K·G codeword loads against the
+/// histograms' K·G scattered adds, but nothing per codeword of the codebooks: cheaper up to
+/// some thousands of tokens ([`histogram_is_cheaper`](crate::rvq_cache)). d = 32 only.
+pub fn fused_value_sums(
+    rvq: &dyn Quantizer,
+    groups: usize,
+    codes: &[u16],
+    (weights, lanes, rows): rvq::codec::RowWeights,
+    sums: &mut [f32],
+) {
+    let k = rvq.stages();
+    let n = codes.len() / (groups * k).max(1);
+    assert!(
+        rvq.dim() == 32 && codes.len() == n * groups * k,
+        "codes: [n, groups·stages]"
+    );
+    assert!(
+        rows <= lanes && weights.len() == n * lanes,
+        "weights: [n, lanes ≥ rows]"
+    );
+    assert_eq!(sums.len(), rows * groups * 32, "sums: [rows, groups·32]");
+    let max = codes.iter().copied().max().unwrap_or(0) as usize;
+    assert!(
+        max < rvq.size(),
+        "code {max} out of range (C = {})",
+        rvq.size()
+    );
+    // Checked above: every code names a codeword inside its [C, 32] codebook.
+    match rvq.codewords() {
+        Codewords::F16(books) => value_sums(books, groups, codes, weights, lanes, rows, sums),
+        Codewords::F32(books) => value_sums(books, groups, codes, weights, lanes, rows, sums),
+    }
+}
+
+rvq::dispatch16! {
+    fn value_sums<W: LaneWord>(books: &[Vec<W>], groups: usize, codes: &[u16], weights: &[f32], lanes: usize, rows: usize, sums: &mut [f32]) = value_sums_body;
+}
+
+/// See [`fused_value_sums`]: one group at a time, up to four rows' sums in registers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn value_sums_body<V: F32x16, W: LaneWord>(
+    _avx2: bool,
+    books: &[Vec<W>],
+    groups: usize,
+    codes: &[u16],
+    weights: &[f32],
+    lanes: usize,
+    rows: usize,
+    sums: &mut [f32],
+) {
+    for g in 0..groups {
+        for r0 in (0..rows).step_by(4) {
+            let chunk = (books, groups, g, codes, weights, lanes, r0, &mut *sums);
+            match rows - r0 {
+                1 => value_sums_rows::<V, W, 1>(chunk),
+                2 => value_sums_rows::<V, W, 2>(chunk),
+                3 => value_sums_rows::<V, W, 3>(chunk),
+                _ => value_sums_rows::<V, W, 4>(chunk),
+            }
+        }
+    }
+}
+
+/// Group `g`, rows `r0..r0 + R` of [`fused_value_sums`].
+type ValueChunk<'a, W> = (
+    &'a [Vec<W>],
+    usize,
+    usize,
+    &'a [u16],
+    &'a [f32],
+    usize,
+    usize,
+    &'a mut [f32],
+);
+
+#[inline(always)]
+unsafe fn value_sums_rows<V: F32x16, W: LaneWord, const R: usize>(
+    (books, groups, g, codes, weights, lanes, r0, sums): ValueChunk<W>,
+) {
+    let k = books.len();
+    let row = groups * k;
+    let n = codes.len() / row;
+    let mut acc = [[V::zero(); 2]; R];
+    for t in 0..n {
+        let c = std::slice::from_raw_parts(codes.as_ptr().add(t * row + g * k), k);
+        let (lo, hi) = sum_group::<V, W>(books, c);
+        let w = weights.as_ptr().add(t * lanes + r0);
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let wr = V::splat(*w.add(r));
+            acc[0] = acc[0].add(wr.mul(lo));
+            acc[1] = acc[1].add(wr.mul(hi));
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let out = sums.as_mut_ptr().add(((r0 + r) * groups + g) * 32);
+        acc[0].store(out);
+        acc[1].store(out.add(16));
+    }
+}
+
 /// Query rows per histogram lane group: a histogram entry holds the weights of 4 rows, so
 /// one token's update of one code is a single 4-wide add.
 pub const HIST_LANES: usize = 4;
@@ -416,6 +521,59 @@ mod tests {
                     .iter()
                     .zip(&each[0].1)
                     .all(|(a, b)| a.to_bits() == b.to_bits())));
+            }
+        }
+    }
+
+    #[test]
+    fn fused_value_sums_equal_the_slow_sum_at_every_level() {
+        let mut rng = SplitMix64::new(37);
+        let (c, k, n) = (50, 4, 29);
+        let books = (0..k)
+            .map(|_| (0..c * 32).map(|_| rng.normal()).collect())
+            .collect();
+        let rvq = HalfRvq::from_rvq(&Rvq::from_codebooks(32, c, books).unwrap())
+            .unwrap()
+            .to_rvq();
+        let half = HalfRvq::from_rvq(&rvq).unwrap();
+        // Rows 1–8: one partial chunk of four, a whole one, a whole one and a partial one.
+        for (groups, rows) in [(2usize, 1usize), (2, 3), (3, 4), (2, 7), (1, 8)] {
+            let lanes = rows.next_multiple_of(HIST_LANES);
+            let codes: Vec<u16> = (0..n * groups * k).map(|_| rng.below(c) as u16).collect();
+            let mut weights = vec![0f32; n * lanes];
+            for t in 0..n {
+                for r in 0..rows {
+                    weights[t * lanes + r] = rng.unit() as f32;
+                }
+            }
+            let mut want = vec![0f64; rows * groups * 32];
+            for t in 0..n {
+                for g in 0..groups {
+                    for s in 0..k {
+                        let w = rvq.codeword(s, codes[(t * groups + g) * k + s] as usize);
+                        for r in 0..rows {
+                            for (j, &x) in w.iter().enumerate() {
+                                want[(r * groups + g) * 32 + j] +=
+                                    weights[t * lanes + r] as f64 * x as f64;
+                            }
+                        }
+                    }
+                }
+            }
+            for quantizer in [&rvq as &dyn Quantizer, &half] {
+                let each = rvq::simd::at_each_level(|_| {
+                    let mut sums = vec![0f32; rows * groups * 32];
+                    let w = (&weights[..], lanes, rows);
+                    fused_value_sums(quantizer, groups, &codes, w, &mut sums);
+                    sums
+                });
+                for (level, got) in &each {
+                    for (a, w) in got.iter().zip(&want) {
+                        let at = format!("{groups} groups, {rows} rows, {level:?}");
+                        assert!((*a as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "{at}");
+                    }
+                }
+                assert!(each.iter().all(|(_, s)| *s == each[0].1), "levels differ");
             }
         }
     }

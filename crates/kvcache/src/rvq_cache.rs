@@ -89,9 +89,20 @@ pub enum ValuePath {
     /// Whichever the cost model says is cheaper for this many rows and tokens.
     #[default]
     Auto,
-    /// Decode values block by block, then multiply.
+    /// Decode values block by block, then multiply (the reference path).
     Decode,
+    /// A few query rows (a decode step): each value's codewords summed in registers and added
+    /// with each row's weight ([`rvq_attention::fused_value_sums`]; d = 32, else `Decode`).
+    Fused,
     /// Per-stage histograms of the weights over the codes, times the codebooks.
+    Histogram,
+}
+
+/// How [`PartStore::reduce_values`] reduces coded values, once the path is resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ValueMethod {
+    Dense,
+    Fused,
     Histogram,
 }
 
@@ -101,6 +112,7 @@ impl std::str::FromStr for ValuePath {
         let choices = [
             ("auto", Self::Auto),
             ("decode", Self::Decode),
+            ("fused", Self::Fused),
             ("histogram", Self::Histogram),
         ];
         one_of("values", s, &choices)
@@ -525,11 +537,22 @@ impl PartStore {
         let (a, b) = self.spans(head, hd);
         let end = first_key + n;
         let coded = first_key.max(a)..end.min(b).max(first_key.max(a));
-        let use_histogram = match (&self.quant, path) {
-            (None, _) | (_, ValuePath::Decode) => false,
-            (Some(_), ValuePath::Histogram) => true,
+        let method = match (&self.quant, path) {
+            (None, _) | (_, ValuePath::Decode) => ValueMethod::Dense,
+            (Some(_), ValuePath::Histogram) => ValueMethod::Histogram,
+            (Some((q, _)), ValuePath::Fused) if fused_values(rows, q.as_ref()) => {
+                ValueMethod::Fused
+            }
+            (Some(_), ValuePath::Fused) => ValueMethod::Dense,
+            // Measured (attend_speed, 3 rows, AVX2 and AVX-512): the fused sums cost less per
+            // token than the histograms' scattered adds, and nothing per codeword, at 512 to
+            // 32K tokens alike.
+            (Some((q, _)), ValuePath::Auto) if fused_values(rows, q.as_ref()) => ValueMethod::Fused,
             (Some((q, layout)), ValuePath::Auto) => {
-                histogram_is_cheaper(rows, coded.len(), q.as_ref(), layout)
+                match histogram_is_cheaper(rows, coded.len(), q.as_ref(), layout) {
+                    true => ValueMethod::Histogram,
+                    false => ValueMethod::Dense,
+                }
             }
         };
         // Windows (and everything, when decoding) are read densely.
@@ -541,17 +564,15 @@ impl PartStore {
             attention::accumulate_values(read, probs, first_key, n, span, hd, out)
                 .expect("reading an in-range span of a part cannot fail");
         };
-        if !use_histogram {
+        if method == ValueMethod::Dense {
             dense_span(first_key..end, out);
             return;
         }
         dense_span(first_key..coded.start, out);
         dense_span(coded.end..end, out);
-        let (q, layout) = self.quant.as_ref().expect("histogram implies a quantizer");
+        let (q, layout) = self.quant.as_ref().expect("codes imply a quantizer");
         let store = &self.heads[head];
         let (groups, d) = (layout.groups(), layout.group_dim);
-        // hist[stage·groups + g][code][r] = Σ_t p[r, t] · s_t over tokens t with that code.
-        let mut hist = vec![0f32; rvq_attention::histogram_len(q.as_ref(), groups, rows)];
         let lanes = rows.next_multiple_of(rvq_attention::HIST_LANES);
         let (mut codes, mut scales) = (vec![], vec![]);
         store.unpack(
@@ -560,6 +581,7 @@ impl PartStore {
             &mut codes,
             &mut scales,
         );
+        // [n, lanes]: p[r, t] · s_t, rows padded with zeros.
         let mut weights = vec![0f32; coded.len() * lanes];
         for ((t, &s), w) in coded
             .clone()
@@ -570,10 +592,18 @@ impl PartStore {
                 *w = probs[r * n + t - first_key] * s;
             }
         }
-        rvq_attention::value_histograms(q.as_ref(), groups, &codes, &weights, &mut hist);
-        // [rows, groups·d] in group order → channel order.
+        // [rows, groups·d] in group order.
         let mut sums = vec![0f32; rows * groups * d];
-        rvq_attention::histograms_times_codebooks(q.as_ref(), groups, &hist, rows, &mut sums);
+        if method == ValueMethod::Fused {
+            let weights = (&weights[..], lanes, rows);
+            rvq_attention::fused_value_sums(q.as_ref(), groups, &codes, weights, &mut sums);
+        } else {
+            // hist[stage·groups + g][code][r] = Σ_t p[r, t] · s_t over tokens t with that code.
+            let mut hist = vec![0f32; rvq_attention::histogram_len(q.as_ref(), groups, rows)];
+            rvq_attention::value_histograms(q.as_ref(), groups, &codes, &weights, &mut hist);
+            rvq_attention::histograms_times_codebooks(q.as_ref(), groups, &hist, rows, &mut sums);
+        }
+        // → channel order.
         let mut coded_out = vec![0f32; rows * hd];
         for (o, s) in coded_out
             .chunks_exact_mut(hd)
@@ -624,6 +654,11 @@ impl PartStore {
     }
 }
 
+/// Whether [`rvq_attention::fused_value_sums`] takes values of `q` for `rows` query rows.
+fn fused_values(rows: usize, q: &dyn Quantizer) -> bool {
+    q.dim() == 32 && rows <= rvq_attention::FUSED_ROWS
+}
+
 /// Cost model of the value reduction over `n` coded tokens for `rows` query rows, in units of
 /// one scalar add: decoding costs n·K·G·d gather-adds plus the n·rows·hd product; the histogram
 /// costs n·K·G·rows scattered adds plus rows·K·G·C·d multiply-adds in matrix products, which run
@@ -665,6 +700,7 @@ impl KvCache for RvqCache {
         match o.values {
             ValuePath::Auto => {}
             ValuePath::Decode => s += ",values=decode",
+            ValuePath::Fused => s += ",values=fused",
             ValuePath::Histogram => s += ",values=histogram",
         }
         if o.keys == KeyPath::Decode {
@@ -1026,7 +1062,7 @@ mod tests {
     }
 
     #[test]
-    fn fused_keys_and_value_histograms_equal_dense_attention_at_every_level() {
+    fn fused_keys_and_fused_or_histogram_values_equal_dense_attention_at_every_level() {
         let tokens = 300; // crosses the 64- and 256-position blocks
         let (k, v) = (data(tokens * 128, 21), data(tokens * 128, 22));
         let q = data(tokens * 6 * 64, 23);
@@ -1053,37 +1089,43 @@ mod tests {
                     c
                 };
                 let reference_cache = cache_with(KeyPath::Decode, ValuePath::Decode);
-                let fast = cache_with(KeyPath::Fused, ValuePath::Histogram);
-                let group_rope = fast.parts[0][0].group_rope.as_ref();
-                assert!(group_rope.is_some(), "{grouping:?} {rope_layout:?}");
-                // A decode step's rows take the fused kernel where the head shape allows it.
-                let (q0, _) = fast.parts[0][0].quant.as_ref().unwrap();
-                assert_eq!(
-                    rvq_attention::fuses(q0.as_ref(), group_rope.unwrap()),
-                    grouping == Grouping::Strided && rope_layout == RopeLayout::Interleaved
-                );
-                for (first, rows, window) in [
-                    (tokens - 1, 1, None),
-                    (tokens - 3, 3, Some(100)),
-                    (0, tokens, None),
-                ] {
-                    let queries = paper_queries(&q, first, rows, window);
-                    // Dense reads (`read` → RoPE → products): an independent reference.
-                    let mut want = vec![0f32; rows * 384];
-                    attention::dense_attention(&reference_cache, 0, &queries, &mut want).unwrap();
-                    let each = rvq::simd::at_each_level(|_| {
-                        let mut out = vec![0f32; rows * 384];
-                        fast.attend(0, &queries, &mut out).unwrap();
-                        out
-                    });
-                    for (level, out) in &each {
-                        for (a, r) in out.iter().zip(&want) {
-                            let what = format!("{grouping:?} {rope_layout:?} sinks {sinks} recent {recent} rows {rows} {level:?}");
-                            assert!((a - r).abs() < 1e-4 * (1.0 + r.abs()), "{what}: {a} vs {r}");
+                for values in [ValuePath::Histogram, ValuePath::Fused] {
+                    let fast = cache_with(KeyPath::Fused, values);
+                    let group_rope = fast.parts[0][0].group_rope.as_ref();
+                    assert!(group_rope.is_some(), "{grouping:?} {rope_layout:?}");
+                    // A decode step's rows take the fused kernel where the head shape allows it.
+                    let (q0, _) = fast.parts[0][0].quant.as_ref().unwrap();
+                    assert_eq!(
+                        rvq_attention::fuses(q0.as_ref(), group_rope.unwrap()),
+                        grouping == Grouping::Strided && rope_layout == RopeLayout::Interleaved
+                    );
+                    for (first, rows, window) in [
+                        (tokens - 1, 1, None),
+                        (tokens - 3, 3, Some(100)),
+                        (0, tokens, None),
+                    ] {
+                        let queries = paper_queries(&q, first, rows, window);
+                        // Dense reads (`read` → RoPE → products): an independent reference.
+                        let mut want = vec![0f32; rows * 384];
+                        attention::dense_attention(&reference_cache, 0, &queries, &mut want)
+                            .unwrap();
+                        let each = rvq::simd::at_each_level(|_| {
+                            let mut out = vec![0f32; rows * 384];
+                            fast.attend(0, &queries, &mut out).unwrap();
+                            out
+                        });
+                        for (level, out) in &each {
+                            for (a, r) in out.iter().zip(&want) {
+                                let what = format!("{grouping:?} {rope_layout:?} {values:?} sinks {sinks} recent {recent} rows {rows} {level:?}");
+                                assert!(
+                                    (a - r).abs() < 1e-4 * (1.0 + r.abs()),
+                                    "{what}: {a} vs {r}"
+                                );
+                            }
                         }
+                        // Every compiled version gives the same bits.
+                        assert!(each.iter().all(|(_, o)| *o == each[0].1));
                     }
-                    // Every compiled version gives the same bits.
-                    assert!(each.iter().all(|(_, o)| *o == each[0].1));
                 }
             }
         }
@@ -1197,13 +1239,14 @@ mod tests {
     fn path_options_parse_and_name_their_choices() {
         assert_eq!("decode".parse::<KeyPath>(), Ok(KeyPath::Decode));
         assert_eq!("histogram".parse::<ValuePath>(), Ok(ValuePath::Histogram));
+        assert_eq!("fused".parse::<ValuePath>(), Ok(ValuePath::Fused));
         assert_eq!(
             "x".parse::<KeyPath>().unwrap_err(),
             "keys=x: expected fused or decode"
         );
         assert_eq!(
             "x".parse::<ValuePath>().unwrap_err(),
-            "values=x: expected auto, decode or histogram"
+            "values=x: expected auto, decode, fused or histogram"
         );
         assert_eq!(
             one_of("encode", "lanes", &[("books", 0), ("lanes", 1)]),
