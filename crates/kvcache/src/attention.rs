@@ -257,14 +257,31 @@ pub fn attention_with<C: KvCache + ?Sized>(
     for ((i, keys), scores) in parts.into_iter().zip(part_scores) {
         per_unit[i].push((keys, scores));
     }
-    let slabs: Vec<Vec<f32>> = units
+    // Softmax per head (cheap), then the values in the same key parts as tasks of their own:
+    // one task per head would leave a core idle for a third of the time with 3 KV heads.
+    let probs: Vec<Vec<f32>> = units
         .par_iter()
         .zip(per_unit)
-        .map(|(u, parts)| {
-            let scores = ctx.join_parts(u, parts);
-            ctx.softmax_and_values(u, scores, reduce_values)
-        })
+        .map(|(u, parts)| ctx.softmax(u, ctx.join_parts(u, parts)))
+        .collect();
+    let value_parts: Vec<(usize, Range<usize>)> = units
+        .iter()
+        .enumerate()
+        .flat_map(|(i, u)| key_parts(u.keys).into_iter().map(move |k| (i, k)))
+        .collect();
+    let partial: Vec<Vec<f32>> = value_parts
+        .par_iter()
+        .map(|(i, keys)| ctx.values(&units[*i], &probs[*i], keys.clone(), reduce_values))
         .collect::<Result<_, _>>()?;
+    // Each head's parts summed in key order (a split fixed by the shapes: same bits every run).
+    let mut slabs: Vec<Vec<f32>> = units.iter().map(|_| vec![]).collect();
+    for ((i, _), part) in value_parts.iter().zip(partial) {
+        if slabs[*i].is_empty() {
+            slabs[*i] = part;
+        } else {
+            slabs[*i].iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+        }
+    }
     for (u, slab) in units.iter().zip(&slabs) {
         place(u, slab, out, 0);
     }
@@ -370,9 +387,16 @@ impl Context<'_> {
     fn softmax_and_values(
         &self,
         u: &Unit,
-        mut scores: Vec<f32>,
+        scores: Vec<f32>,
         reduce_values: &ValueReducer,
     ) -> Result<Vec<f32>, CacheError> {
+        let probs = self.softmax(u, scores);
+        self.values(u, &probs, 0..u.keys, reduce_values)
+    }
+
+    /// The unit's attention weights [rows, keys]: each row of `scores` through the softmax
+    /// under its causal (and window) mask.
+    fn softmax(&self, u: &Unit, mut scores: Vec<f32>) -> Vec<f32> {
         let (queries, n) = (self.queries, u.keys);
         for i in u.tokens.clone() {
             let pos = queries.first_pos + i;
@@ -386,8 +410,30 @@ impl Context<'_> {
                 softmax_masked(&mut scores[r * n..(r + 1) * n], lo, hi, queries.scale);
             }
         }
+        scores
+    }
+
+    /// The values of keys `keys` (relative to the first visible key) weighed by `probs`
+    /// ([rows, u.keys]): the unit's output [tokens, group, hd] over those keys alone.
+    fn values(
+        &self,
+        u: &Unit,
+        probs: &[f32],
+        keys: Range<usize>,
+        reduce_values: &ValueReducer,
+    ) -> Result<Vec<f32>, CacheError> {
         let mut out = vec![0f32; u.tokens.len() * self.group * self.hd];
-        reduce_values(u.head, &scores, self.first_key, n, &mut out)?;
+        let first = self.first_key + keys.start;
+        if keys.len() == u.keys {
+            reduce_values(u.head, probs, first, u.keys, &mut out)?;
+            return Ok(out);
+        }
+        // [rows, keys.len()]: the part's columns of every row.
+        let part: Vec<f32> = probs
+            .chunks_exact(u.keys)
+            .flat_map(|row| row[keys.clone()].iter().copied())
+            .collect();
+        reduce_values(u.head, &part, first, keys.len(), &mut out)?;
         Ok(out)
     }
 }

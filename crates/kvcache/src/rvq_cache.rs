@@ -1131,6 +1131,46 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_decode_step_over_key_parts_equals_dense_attention() {
+        // 2,200 keys: a decode step scores and reduces them in two parts, each a task.
+        let tokens = 2200;
+        let (k, v) = (data(tokens * 128, 51), data(tokens * 128, 52));
+        let q = data(tokens * 384, 53);
+        let (shape, b) = paper_shaped(Grouping::Strided, 7);
+        let b = Arc::new(b);
+        let rope: Arc<LayerRopes> =
+            Arc::new(Rope::new(64, 500.0, tokens + 1, RopeLayout::Interleaved).into());
+        for (sinks, recent, window) in [(0, 0, None), (4, 50, None), (0, 0, Some(2100))] {
+            let cache_with = |keys, values| {
+                let o = RvqOptions {
+                    sinks,
+                    recent,
+                    keys,
+                    values,
+                    ..RvqOptions::default()
+                };
+                let mut c = RvqCache::new(shape, rope.clone(), b.clone(), o, "x".into()).unwrap();
+                c.append(0, &k, &v).unwrap();
+                c
+            };
+            let queries = paper_queries(&q, tokens - 1, 1, window);
+            let mut want = vec![0f32; 384];
+            let reference = cache_with(KeyPath::Decode, ValuePath::Decode);
+            attention::dense_attention(&reference, 0, &queries, &mut want).unwrap();
+            let mut got = vec![0f32; 384];
+            cache_with(KeyPath::Fused, ValuePath::Auto)
+                .attend(0, &queries, &mut got)
+                .unwrap();
+            for (a, r) in got.iter().zip(&want) {
+                assert!(
+                    (a - r).abs() < 1e-4 * (1.0 + r.abs()),
+                    "{sinks} {recent} {window:?}: {a} vs {r}"
+                );
+            }
+        }
+    }
+
     /// Every codeword rounded to f16 (kept in f32).
     fn round_to_f16(b: &mut Codebooks) {
         let round = |q: &Arc<Rvq>| Arc::new(HalfRvq::from_rvq(q).unwrap().to_rvq());
