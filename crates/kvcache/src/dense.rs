@@ -192,6 +192,7 @@ impl<E: DenseElement> KvCache for DenseCache<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attention::reference_attention_from;
     use crate::{attention, Queries, RopeLayout};
 
     fn shape() -> CacheShape {
@@ -217,53 +218,6 @@ mod tests {
         window: Option<usize>,
     ) -> Vec<f32> {
         reference_attention_from(k, v, q, 0, rope, s, q_heads, window)
-    }
-
-    /// [`reference_attention`] of queries at positions `first_pos..`.
-    #[allow(clippy::too_many_arguments)]
-    fn reference_attention_from(
-        k: &[f32],
-        v: &[f32],
-        q: &[f32],
-        first_pos: usize,
-        rope: &Rope,
-        s: CacheShape,
-        q_heads: usize,
-        window: Option<usize>,
-    ) -> Vec<f32> {
-        let hd = s.head_dim;
-        let n = q.len() / (q_heads * hd);
-        let group = q_heads / s.kv_heads;
-        let mut out = vec![0f32; q.len()];
-        for i in 0..n {
-            for qh in 0..q_heads {
-                let h = qh / group;
-                let qv = &q[(i * q_heads + qh) * hd..][..hd];
-                let pos = first_pos + i;
-                let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let mut scores = vec![];
-                for t in lo..=pos {
-                    let mut key = k[(t * s.kv_heads + h) * hd..][..hd].to_vec();
-                    rope.rotate(&mut key, t);
-                    let d: f64 = qv
-                        .iter()
-                        .zip(&key)
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum();
-                    scores.push(d / (hd as f64).sqrt());
-                }
-                let m = scores.iter().cloned().fold(f64::MIN, f64::max);
-                let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
-                for (t, sc) in (lo..).zip(&scores) {
-                    let p = (sc - m).exp() / z;
-                    for c in 0..hd {
-                        out[(i * q_heads + qh) * hd + c] +=
-                            (p * v[(t * s.kv_heads + h) * hd + c] as f64) as f32;
-                    }
-                }
-            }
-        }
-        out
     }
 
     #[test]

@@ -1155,9 +1155,28 @@ mod tests {
                 c
             };
             let queries = paper_queries(&q, tokens - 1, 1, window);
-            let mut want = vec![0f32; 384];
+            // The f64 reference on the cache's own decoded keys and values ([tokens, 2, 64]).
             let reference = cache_with(KeyPath::Decode, ValuePath::Decode);
-            attention::dense_attention(&reference, 0, &queries, &mut want).unwrap();
+            let (mut dk, mut dv) = (vec![0f32; tokens * 128], vec![0f32; tokens * 128]);
+            for h in 0..2 {
+                let mut rows = vec![0f32; tokens * 64];
+                for (part, dense) in [(Part::Keys, &mut dk), (Part::Values, &mut dv)] {
+                    reference.read(0, h, part, 0..tokens, &mut rows).unwrap();
+                    for (t, r) in rows.chunks_exact(64).enumerate() {
+                        dense[(t * 2 + h) * 64..(t * 2 + h + 1) * 64].copy_from_slice(r);
+                    }
+                }
+            }
+            let want = attention::reference_attention_from(
+                &dk,
+                &dv,
+                queries.q,
+                tokens - 1,
+                rope.layer(0),
+                shape,
+                6,
+                window,
+            );
             let mut got = vec![0f32; 384];
             cache_with(KeyPath::Fused, ValuePath::Auto)
                 .attend(0, &queries, &mut got)
