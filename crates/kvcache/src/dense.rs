@@ -4,7 +4,6 @@ use crate::{
     check_append, check_read, CacheError, CacheShape, KvCache, LayerRopes, MemoryReport, Part, Rope,
 };
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -40,8 +39,9 @@ impl DenseElement for f16 {
         f16::to_f32(self)
     }
     fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
-        // F16C when the CPU has it (detected at run time by `half`), software otherwise.
-        src.convert_to_f32_slice(dst);
+        // F16C, 8 values per instruction, where the CPU has it (`half`'s slice conversion calls
+        // a function per 8 values: the f16 cache's reads spent a fifth of attention in it).
+        rvq::codec::f16_to_f32(src, dst);
     }
 }
 

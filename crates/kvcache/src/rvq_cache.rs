@@ -9,7 +9,6 @@ use crate::{
     MemoryReport, Part, Queries, Rope,
 };
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use rvq::few::FewVectorEncoder;
 use rvq::pack::PackedRows;
 use rvq::{HalfRvq, Quantizer, Rvq, VectorLayout};
@@ -426,7 +425,7 @@ impl PartStore {
             |r: &Range<usize>| (r.start - positions.start) * hd..(r.end - positions.start) * hd;
         let sinks = clip(0, a);
         if !sinks.is_empty() {
-            copy_f16(
+            rvq::codec::f16_to_f32(
                 &store.sinks[sinks.start * hd..sinks.end * hd],
                 &mut out[dst(&sinks)],
             );
@@ -442,7 +441,7 @@ impl PartStore {
         }
         let recent = clip(b, usize::MAX);
         if !recent.is_empty() {
-            copy_f16(
+            rvq::codec::f16_to_f32(
                 &store.recent[(recent.start - b) * hd..(recent.end - b) * hd],
                 &mut out[dst(&recent)],
             );
@@ -671,9 +670,6 @@ fn histogram_is_cheaper(rows: usize, n: usize, q: &dyn Quantizer, layout: &Vecto
     histogram < decode
 }
 
-fn copy_f16(src: &[f16], dst: &mut [f32]) {
-    src.convert_to_f32_slice(dst);
-}
 
 impl KvCache for RvqCache {
     fn shape(&self) -> CacheShape {
