@@ -670,7 +670,6 @@ fn histogram_is_cheaper(rows: usize, n: usize, q: &dyn Quantizer, layout: &Vecto
     histogram < decode
 }
 
-
 impl KvCache for RvqCache {
     fn shape(&self) -> CacheShape {
         self.shape

@@ -41,6 +41,12 @@ pub trait LaneWord: Copy + Default + Send + Sync + 'static {
     /// 8 values must be readable at `p`, and the CPU must have AVX2 and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Eight lanes at `a` then eight at `b` as the two halves of one AVX-512 register.
+    ///
+    /// # Safety
+    /// 8 values must be readable at `a` and at `b`, and the CPU must have AVX-512 F and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8x2(a: *const Self, b: *const Self) -> std::arch::x86_64::__m512;
     /// Sixteen lanes at `p` as f32, for kernels written against [`F32x16`].
     ///
     /// # Safety
@@ -60,6 +66,16 @@ impl LaneWord for f32 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8x2(a: *const Self, b: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let lo = _mm512_castps256_ps512(_mm256_loadu_ps(a));
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            _mm512_castps_pd(lo),
+            _mm256_castps_pd(_mm256_loadu_ps(b)),
+        ))
+    }
     #[inline(always)]
     unsafe fn load16<V: F32x16>(p: *const Self) -> V {
         V::load(p)
@@ -78,6 +94,14 @@ impl LaneWord for half::f16 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8x2(a: *const Self, b: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let lo = _mm256_castsi128_si256(_mm_loadu_si128(a as *const __m128i));
+        let both = _mm256_inserti128_si256::<1>(lo, _mm_loadu_si128(b as *const __m128i));
+        _mm512_cvtph_ps(both)
     }
     #[inline(always)]
     unsafe fn load16<V: F32x16>(p: *const Self) -> V {

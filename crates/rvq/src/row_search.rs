@@ -45,7 +45,7 @@ pub fn nearest_prefetching<T: LaneWord>(
     // SAFETY: `available` found AVX2, FMA and F16C; shapes checked above; prefetches of
     // addresses inside `next` cannot fault.
     unsafe {
-        nearest_avx2(book, norms, x, best, next)
+        nearest_avx2(book, norms, x, best, next, wide())
     };
 }
 
@@ -73,6 +73,7 @@ pub fn encode_greedy<T: LaneWord>(
     }
 }
 
+/// `wide`: the AVX-512 kernel (the caller checked the CPU has it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn nearest_avx2<T: LaneWord>(
@@ -81,8 +82,26 @@ unsafe fn nearest_avx2<T: LaneWord>(
     x: &[f32],
     best: &mut [u32],
     next: &[T],
+    wide: bool,
 ) {
     let (m, c) = (best.len(), norms.len());
+    if wide {
+        // Up to six vectors at a time, each codeword chunk converted once for all of them.
+        let chunks = m.div_ceil(WIDE_ROWS);
+        let mut prefetch = Prefetch::new(next, chunks * (c / BLOCK));
+        for (i, best) in best.chunks_mut(WIDE_ROWS).enumerate() {
+            let x = &x[i * WIDE_ROWS * DIM..(i * WIDE_ROWS + best.len()) * DIM];
+            match best.len() {
+                1 => nearest_wide::<T, 1>(book, norms, x, best, &mut prefetch),
+                2 => nearest_wide::<T, 2>(book, norms, x, best, &mut prefetch),
+                3 => nearest_wide::<T, 3>(book, norms, x, best, &mut prefetch),
+                4 => nearest_wide::<T, 4>(book, norms, x, best, &mut prefetch),
+                5 => nearest_wide::<T, 5>(book, norms, x, best, &mut prefetch),
+                _ => nearest_wide::<T, 6>(book, norms, x, best, &mut prefetch),
+            }
+        }
+        return;
+    }
     // Vectors go two at a time (each codeword chunk converted once for both), an odd one alone.
     let steps = m / 2 * (c / PAIR_BLOCK) + m % 2 * (c / BLOCK);
     let mut prefetch = Prefetch::new(next, steps);
@@ -93,6 +112,106 @@ unsafe fn nearest_avx2<T: LaneWord>(
     if m % 2 == 1 {
         best[m - 1] = nearest_one_avx2(book, norms, &x[(m - 1) * DIM..], &mut prefetch);
     }
+}
+
+/// Vectors searched together by the AVX-512 kernel: a decode step's six group vectors per
+/// quantizer for SmolLM2 (3 KV heads × 2 groups); their 24 accumulators fit the 32 registers.
+const WIDE_ROWS: usize = 6;
+
+/// Whether the AVX-512 kernel runs: decided once per process, like [`available`].
+fn wide() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| crate::simd::configured() >= crate::simd::Level::Avx512)
+}
+
+/// Best codes of the `R` vectors of `x` ([R, 32]) with AVX-512, in exactly the AVX2 kernels'
+/// arithmetic per vector and codeword — so that the codes are the same at both levels: a
+/// register holds chunk s (8 lanes) of two codewords side by side, each lane runs the
+/// multiply and three multiply-adds over the chunks, and the two halves reduce by the same
+/// tree of horizontal adds (per 128-bit lane), giving 8 codewords' dot products in the order
+/// c0, c2, c4, c6, c1, c3, c5, c7, which the norms and indices follow.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // r, j, s index register tiles in step
+unsafe fn nearest_wide<T: LaneWord, const R: usize>(
+    book: &[T],
+    norms: &[f32],
+    x: &[f32],
+    best: &mut [u32],
+    prefetch: &mut Prefetch,
+) {
+    use std::arch::x86_64::*;
+    let c = norms.len();
+    let whole = c / BLOCK * BLOCK;
+    let two = _mm256_set1_ps(2.0);
+    let order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    // xs[r][s]: chunk s of vector r in both halves.
+    let mut xs = [[_mm512_setzero_ps(); 4]; R];
+    for (r, xs) in xs.iter_mut().enumerate() {
+        for (s, xs) in xs.iter_mut().enumerate() {
+            let p = x.as_ptr().add(r * DIM + 8 * s);
+            *xs = f32::load8x2(p, p);
+        }
+    }
+    let mut min_val = [_mm256_set1_ps(f32::INFINITY); R];
+    let mut min_idx = [_mm256_setzero_si256(); R];
+    for c0 in (0..whole).step_by(BLOCK) {
+        prefetch.step();
+        let p = book.as_ptr().add(c0 * DIM);
+        // acc[r][j]: vector r against codewords c0 + 2j (low half) and c0 + 2j + 1 (high).
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for j in 0..4 {
+            let (a, b) = (p.add(2 * j * DIM), p.add((2 * j + 1) * DIM));
+            let w = T::load8x2(a, b);
+            for r in 0..R {
+                acc[r][j] = _mm512_mul_ps(xs[r][0], w);
+            }
+            for s in 1..4 {
+                let w = T::load8x2(a.add(8 * s), b.add(8 * s));
+                for r in 0..R {
+                    acc[r][j] = _mm512_fmadd_ps(xs[r][s], w, acc[r][j]);
+                }
+            }
+        }
+        let norm = _mm256_permutevar8x32_ps(_mm256_loadu_ps(norms.as_ptr().add(c0)), order);
+        let idx = _mm256_add_epi32(_mm256_set1_epi32(c0 as i32), order);
+        for r in 0..R {
+            let a = acc[r];
+            let q = hadd512(hadd512(a[0], a[1]), hadd512(a[2], a[3]));
+            // 128-bit lanes 0 and 1 hold the halves of c0, c2, c4, c6; lanes 2 and 3 of the odd.
+            let lo = _mm512_castps512_ps256(_mm512_shuffle_f32x4::<0b00_00_10_00>(q, q));
+            let hi = _mm512_castps512_ps256(_mm512_shuffle_f32x4::<0b00_00_11_01>(q, q));
+            let dots = _mm256_add_ps(lo, hi);
+            let v = _mm256_fnmadd_ps(two, dots, norm); // ‖c‖² − 2·x·c
+            let lower = _mm256_cmp_ps(v, min_val[r], _CMP_LT_OQ);
+            min_val[r] = _mm256_min_ps(v, min_val[r]);
+            min_idx[r] = _mm256_castps_si256(_mm256_blendv_ps(
+                _mm256_castsi256_ps(min_idx[r]),
+                _mm256_castsi256_ps(idx),
+                lower,
+            ));
+        }
+    }
+    for (r, best) in best.iter_mut().enumerate() {
+        let (mut vals, mut idx) = ([0f32; 8], [0u32; 8]);
+        _mm256_storeu_ps(vals.as_mut_ptr(), min_val[r]);
+        _mm256_storeu_si256(idx.as_mut_ptr() as *mut __m256i, min_idx[r]);
+        *best = finish(book, norms, &x[r * DIM..(r + 1) * DIM], &vals, &idx, whole);
+    }
+}
+
+/// `_mm256_hadd_ps` in each 128-bit lane of AVX-512 registers: [a0+a1, a2+a3, b0+b1, b2+b3].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn hadd512(
+    a: std::arch::x86_64::__m512,
+    b: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_add_ps(
+        _mm512_shuffle_ps::<0b10_00_10_00>(a, b),
+        _mm512_shuffle_ps::<0b11_01_11_01>(a, b),
+    )
 }
 
 /// Prefetches a codebook into L2 a few cache lines per step of a search, to cover it by the
@@ -315,6 +434,60 @@ mod tests {
             check::<f32>(&mut rng, c, m);
             check::<f16>(&mut rng, c, m);
         }
+    }
+
+    #[test]
+    fn the_avx512_kernel_finds_the_avx2_kernels_codes_bit_for_bit() {
+        if crate::simd::detected() < crate::simd::Level::Avx512 {
+            eprintln!("no AVX-512 here: nothing to compare the AVX2 kernels with");
+            return;
+        }
+        let mut rng = SplitMix64::new(9);
+        // Coarse values make exact ties between codewords common; 1 to 13 vectors cover every
+        // chunk of six and the pair and single kernels; C = 300 has a tail past the blocks.
+        for (c, m) in [(2048, 6), (300, 13), (64, 1), (37, 5)] {
+            let stored: Vec<f16> = (0..c * DIM)
+                .map(|_| f16::from_f32((rng.below(9) as f32 - 4.0) * 0.5))
+                .collect();
+            let book: Vec<f32> = stored.iter().map(|w| w.to_f32()).collect();
+            let norms = row_norms(&book, DIM);
+            let x: Vec<f32> = (0..m * DIM)
+                .map(|_| (rng.below(9) as f32 - 4.0) * 0.5)
+                .collect();
+            let run = |wide: bool| {
+                let mut got = vec![0u32; m];
+                // SAFETY: AVX-512 (so AVX2) checked above; shapes as `nearest` asserts.
+                unsafe { nearest_avx2(&stored, &norms, &x, &mut got, &[], wide) };
+                got
+            };
+            let want: Vec<u32> = x
+                .chunks_exact(DIM)
+                .map(|v| crate::lanes::nearest_reference(&book, v))
+                .collect();
+            assert_eq!(run(true), run(false), "C {c}, {m} vectors");
+            assert_eq!(run(true), want, "C {c}, {m} vectors");
+        }
+        // Midpoints of two random codewords: which of the two wins is decided by rounding
+        // alone, so sums in another order would flip some of the codes.
+        let (c, m) = (2048, 3000);
+        let stored: Vec<f16> = (0..c * DIM).map(|_| f16::from_f32(rng.normal())).collect();
+        let book: Vec<f32> = stored.iter().map(|w| w.to_f32()).collect();
+        let norms = row_norms(&book, DIM);
+        let x: Vec<f32> = (0..m)
+            .flat_map(|_| {
+                let (a, b) = (rng.below(c), rng.below(c));
+                (0..DIM)
+                    .map(|j| (book[a * DIM + j] + book[b * DIM + j]) * 0.5)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let run = |wide: bool| {
+            let mut got = vec![0u32; m];
+            // SAFETY: as above.
+            unsafe { nearest_avx2(&stored, &norms, &x, &mut got, &[], wide) };
+            got
+        };
+        assert_eq!(run(true), run(false));
     }
 
     #[test]
