@@ -1,17 +1,18 @@
 //! Uncompressed caches: `f32` (exact) and `f16` (llama.cpp's default cache type).
 
+use crate::attention::{self, Queries};
 use crate::{
-    check_append, check_read, CacheError, CacheShape, KvCache, LayerRopes, MemoryReport, Part, Rope,
+    check_append, check_read, dense_fused, CacheError, CacheShape, KvCache, LayerRopes,
+    MemoryReport, Part, Rope,
 };
 use half::f16;
 use std::ops::Range;
 use std::sync::Arc;
 
-/// An element type a dense cache can store.
-pub trait DenseElement: Copy + Send + Sync + 'static {
+/// An element type a dense cache can store: a [`LaneWord`](rvq::lanes::LaneWord) (f32, f16),
+/// so the fused kernels load it, with a name and a fast slice conversion.
+pub trait DenseElement: rvq::lanes::LaneWord {
     const NAME: &'static str;
-    fn from_f32(x: f32) -> Self;
-    fn to_f32(self) -> f32;
     /// `dst[i] = src[i].to_f32()`, vectorized where the type allows.
     fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
         for (d, s) in dst.iter_mut().zip(src) {
@@ -22,22 +23,10 @@ pub trait DenseElement: Copy + Send + Sync + 'static {
 
 impl DenseElement for f32 {
     const NAME: &'static str = "f32";
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
 }
 
 impl DenseElement for f16 {
     const NAME: &'static str = "f16";
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
-    }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
     fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
         // F16C, 8 values per instruction, where the CPU has it (`half`'s slice conversion calls
         // a function per 8 values: the f16 cache's reads spent a fifth of attention in it).
@@ -142,6 +131,49 @@ impl<E: DenseElement> KvCache for DenseCache<E> {
             out,
         );
         Ok(())
+    }
+
+    /// A decode step's few rows through [`dense_fused`] (keys rotated and dotted, values
+    /// weighed, in registers); more rows, and heads it does not take, through the generic path.
+    fn attend(&self, layer: usize, queries: &Queries, out: &mut [f32]) -> Result<(), CacheError> {
+        let hd = self.shape.head_dim;
+        let rope = self.rope.layer(layer);
+        if !dense_fused::fuses(rope) || layer >= self.shape.layers {
+            return attention::dense_attention(self, layer, queries, out);
+        }
+        // Run `h` of `part` over `positions` (checked against what the layer still holds).
+        let run = |part: Part, h: usize, positions: &std::ops::Range<usize>| {
+            let first = self.forgotten[layer];
+            if positions.start < first || positions.end > self.lens[layer] {
+                return Err(CacheError::Shape(format!(
+                    "positions {positions:?} of layer {layer} are not held (held: {first}..{})",
+                    self.lens[layer]
+                )));
+            }
+            let runs = match part {
+                Part::Keys => &self.keys,
+                Part::Values => &self.values,
+            };
+            let run = &runs[self.slot(layer, h)];
+            Ok(&run[(positions.start - first) * hd..(positions.end - first) * hd])
+        };
+        let score = |h: usize, q: &[f32], span: std::ops::Range<usize>, scores: &mut [f32]| {
+            if q.len() / hd > dense_fused::FUSED_ROWS {
+                return attention::dense_key_scores(self, layer, h, q, span, scores);
+            }
+            let keys = run(Part::Keys, h, &span)?;
+            dense_fused::key_scores(keys, rope, span.start, q, scores, span.len());
+            Ok(())
+        };
+        let reduce = |h: usize, probs: &[f32], first_key: usize, n: usize, o: &mut [f32]| {
+            if o.len() / hd > dense_fused::FUSED_ROWS {
+                return attention::dense_values(self, layer, h, probs, first_key, n, hd, o);
+            }
+            let values = run(Part::Values, h, &(first_key..first_key + n))?;
+            dense_fused::weighted_values(values, hd, probs, o);
+            Ok(())
+        };
+        attention::attention_with(self, layer, queries, out, &score, &reduce)
     }
 
     fn memory(&self) -> MemoryReport {

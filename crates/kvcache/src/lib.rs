@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod codebooks;
 pub mod dense;
+pub mod dense_fused;
 pub mod rope;
 pub mod rvq_attention;
 pub mod rvq_cache;

@@ -32,6 +32,12 @@ pub trait F32x16: Copy {
     /// `out[l] = self[l] + self[l + 8]` for l < 8: the first step of a horizontal sum, whose
     /// rest [`tree_sums8`] does for eight vectors at once.
     unsafe fn fold8(self, out: *mut f32);
+    /// Lanes 2i and 2i + 1 exchanged.
+    unsafe fn swap_pairs(self) -> Self;
+    /// [x0, x0, x1, x1, …, x7, x7]: the low half, each lane twice.
+    unsafe fn dup_lo(self) -> Self;
+    /// [x8, x8, x9, x9, …, x15, x15]: the high half, each lane twice.
+    unsafe fn dup_hi(self) -> Self;
 }
 
 /// ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)): the order a tree of horizontal adds
@@ -131,6 +137,18 @@ impl F32x16 for Portable {
         let h: [f32; 8] = std::array::from_fn(|l| self.0[l] + self.0[l + 8]);
         std::ptr::write_unaligned(out as *mut [f32; 8], h)
     }
+    #[inline(always)]
+    unsafe fn swap_pairs(self) -> Self {
+        Self(std::array::from_fn(|l| self.0[l ^ 1]))
+    }
+    #[inline(always)]
+    unsafe fn dup_lo(self) -> Self {
+        Self(std::array::from_fn(|l| self.0[l / 2]))
+    }
+    #[inline(always)]
+    unsafe fn dup_hi(self) -> Self {
+        Self(std::array::from_fn(|l| self.0[8 + l / 2]))
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -188,6 +206,28 @@ mod x86 {
         unsafe fn fold8(self, out: *mut f32) {
             _mm256_storeu_ps(out, _mm256_add_ps(self.0, self.1))
         }
+        #[inline(always)]
+        unsafe fn swap_pairs(self) -> Self {
+            Self(
+                _mm256_permute_ps::<0b10_11_00_01>(self.0),
+                _mm256_permute_ps::<0b10_11_00_01>(self.1),
+            )
+        }
+        #[inline(always)]
+        unsafe fn dup_lo(self) -> Self {
+            Self(dup4(self.0, 0), dup4(self.0, 4))
+        }
+        #[inline(always)]
+        unsafe fn dup_hi(self) -> Self {
+            Self(dup4(self.1, 0), dup4(self.1, 4))
+        }
+    }
+
+    /// [x[f], x[f], x[f+1], x[f+1], …, x[f+3], x[f+3]] of eight lanes.
+    #[inline(always)]
+    unsafe fn dup4(x: __m256, f: i32) -> __m256 {
+        let idx = _mm256_setr_epi32(f, f, f + 1, f + 1, f + 2, f + 2, f + 3, f + 3);
+        _mm256_permutevar8x32_ps(x, idx)
     }
 
     /// One AVX-512 register.
@@ -231,6 +271,20 @@ mod x86 {
         unsafe fn fold8(self, out: *mut f32) {
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
             _mm256_storeu_ps(out, _mm256_add_ps(_mm512_castps512_ps256(self.0), hi))
+        }
+        #[inline(always)]
+        unsafe fn swap_pairs(self) -> Self {
+            Self(_mm512_permute_ps::<0b10_11_00_01>(self.0))
+        }
+        #[inline(always)]
+        unsafe fn dup_lo(self) -> Self {
+            let idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+            Self(_mm512_permutexvar_ps(idx, self.0))
+        }
+        #[inline(always)]
+        unsafe fn dup_hi(self) -> Self {
+            let idx = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+            Self(_mm512_permutexvar_ps(idx, self.0))
         }
     }
 }
@@ -290,8 +344,11 @@ mod tests {
             .add(V::load_f16(h.as_ptr()))
             .sub(V::splat(0.5))
             .add(V::zero());
-        let mut out = vec![0f32; 16 + 8 * 9];
+        let mut out = vec![0f32; 16 + 8 * 9 + 48];
         z.store(out.as_mut_ptr());
+        z.swap_pairs().store(out.as_mut_ptr().add(88));
+        z.dup_lo().store(out.as_mut_ptr().add(104));
+        z.dup_hi().store(out.as_mut_ptr().add(120));
         let mut rows = [[0f32; 8]; 8];
         for (i, r) in rows.iter_mut().enumerate() {
             z.mul(V::splat(i as f32 + 1.0)).fold8(r.as_mut_ptr());
@@ -299,7 +356,7 @@ mod tests {
         out[16..80].copy_from_slice(rows.as_flattened());
         let mut sums = [0f32; 8];
         tree_sums8(&rows, &mut sums, avx2);
-        out[80..].copy_from_slice(&sums);
+        out[80..88].copy_from_slice(&sums);
         out
     }
 
@@ -341,6 +398,9 @@ mod tests {
             let row: [f32; 8] = want[16 + 8 * i..24 + 8 * i].try_into().unwrap();
             want.push(tree_sum8(&row));
         }
+        want.extend((0..16).map(|l| z[l ^ 1]));
+        want.extend((0..16).map(|l| z[l / 2]));
+        want.extend((0..16).map(|l| z[8 + l / 2]));
         let each = crate::simd::at_each_level(|_| exercise_at_level(&a, &b, &h));
         for (level, got) in &each {
             assert_eq!(got, &want, "{level:?}");
