@@ -111,6 +111,10 @@ pub struct BenchRow {
     /// Speeds relative to the first cache in the list, measured in the same run.
     pub prefill_ratio: f64,
     pub decode_ratio: f64,
+    /// Positions past the model's trained context (RoPE extended, `--beyond-context`): the
+    /// outputs there are meaningless, the speeds and bytes are not.
+    #[serde(default)]
+    pub past_trained_context: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -124,8 +128,9 @@ impl BenchReport {
         let mut s = "| cache | ctx | prefill tok/s | decode tok/s | prefill × | decode × | decode ms: model / attention / encode | cache MB | bits/elem | peak RSS MB |\n\
              |---|---:|---:|---:|---:|---:|---|---:|---:|---:|\n".to_string();
         for r in &self.rows {
+            let star = if r.past_trained_context { "*" } else { "" };
             s += &format!(
-                "| {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} / {:.1} / {:.2} | {:.1} | {:.2} | {} |\n",
+                "| {} | {}{star} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} / {:.1} / {:.2} | {:.1} | {:.2} | {} |\n",
                 r.cache,
                 r.ctx,
                 r.prefill_tokens_per_s,
@@ -141,6 +146,10 @@ impl BenchReport {
                     .map_or("-".into(), |b| format!("{:.0}", b as f64 / 1e6))
             );
         }
+        if self.rows.iter().any(|r| r.past_trained_context) {
+            s += "\n\\* past the model's trained context (RoPE extended by `--beyond-context`): \
+                  speed and memory only, the model's outputs there mean nothing.\n";
+        }
         s
     }
 }
@@ -148,11 +157,14 @@ impl BenchReport {
 /// Prefill in chunks of this many tokens (bounds the attention score matrix).
 const PREFILL_CHUNK: usize = 256;
 
+/// `trained_context`: the model's context before any [`Model::extend_context`], to mark the
+/// rows past it.
 pub fn run(
     model: &Model,
     caches: &[String],
     contexts: &[usize],
     decode_steps: usize,
+    trained_context: usize,
 ) -> Result<BenchReport> {
     if caches.is_empty() || contexts.is_empty() {
         bail!("bench needs at least one cache and one context length");
@@ -213,6 +225,7 @@ pub fn run(
                     .flatten(),
                 prefill_ratio: prefill / bp,
                 decode_ratio: decode / bd,
+                past_trained_context: ctx > trained_context,
             });
         }
     }

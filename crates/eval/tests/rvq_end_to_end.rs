@@ -77,11 +77,11 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
     // Codebooks held in f16 (the default): 30 layers × K and V × 2 stages × 64 × 32 × 2 bytes.
     assert_eq!(m.fixed_bytes, 30 * 2 * 2 * 64 * 32 * 2);
 
-    // On one cache state, attention on codes (keys decoded, rotated and multiplied in group
-    // order; values through per-stage histograms) gives the logits that decoding gives. (Two
-    // separate runs would not compare: a float-level difference in one layer can flip a code of
-    // a later layer's key, and RVQ amplifies that — the recent window keeps the new token out of
-    // the codes here.)
+    // On one cache state, attention on codes (keys summed, rotated and dotted in registers;
+    // values summed per token in registers, or through per-stage histograms) gives the logits
+    // that decoding gives. (Two separate runs would not compare: a float-level difference in
+    // one layer can flip a code of a later layer's key, and RVQ amplifies that — the recent
+    // window keeps the new token out of the codes here.)
     let tokens = &eval_tokens()[..41];
     let books = std::sync::Arc::new(Codebooks::load(&trained).unwrap());
     let config = model().cache_config(false).unwrap();
@@ -95,23 +95,29 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
     model()
         .forward(&tokens[..40], 0, &mut decode, Some(1))
         .unwrap();
-    let mut on_codes = decode.clone();
+    let on_codes = decode.clone();
     decode.set_key_path(KeyPath::Decode);
     decode.set_value_path(ValuePath::Decode);
-    on_codes.set_key_path(KeyPath::Fused);
-    on_codes.set_value_path(ValuePath::Histogram);
     let a = model()
         .forward(&tokens[40..], 40, &mut decode, Some(1))
         .unwrap();
-    let b = model()
-        .forward(&tokens[40..], 40, &mut on_codes, Some(1))
-        .unwrap();
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    assert!(worst < 2e-3, "codes vs decode logits differ by {worst}");
+    for values in [ValuePath::Fused, ValuePath::Histogram] {
+        let mut fast = on_codes.clone();
+        fast.set_key_path(KeyPath::Fused);
+        fast.set_value_path(values);
+        let b = model()
+            .forward(&tokens[40..], 40, &mut fast, Some(1))
+            .unwrap();
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 2e-3,
+            "codes ({values:?}) vs decode logits differ by {worst}"
+        );
+    }
 }
 
 #[test]

@@ -38,6 +38,20 @@ impl LayerRopes {
         }
     }
 
+    /// The same tables computed for `positions` positions (to run past a model's trained
+    /// context, where only speed and memory mean anything).
+    pub fn with_positions(&self, positions: usize) -> Self {
+        let tables = self
+            .tables
+            .iter()
+            .map(|r| Rope::new(r.head_dim, r.theta, positions, r.layout))
+            .collect();
+        Self {
+            tables,
+            table_of_layer: self.table_of_layer.clone(),
+        }
+    }
+
     /// The table of `layer`.
     #[inline]
     pub fn layer(&self, layer: usize) -> &Rope {

@@ -97,6 +97,12 @@ impl Model {
         self.net.config.context_len
     }
 
+    /// See [`Transformer::extend_context`]: positions past the trained context, for speed and
+    /// memory measurements only.
+    pub fn extend_context(&mut self, positions: usize) {
+        self.net.extend_context(positions);
+    }
+
     /// sha256 of the model file (computed once, on first use).
     pub fn file_sha256(&self) -> Result<String> {
         if let Some(s) = self.sha256.get() {

@@ -234,6 +234,16 @@ impl Transformer {
         &self.ropes
     }
 
+    /// Accepts positions up to `positions`, past the trained context if larger (RoPE tables
+    /// extended by the same formula): for speed and memory measurements only — the model was
+    /// never trained there. Caches made before keep their own tables.
+    pub fn extend_context(&mut self, positions: usize) {
+        if positions > self.config.context_len {
+            self.ropes = Arc::new(self.ropes.with_positions(positions));
+            self.config.context_len = positions;
+        }
+    }
+
     fn check_inputs(&self, tokens: &[u32], first_pos: usize, cache: &dyn KvCache) -> Result<()> {
         let c = &self.config;
         let n = tokens.len();

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
     rvq-kv bench --cache f16 --cache rvq:paper.safetensors --ctx 512,2048,8192\n  \
+    rvq-kv bench --cache f16 --cache rvq:paper.safetensors --ctx 16384 --beyond-context\n  \
     rvq-kv bench codec                  # the RVQ codec alone (Gaussian, correlated, real K/V)\n  \
     scripts/bench_codec.sh              # the same against faiss (installs faiss-cpu into a venv)")]
 pub struct Args {
@@ -18,9 +19,14 @@ pub struct Args {
     /// Default: f16, q8_0, q4_0, kivi2 and the demo's paper-config RVQ codebooks if calibrated
     #[arg(long = "cache")]
     caches: Vec<String>,
-    /// Context lengths, comma-separated (at most the model's context length, 8192 for SmolLM2)
+    /// Context lengths, comma-separated (at most the model's context length, 8192 for SmolLM2,
+    /// unless --beyond-context)
     #[arg(long = "ctx", default_values_t = [1024, 4096, 8192], value_delimiter = ',')]
     contexts: Vec<usize>,
+    /// Allow contexts past the model's trained length, RoPE extended by the same formula: the
+    /// speeds and bytes there are real, the model's outputs are not (rows marked *)
+    #[arg(long)]
+    beyond_context: bool,
     /// Measure every cache and context in this process, instead of one child process each (a
     /// child per row is what makes its peak RSS that row's own)
     #[arg(long)]
@@ -62,8 +68,12 @@ fn run_model(a: Args) -> Result<()> {
         a.caches.clone()
     };
     let report = if a.in_process || caches.len() * a.contexts.len() == 1 {
-        let model = a.model.load()?;
-        eval::bench::run(&model, &caches, &a.contexts, a.decode_steps)?
+        let mut model = a.model.load()?;
+        let trained = model.context_len();
+        if a.beyond_context {
+            model.extend_context(a.contexts.iter().copied().max().unwrap_or(0));
+        }
+        eval::bench::run(&model, &caches, &a.contexts, a.decode_steps, trained)?
     } else {
         isolated(&a, &caches)?
     };
@@ -105,6 +115,7 @@ fn isolated(a: &Args, caches: &[String]) -> Result<eval::bench::BenchReport> {
                 .args(["bench", "model", "--model", &a.model.model, "--cache", spec])
                 .args(["--ctx", &ctx.to_string()])
                 .args(["--decode-steps", &a.decode_steps.to_string(), "--json"])
+                .args(a.beyond_context.then_some("--beyond-context"))
                 .stderr(std::process::Stdio::inherit())
                 .output()?;
             if !out.status.success() {
