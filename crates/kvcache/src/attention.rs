@@ -256,8 +256,8 @@ pub fn attention_with<C: KvCache + ?Sized>(
         .map(|(i, keys)| ctx.scores(&units[*i], keys.clone(), score_keys))
         .collect::<Result<_, _>>()?;
     let mut per_unit: Vec<Vec<(Range<usize>, Vec<f32>)>> = units.iter().map(|_| vec![]).collect();
-    for ((i, keys), scores) in parts.into_iter().zip(part_scores) {
-        per_unit[i].push((keys, scores));
+    for ((i, keys), scores) in parts.iter().zip(part_scores) {
+        per_unit[*i].push((keys.clone(), scores));
     }
     // Softmax per head (cheap), then the values in the same key parts as tasks of their own:
     // one task per head would leave a core idle for a third of the time with 3 KV heads.
@@ -266,18 +266,13 @@ pub fn attention_with<C: KvCache + ?Sized>(
         .zip(per_unit)
         .map(|(u, parts)| ctx.softmax(u, ctx.join_parts(u, parts)))
         .collect();
-    let value_parts: Vec<(usize, Range<usize>)> = units
-        .iter()
-        .enumerate()
-        .flat_map(|(i, u)| key_parts(u.keys).into_iter().map(move |k| (i, k)))
-        .collect();
-    let partial: Vec<Vec<f32>> = value_parts
+    let partial: Vec<Vec<f32>> = parts
         .par_iter()
         .map(|(i, keys)| ctx.values(&units[*i], &probs[*i], keys.clone(), reduce_values))
         .collect::<Result<_, _>>()?;
     // Each head's parts summed in key order (a split fixed by the shapes: same bits every run).
     let mut slabs: Vec<Vec<f32>> = units.iter().map(|_| vec![]).collect();
-    for ((i, _), part) in value_parts.iter().zip(partial) {
+    for ((i, _), part) in parts.iter().zip(partial) {
         if slabs[*i].is_empty() {
             slabs[*i] = part;
         } else {

@@ -1056,6 +1056,29 @@ mod tests {
         (shape, Codebooks { meta, layers })
     }
 
+    /// A cache over `books` with (sinks, recent) windows and (keys, values) paths, holding
+    /// `k` and `v` in layer 0.
+    fn filled(
+        shape: CacheShape,
+        rope: &Arc<LayerRopes>,
+        books: &Arc<Codebooks>,
+        (sinks, recent): (usize, usize),
+        (keys, values): (KeyPath, ValuePath),
+        k: &[f32],
+        v: &[f32],
+    ) -> RvqCache {
+        let o = RvqOptions {
+            sinks,
+            recent,
+            keys,
+            values,
+            ..RvqOptions::default()
+        };
+        let mut c = RvqCache::new(shape, rope.clone(), books.clone(), o, "x".into()).unwrap();
+        c.append(0, k, v).unwrap();
+        c
+    }
+
     #[test]
     fn fused_keys_and_fused_or_histogram_values_equal_dense_attention_at_every_level() {
         let tokens = 300; // crosses the 64- and 256-position blocks
@@ -1071,17 +1094,7 @@ mod tests {
             let rope: Arc<LayerRopes> = Arc::new(Rope::new(64, 500.0, 400, rope_layout).into());
             for (sinks, recent) in [(0, 0), (3, 20)] {
                 let cache_with = |keys, values| {
-                    let o = RvqOptions {
-                        sinks,
-                        recent,
-                        keys,
-                        values,
-                        ..RvqOptions::default()
-                    };
-                    let mut c =
-                        RvqCache::new(shape, rope.clone(), b.clone(), o, "x".into()).unwrap();
-                    c.append(0, &k, &v).unwrap();
-                    c
+                    filled(shape, &rope, &b, (sinks, recent), (keys, values), &k, &v)
                 };
                 let reference_cache = cache_with(KeyPath::Decode, ValuePath::Decode);
                 for values in [ValuePath::Histogram, ValuePath::Fused] {
@@ -1137,18 +1150,8 @@ mod tests {
         let rope: Arc<LayerRopes> =
             Arc::new(Rope::new(64, 500.0, tokens + 1, RopeLayout::Interleaved).into());
         for (sinks, recent, window) in [(0, 0, None), (4, 50, None), (0, 0, Some(2100))] {
-            let cache_with = |keys, values| {
-                let o = RvqOptions {
-                    sinks,
-                    recent,
-                    keys,
-                    values,
-                    ..RvqOptions::default()
-                };
-                let mut c = RvqCache::new(shape, rope.clone(), b.clone(), o, "x".into()).unwrap();
-                c.append(0, &k, &v).unwrap();
-                c
-            };
+            let cache_with =
+                |keys, values| filled(shape, &rope, &b, (sinks, recent), (keys, values), &k, &v);
             let queries = paper_queries(&q, tokens - 1, 1, window);
             // The f64 reference on the cache's own decoded keys and values ([tokens, 2, 64]).
             let reference = cache_with(KeyPath::Decode, ValuePath::Decode);

@@ -224,14 +224,7 @@ unsafe fn nearest_avx2<T: LaneWord>(
         for h in 0..2 {
             let idx = _mm256_add_epi32(_mm256_set1_epi32((first + 8 * h) as i32), step);
             for r in 0..ROWS {
-                let v = acc[2 * r + h];
-                let lower = _mm256_cmp_ps(v, min_val[r], _CMP_LT_OQ);
-                min_val[r] = _mm256_min_ps(v, min_val[r]);
-                min_idx[r] = _mm256_castps_si256(_mm256_blendv_ps(
-                    _mm256_castsi256_ps(min_idx[r]),
-                    _mm256_castsi256_ps(idx),
-                    lower,
-                ));
+                keep_lower(acc[2 * r + h], idx, &mut min_val[r], &mut min_idx[r]);
             }
         }
     }
@@ -242,6 +235,29 @@ unsafe fn nearest_avx2<T: LaneWord>(
         let (bv, bi) = best_of_lanes(&vals, &idx);
         (best[r], value[r]) = (bi, bv);
     }
+}
+
+/// Per lane: where `v` is below the running minimum `min_val`, it and its codeword index from
+/// `idx` replace it (strict <: a tie keeps the earlier, lower index).
+///
+/// # Safety
+/// The CPU must have AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn keep_lower(
+    v: std::arch::x86_64::__m256,
+    idx: std::arch::x86_64::__m256i,
+    min_val: &mut std::arch::x86_64::__m256,
+    min_idx: &mut std::arch::x86_64::__m256i,
+) {
+    use std::arch::x86_64::*;
+    let lower = _mm256_cmp_ps(v, *min_val, _CMP_LT_OQ);
+    *min_val = _mm256_min_ps(v, *min_val);
+    *min_idx = _mm256_castps_si256(_mm256_blendv_ps(
+        _mm256_castsi256_ps(*min_idx),
+        _mm256_castsi256_ps(idx),
+        lower,
+    ));
 }
 
 /// The smallest of per-lane running minima `vals` and its codeword index from `idx`, ties to the

@@ -183,13 +183,7 @@ unsafe fn nearest_wide<T: LaneWord, const R: usize>(
             let hi = _mm512_castps512_ps256(_mm512_shuffle_f32x4::<0b00_00_11_01>(q, q));
             let dots = _mm256_add_ps(lo, hi);
             let v = _mm256_fnmadd_ps(two, dots, norm); // ‖c‖² − 2·x·c
-            let lower = _mm256_cmp_ps(v, min_val[r], _CMP_LT_OQ);
-            min_val[r] = _mm256_min_ps(v, min_val[r]);
-            min_idx[r] = _mm256_castps_si256(_mm256_blendv_ps(
-                _mm256_castsi256_ps(min_idx[r]),
-                _mm256_castsi256_ps(idx),
-                lower,
-            ));
+            crate::lanes::keep_lower(v, idx, &mut min_val[r], &mut min_idx[r]);
         }
     }
     for (r, best) in best.iter_mut().enumerate() {
@@ -386,14 +380,8 @@ unsafe fn nearest_one_avx2<T: LaneWord>(
         );
         let norm = _mm256_loadu_ps(norms.as_ptr().add(c0));
         let v = _mm256_fnmadd_ps(two, dots, norm); // ‖c‖² − 2·x·c
-        let lower = _mm256_cmp_ps(v, min_val, _CMP_LT_OQ);
-        min_val = _mm256_min_ps(v, min_val);
         let idx = _mm256_add_epi32(_mm256_set1_epi32(c0 as i32), step);
-        min_idx = _mm256_castps_si256(_mm256_blendv_ps(
-            _mm256_castsi256_ps(min_idx),
-            _mm256_castsi256_ps(idx),
-            lower,
-        ));
+        crate::lanes::keep_lower(v, idx, &mut min_val, &mut min_idx);
     }
     let (mut vals, mut idx) = ([0f32; 8], [0u32; 8]);
     _mm256_storeu_ps(vals.as_mut_ptr(), min_val);
