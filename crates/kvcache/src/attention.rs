@@ -513,6 +513,42 @@ pub fn exp(x: f32) -> f32 {
     e * f32::from_bits(((n_int + 127) as u32) << 23)
 }
 
+/// For tests of score kernels: each level's scores ([rows, stride], `n` scored per row) are
+/// within float tolerance of `want(r, t)`, leave the padding past `n` as the NaN it was filled
+/// with, and are the same bits at every level.
+#[cfg(test)]
+pub(crate) fn check_scores_at_every_level(
+    each: &[(rvq::simd::Level, Vec<f32>)],
+    want: impl Fn(usize, usize) -> f64,
+    (rows, n, stride): (usize, usize, usize),
+) {
+    for (level, got) in each {
+        for r in 0..rows {
+            for t in 0..n {
+                let (a, w) = (got[r * stride + t] as f64, want(r, t));
+                assert!(
+                    (a - w).abs() < 1e-4 * (1.0 + w.abs()),
+                    "{level:?} row {r} key {t}"
+                );
+            }
+            let padding = &got[r * stride + n..(r + 1) * stride];
+            assert!(
+                padding.iter().all(|x| x.is_nan()),
+                "{level:?}: wrote past row {r}"
+            );
+        }
+    }
+    let same = |s: &Vec<f32>| {
+        s.iter()
+            .zip(&each[0].1)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    };
+    assert!(
+        each.iter().all(|(_, s)| same(s)),
+        "levels give different bits"
+    );
+}
+
 #[cfg(test)]
 /// Slow reference for tests: attention of queries ([n, q_heads, hd]) at positions `first_pos..`
 /// over pre-RoPE keys and values ([tokens, kv_heads, hd]), explicit loops in f64, softmax

@@ -223,6 +223,7 @@ unsafe fn values_rows<V: F32x16, E: LaneWord, const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attention::check_scores_at_every_level;
     use half::f16;
     use rvq::rng::SplitMix64;
 
@@ -257,25 +258,12 @@ mod tests {
                             .all(|(a, b)| a.to_bits() == b.to_bits()));
                         s32
                     });
-                    for (level, got) in &each {
-                        for r in 0..rows {
-                            for t in 0..n {
-                                let want: f64 = (0..hd)
-                                    .map(|c| q[r * hd + c] as f64 * rotated[t * hd + c] as f64)
-                                    .sum();
-                                let a = got[r * stride + t] as f64;
-                                let at = format!("{hd} {layout:?} {rows} rows {level:?} {t}");
-                                assert!((a - want).abs() < 1e-4 * (1.0 + want.abs()), "{at}");
-                            }
-                            assert!(got[r * stride + n..(r + 1) * stride]
-                                .iter()
-                                .all(|x| x.is_nan()));
-                        }
-                    }
-                    assert!(each.iter().all(|(_, s)| s
-                        .iter()
-                        .zip(&each[0].1)
-                        .all(|(a, b)| a.to_bits() == b.to_bits())));
+                    let want = |r: usize, t: usize| -> f64 {
+                        (0..hd)
+                            .map(|c| q[r * hd + c] as f64 * rotated[t * hd + c] as f64)
+                            .sum()
+                    };
+                    check_scores_at_every_level(&each, want, (rows, n, stride));
                 }
             }
         }

@@ -418,6 +418,7 @@ pub fn histograms_times_codebooks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attention::check_scores_at_every_level;
     use crate::rope::RopeLayout;
     use rvq::rng::SplitMix64;
     use rvq::{Grouping, HalfRvq, Rvq, VectorLayout};
@@ -488,8 +489,9 @@ mod tests {
             }
             let want = reference(&rvq, &rope, &codes, &scales, first_pos, &q_channels);
             let stride = n + 4;
+            let mut by_books = vec![];
             for quantizer in [&rvq as &dyn Quantizer, &half] {
-                let each = rvq::simd::at_each_level(|_| {
+                let mut each = rvq::simd::at_each_level(|_| {
                     let mut scores = vec![f32::NAN; rows * stride];
                     key_scores(
                         quantizer,
@@ -504,24 +506,15 @@ mod tests {
                     );
                     scores
                 });
-                for (level, got) in &each {
-                    for r in 0..rows {
-                        for t in 0..n {
-                            let (a, w) = (got[r * stride + t] as f64, want[r * n + t]);
-                            assert!((a - w).abs() < 1e-4 * (1.0 + w.abs()), "{level:?} {r} {t}");
-                        }
-                        // Nothing written past the row's n scores.
-                        assert!(got[r * stride + n..(r + 1) * stride]
-                            .iter()
-                            .all(|x| x.is_nan()));
-                    }
-                }
-                // The same bits at every level and for f32 and f16 books of the same values.
-                assert!(each.iter().all(|(_, s)| s
-                    .iter()
-                    .zip(&each[0].1)
-                    .all(|(a, b)| a.to_bits() == b.to_bits())));
+                let want = |r: usize, t: usize| want[r * n + t];
+                check_scores_at_every_level(&each, want, (rows, n, stride));
+                by_books.push(each.swap_remove(0).1);
             }
+            // f32 and f16 books holding the same values give the same bits.
+            assert!(by_books[0]
+                .iter()
+                .zip(&by_books[1])
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
         }
     }
 
