@@ -180,8 +180,9 @@ pub fn accumulate_values(
 /// prefill's query tokens come in at least two blocks ([`query_block`]), each block a task
 /// that attends for every head in turn. A decode step is one block with only the model's few
 /// KV heads to share out (SmolLM2: 3, on two cores, one idle a third of the time), so its keys
-/// are first scored in [`key_parts`] parts as tasks of their own, then each head's softmax and
-/// values run; the parts are whole key blocks, scored exactly as in one pass.
+/// are scored in [`key_parts`] parts as tasks of their own, each head's softmax runs, and its
+/// values are reduced in the same parts (their partial sums added in key order); the parts are
+/// whole key blocks, scored exactly as in one pass.
 pub fn attention_with<C: KvCache + ?Sized>(
     cache: &C,
     layer: usize,
@@ -241,7 +242,7 @@ pub fn attention_with<C: KvCache + ?Sized>(
             });
     }
     // A single block (or none: zero queries attend to nothing): its keys in parts over the
-    // heads, then each head's softmax and values.
+    // heads, each head's softmax, then its values in the same parts.
     let units: Vec<Unit> = blocks
         .iter()
         .flat_map(|tokens| (0..kv_heads).map(|h| unit(h, tokens)))

@@ -37,14 +37,14 @@ pub fn level() -> Level {
     }
 }
 
-/// Makes every loop run at `level` from now on (capped at what the CPU has); returns the level
-/// in effect. For tests and benchmarks that compare versions.
 /// The level this process was configured with: `RVQ_KV_SIMD`, capped by the CPU — what
 /// [`level`] returns unless a test [`force`]s another.
 pub fn configured() -> Level {
     requested().unwrap_or_else(detected).min(detected())
 }
 
+/// Makes every loop run at `level` from now on (capped at what the CPU has); returns the level
+/// in effect. For tests and benchmarks that compare versions.
 pub fn force(level: Level) -> Level {
     let l = level.min(detected());
     LEVEL.store(l as u8, Ordering::Relaxed);
