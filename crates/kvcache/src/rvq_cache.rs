@@ -85,7 +85,8 @@ pub(crate) fn one_of<T: Copy>(
 /// How attention turns weights over coded values into outputs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ValuePath {
-    /// Whichever the cost model says is cheaper for this many rows and tokens.
+    /// `Fused` for a decode step's few rows (where it applies); otherwise histograms or
+    /// decoding, whichever the cost model says is cheaper for this many rows and tokens.
     #[default]
     Auto,
     /// Decode values block by block, then multiply (the reference path).

@@ -210,12 +210,7 @@ impl Quantizer for HalfRvq {
             acc.len() / (groups * d),
             "codes and sums disagree on n"
         );
-        let max = codes.iter().copied().max().unwrap_or(0) as usize;
-        assert!(
-            max < self.size,
-            "code {max} out of range (C = {})",
-            self.size
-        );
+        assert_codes_below(codes, self.size);
         #[cfg(target_arch = "x86_64")]
         if d == 32 && crate::lanes::available(32) {
             // SAFETY: AVX2 and F16C checked; every code < C, so every codeword read is inside
@@ -241,6 +236,13 @@ impl Quantizer for HalfRvq {
     ) {
         add_weighted_codewords(self.codebook(stage), self.dim, weights, out, stride)
     }
+}
+
+/// Panics unless every code is below `size`: kernels that read codewords without bounds checks
+/// rely on it.
+pub fn assert_codes_below(codes: &[u16], size: usize) {
+    let max = codes.iter().copied().max().unwrap_or(0) as usize;
+    assert!(max < size, "code {max} out of range (C = {size})");
 }
 
 fn to_f32(book: &[f16]) -> Vec<f32> {
