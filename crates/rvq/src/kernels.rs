@@ -3,6 +3,7 @@
 //! batches of d = 32 vectors on a CPU with AVX2, from the [`crate::lanes`] kernel.
 
 use crate::lanes::{self, LaneBook};
+use crate::vector::tree_sum8;
 use rayon::prelude::*;
 
 /// Vectors handled per matrix product (bounds the [block, C] score buffer).
@@ -119,33 +120,16 @@ unsafe fn dot_products_by_eight_avx2(
                     *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, y));
                 }
             }
-            // Lane l of `sums` = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] +
-            // v[7])) for v = acc[l]: `tree_sum`'s order.
-            let h01 = _mm256_hadd_ps(acc[0], acc[1]);
-            let h23 = _mm256_hadd_ps(acc[2], acc[3]);
-            let h45 = _mm256_hadd_ps(acc[4], acc[5]);
-            let h67 = _mm256_hadd_ps(acc[6], acc[7]);
-            let q0 = _mm256_hadd_ps(h01, h23);
-            let q1 = _mm256_hadd_ps(h45, h67);
-            let sums = _mm256_add_ps(
-                _mm256_permute2f128_ps(q0, q1, 0x20),
-                _mm256_permute2f128_ps(q0, q1, 0x31),
-            );
+            // Lane l of the sums = `tree_sum8` of acc[l].
+            let sums = crate::vector::hadd_tree8(&acc);
             _mm256_storeu_ps(scores.as_mut_ptr().add(i * n + j0), sums);
         }
     }
     dot_columns(m, n, k, a, b, scores, whole);
 }
 
-/// ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)): the order a tree of horizontal adds
-/// produces, so vector code can reduce several dot products at once and agree bit for bit.
-#[inline(always)]
-fn tree_sum(a: &[f32; 8]) -> f32 {
-    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
-}
-
 /// Dot product with 8 independent partial sums (vectorizes; same order on every run), reduced
-/// by [`tree_sum`].
+/// by [`tree_sum8`], the order of the vector kernels' tree of horizontal adds.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
@@ -161,7 +145,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[l] += x[l] * y[l];
         }
     }
-    tree_sum(&acc) + tail
+    tree_sum8(&acc) + tail
 }
 
 /// Row-major `c = a · B` where B's element (row r, column j) is `b[r·b_rs + j·b_cs]`.

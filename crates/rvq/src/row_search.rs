@@ -284,7 +284,7 @@ unsafe fn nearest_pair_avx2<T: LaneWord>(
         let norm = _mm_loadu_ps(norms.as_ptr().add(c0));
         let idx = _mm_add_epi32(_mm_set1_epi32(c0 as i32), step);
         for v in 0..2 {
-            // Lane t = the dot product with codeword c0 + t, in `tree_sum`'s order.
+            // Lane t = the dot product with codeword c0 + t, in `tree_sum8`'s order.
             let a = [acc[0][v], acc[1][v], acc[2][v], acc[3][v]];
             let q = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
             let dots = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));
@@ -366,18 +366,7 @@ unsafe fn nearest_one_avx2<T: LaneWord>(
             *acc = _mm256_fmadd_ps(xs[3], T::load8(w.add(24)), *acc);
         }
         // Lane t = the dot product with codeword c0 + t.
-        let q0 = _mm256_hadd_ps(
-            _mm256_hadd_ps(acc[0], acc[1]),
-            _mm256_hadd_ps(acc[2], acc[3]),
-        );
-        let q1 = _mm256_hadd_ps(
-            _mm256_hadd_ps(acc[4], acc[5]),
-            _mm256_hadd_ps(acc[6], acc[7]),
-        );
-        let dots = _mm256_add_ps(
-            _mm256_permute2f128_ps(q0, q1, 0x20),
-            _mm256_permute2f128_ps(q0, q1, 0x31),
-        );
+        let dots = crate::vector::hadd_tree8(&acc);
         let norm = _mm256_loadu_ps(norms.as_ptr().add(c0));
         let v = _mm256_fnmadd_ps(two, dots, norm); // ‖c‖² − 2·x·c
         let idx = _mm256_add_epi32(_mm256_set1_epi32(c0 as i32), step);

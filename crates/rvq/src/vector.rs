@@ -47,8 +47,8 @@ pub fn tree_sum8(a: &[f32; 8]) -> f32 {
     ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
-/// `out[i] = tree_sum8(rows[i])` for eight rows of eight: with AVX2 by one tree of horizontal
-/// adds for all eight (9 instructions), in exactly [`tree_sum8`]'s order.
+/// `out[i] = tree_sum8(rows[i])` for eight rows of eight: with AVX2 by [`hadd_tree8`], in
+/// exactly [`tree_sum8`]'s order.
 ///
 /// # Safety
 /// With `avx2 = true` the CPU must have AVX2.
@@ -57,24 +57,36 @@ pub unsafe fn tree_sums8(rows: &[[f32; 8]; 8], out: &mut [f32; 8], avx2: bool) {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         use std::arch::x86_64::*;
-        let r = |i: usize| _mm256_loadu_ps(rows[i].as_ptr());
-        let h01 = _mm256_hadd_ps(r(0), r(1));
-        let h23 = _mm256_hadd_ps(r(2), r(3));
-        let h45 = _mm256_hadd_ps(r(4), r(5));
-        let h67 = _mm256_hadd_ps(r(6), r(7));
-        let q0 = _mm256_hadd_ps(h01, h23);
-        let q1 = _mm256_hadd_ps(h45, h67);
-        let sums = _mm256_add_ps(
-            _mm256_permute2f128_ps(q0, q1, 0x20),
-            _mm256_permute2f128_ps(q0, q1, 0x31),
-        );
-        _mm256_storeu_ps(out.as_mut_ptr(), sums);
+        let rows = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].as_ptr()));
+        _mm256_storeu_ps(out.as_mut_ptr(), hadd_tree8(&rows));
         return;
     }
     let _ = avx2;
     for (o, r) in out.iter_mut().zip(rows) {
         *o = tree_sum8(r);
     }
+}
+
+/// Lane i = [`tree_sum8`] of `v[i]`: eight horizontal sums at once by one tree of horizontal
+/// adds (9 instructions), in exactly that order — so kernels reducing several dot products at
+/// once agree bit for bit with the scalar code.
+///
+/// # Safety
+/// The CPU must have AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn hadd_tree8(v: &[std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let h01 = _mm256_hadd_ps(v[0], v[1]);
+    let h23 = _mm256_hadd_ps(v[2], v[3]);
+    let h45 = _mm256_hadd_ps(v[4], v[5]);
+    let h67 = _mm256_hadd_ps(v[6], v[7]);
+    let q0 = _mm256_hadd_ps(h01, h23);
+    let q1 = _mm256_hadd_ps(h45, h67);
+    _mm256_add_ps(
+        _mm256_permute2f128_ps(q0, q1, 0x20),
+        _mm256_permute2f128_ps(q0, q1, 0x31),
+    )
 }
 
 /// The f32 of the f16 with bits `h`, exactly, without branches (so that a loop of them
