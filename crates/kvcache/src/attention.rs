@@ -77,6 +77,63 @@ pub fn check_queries<C: KvCache + ?Sized>(
 /// are used, instead of materialising the whole context densely.
 pub const KEY_BLOCK: usize = 256;
 
+/// Query rows of a decode step that the fused kernels ([`crate::rvq_attention`],
+/// [`crate::dense_fused`]) score in registers.
+pub const FUSED_ROWS: usize = 8;
+
+/// Each row's 16-lane dot products of up to 8 keys, folded to 8 lanes: [rows][key][8].
+pub(crate) type Folded = [[[f32; 8]; 8]; FUSED_ROWS];
+
+/// Checks what a fused score kernel writes: `rows` ≤ [`FUSED_ROWS`] rows of `n` scores
+/// `stride` apart inside `scores`, at positions `first_pos..` that `rope`'s table holds.
+pub(crate) fn check_fused_scores(
+    rows: usize,
+    n: usize,
+    stride: usize,
+    scores: &[f32],
+    rope: &crate::Rope,
+    first_pos: usize,
+) {
+    assert!(rows <= FUSED_ROWS, "at most {FUSED_ROWS} rows");
+    assert!(
+        first_pos + n <= rope.max_positions(),
+        "positions beyond the RoPE table"
+    );
+    assert!(
+        rows == 0 || scores.len() >= (rows - 1) * stride + n,
+        "scores: rows × stride"
+    );
+}
+
+/// The loop of a fused score kernel over `n` keys: `key(t, i, folded)` writes key t's folded
+/// dot products with each row into `folded[r][i]` (i = t mod 8); every 8 keys they are summed
+/// by [`rvq::vector::tree_sums8`] and `write(r, t0, sums)` gets row r's sums of keys
+/// `t0..t0 + sums.len()`.
+///
+/// # Safety
+/// As for `tree_sums8` with `avx2`.
+#[inline(always)]
+pub(crate) unsafe fn fused_scores_by_eights(
+    avx2: bool,
+    n: usize,
+    rows: usize,
+    mut key: impl FnMut(usize, usize, &mut Folded),
+    mut write: impl FnMut(usize, usize, &[f32]),
+) {
+    let mut folded: Folded = [[[0f32; 8]; 8]; FUSED_ROWS];
+    let mut sums = [0f32; 8];
+    for t0 in (0..n).step_by(8) {
+        let m = 8.min(n - t0);
+        for i in 0..m {
+            key(t0 + i, i, &mut folded);
+        }
+        for (r, folded) in folded.iter().enumerate().take(rows) {
+            rvq::vector::tree_sums8(folded, &mut sums, avx2);
+            write(r, t0, &sums[..m]);
+        }
+    }
+}
+
 /// Scores one KV head's query rows against a span of keys: `q` [rows, hd] (queries already
 /// rotated, channel order) and positions `span` → `scores` [rows, span.len()] = q · RoPE(k_t).
 pub type KeyScorer<'a> =

@@ -8,12 +8,13 @@
 //! Written once against [`F32x16`] ([`rvq::dispatch16!`]): every level gives the same bits,
 //! and the rotation is [`Rope::rotate`]'s arithmetic exactly.
 
+use crate::attention;
 use crate::rope::{Rope, RopeLayout};
 use rvq::lanes::LaneWord;
-use rvq::vector::{tree_sums8, F32x16};
+use rvq::vector::F32x16;
 
 /// Query rows up to which the fused kernels run (as for the RVQ cache).
-pub const FUSED_ROWS: usize = crate::rvq_attention::FUSED_ROWS;
+pub use crate::attention::FUSED_ROWS;
 
 /// Whether the fused kernels take heads of this RoPE: 64, 128 or 256 channels.
 pub fn fuses(rope: &Rope) -> bool {
@@ -34,15 +35,7 @@ pub fn key_scores<E: LaneWord>(
     let hd = rope.head_dim();
     let (n, rows) = (keys.len() / hd, q.len() / hd);
     assert!(fuses(rope) && keys.len() == n * hd && q.len() == rows * hd);
-    assert!(rows <= FUSED_ROWS, "at most {FUSED_ROWS} rows");
-    assert!(
-        first_pos + n <= rope.max_positions(),
-        "positions beyond the RoPE table"
-    );
-    assert!(
-        rows == 0 || scores.len() >= (rows - 1) * stride + n,
-        "scores: rows × stride"
-    );
+    attention::check_fused_scores(rows, n, stride, scores, rope, first_pos);
     // Checked above: every key, query row, table row and score slot is in bounds.
     dense_scores(keys, rope, first_pos, q, scores, stride);
 }
@@ -89,52 +82,45 @@ unsafe fn scores_ch<V: F32x16, E: LaneWord, const CH: usize, const INTERLEAVED: 
     let hd = CH * 16;
     let (n, rows) = (keys.len() / hd, q.len() / hd);
     let sign = V::load(SIGNS.as_ptr());
-    // [rows][8 keys][8]: each row's dot products of 8 keys, folded to 8 lanes.
-    let mut folded = [[[0f32; 8]; 8]; FUSED_ROWS];
-    let mut sums = [0f32; 8];
-    for t0 in (0..n).step_by(8) {
-        let m = 8.min(n - t0);
-        for i in 0..m {
-            let t = t0 + i;
-            let k = keys.as_ptr().add(t * hd);
-            let x: [V; CH] = std::array::from_fn(|j| E::load16(k.add(16 * j)));
-            let (cos, sin) = rope.angles(first_pos + t);
-            let (cos, sin) = (cos.as_ptr(), sin.as_ptr());
-            let mut r = [V::zero(); CH];
-            if INTERLEAVED {
-                // Chunk j holds pairs 8j..8j+8: a' = a·cos − b·sin, b' = b·cos + a·sin.
-                for j in 0..CH {
-                    let (c, s) = (
-                        V::load(cos.add(16 * (j / 2))),
-                        V::load(sin.add(16 * (j / 2))),
-                    );
-                    let (c, s) = if j % 2 == 0 {
-                        (c.dup_lo(), s.dup_lo())
-                    } else {
-                        (c.dup_hi(), s.dup_hi())
-                    };
-                    r[j] = x[j].mul(c).add(x[j].swap_pairs().mul(s).mul(sign));
-                }
-            } else {
-                // Chunk j < CH/2 pairs with chunk j + CH/2: lo' = lo·cos − hi·sin, hi' = lo·sin + hi·cos.
-                for j in 0..CH / 2 {
-                    let (c, s) = (V::load(cos.add(16 * j)), V::load(sin.add(16 * j)));
-                    let (lo, hi) = (x[j], x[j + CH / 2]);
-                    r[j] = lo.mul(c).sub(hi.mul(s));
-                    r[j + CH / 2] = lo.mul(s).add(hi.mul(c));
-                }
+    let key = |t: usize, i: usize, folded: &mut attention::Folded| {
+        let k = keys.as_ptr().add(t * hd);
+        let x: [V; CH] = std::array::from_fn(|j| E::load16(k.add(16 * j)));
+        let (cos, sin) = rope.angles(first_pos + t);
+        let (cos, sin) = (cos.as_ptr(), sin.as_ptr());
+        let mut r = [V::zero(); CH];
+        if INTERLEAVED {
+            // Chunk j holds pairs 8j..8j+8: a' = a·cos − b·sin, b' = b·cos + a·sin.
+            for j in 0..CH {
+                let (c, s) = (
+                    V::load(cos.add(16 * (j / 2))),
+                    V::load(sin.add(16 * (j / 2))),
+                );
+                let (c, s) = if j % 2 == 0 {
+                    (c.dup_lo(), s.dup_lo())
+                } else {
+                    (c.dup_hi(), s.dup_hi())
+                };
+                r[j] = x[j].mul(c).add(x[j].swap_pairs().mul(s).mul(sign));
             }
-            for (row, folded) in folded.iter_mut().enumerate().take(rows) {
-                let qr = q.as_ptr().add(row * hd);
-                let products: [V; CH] = std::array::from_fn(|j| r[j].mul(V::load(qr.add(16 * j))));
-                tree::<V, CH>(&products).fold8(folded[i].as_mut_ptr());
+        } else {
+            // Chunk j < CH/2 pairs with chunk j + CH/2: lo' = lo·cos − hi·sin, hi' = lo·sin + hi·cos.
+            for j in 0..CH / 2 {
+                let (c, s) = (V::load(cos.add(16 * j)), V::load(sin.add(16 * j)));
+                let (lo, hi) = (x[j], x[j + CH / 2]);
+                r[j] = lo.mul(c).sub(hi.mul(s));
+                r[j + CH / 2] = lo.mul(s).add(hi.mul(c));
             }
         }
-        for (row, folded) in folded.iter().enumerate().take(rows) {
-            tree_sums8(folded, &mut sums, avx2);
-            scores[row * stride + t0..row * stride + t0 + m].copy_from_slice(&sums[..m]);
+        for (row, folded) in folded.iter_mut().enumerate().take(rows) {
+            let qr = q.as_ptr().add(row * hd);
+            let products: [V; CH] = std::array::from_fn(|j| r[j].mul(V::load(qr.add(16 * j))));
+            tree::<V, CH>(&products).fold8(folded[i].as_mut_ptr());
         }
-    }
+    };
+    let write = |row: usize, t0: usize, sums: &[f32]| {
+        scores[row * stride + t0..][..sums.len()].copy_from_slice(sums);
+    };
+    attention::fused_scores_by_eights(avx2, n, rows, key, write);
 }
 
 /// Σ of `xs` (N a power of two) as a balanced tree of adjacent pairs: (x0 + x1) + (x2 + x3)

@@ -9,10 +9,11 @@
 //! the codebook gives the output.
 //! The loops are compiled per instruction set ([`rvq::multiversion!`], [`rvq::dispatch16!`]).
 
+use crate::attention;
 use crate::rope::{GroupRope, Rope};
 use rvq::kernels::dot_products;
 use rvq::lanes::LaneWord;
-use rvq::vector::{tree_sums8, F32x16};
+use rvq::vector::F32x16;
 use rvq::{Codewords, Quantizer};
 
 /// Keys decoded per pass, as many as attention asks for at once (its 256-position blocks): their
@@ -22,7 +23,7 @@ const KEY_BLOCK: usize = 256;
 /// Query rows up to which keys are scored by [`fused_key_scores`] (a decode step: the query
 /// heads of one KV head for a token or a few); more rows share each rotated key through a
 /// matrix product instead.
-pub const FUSED_ROWS: usize = 8;
+pub use crate::attention::FUSED_ROWS;
 
 /// `scores[r·stride + t] = scales[t] · q[r] · RoPE_{first_pos + t}(Σ codewords of key t)`,
 /// where `q` is [rows, hd] in group order, `codes` [n, groups·stages] and `scales` [n]. Few rows
@@ -60,7 +61,7 @@ pub fn fuses(rvq: &dyn Quantizer, group_rope: &GroupRope) -> bool {
 /// two groups' codewords are summed in registers (stage 0 first, f16 converted as loaded), the
 /// pair rotated (x·cos − y·sin, x·sin + y·cos), dotted with every row as
 /// ((x'₀·q₀ + x'₁·q₁) + (y'₀·q₂ + y'₁·q₃)) over 16-lane quarters, folded to 8 lanes and
-/// summed for 8 keys at once by [`tree_sums8`], then scaled. Every level computes exactly
+/// summed for 8 keys at once by [`rvq::vector::tree_sums8`], then scaled. Every level computes exactly
 /// this, so all give the same bits.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_key_scores(
@@ -76,18 +77,8 @@ pub fn fused_key_scores(
     let (k, n) = (rvq.stages(), scales.len());
     let rows = q.len() / 64;
     assert!(rvq.dim() == 32 && rope.head_dim() == 64 && q.len() == rows * 64);
-    assert!(
-        rows <= FUSED_ROWS && codes.len() == n * 2 * k,
-        "codes: [n, 2·stages]"
-    );
-    assert!(
-        first_pos + n <= rope.max_positions(),
-        "positions beyond the RoPE table"
-    );
-    assert!(
-        rows == 0 || scores.len() >= (rows - 1) * stride + n,
-        "scores: rows × stride"
-    );
+    assert_eq!(codes.len(), n * 2 * k, "codes: [n, 2·stages]");
+    attention::check_fused_scores(rows, n, stride, scores, rope, first_pos);
     rvq::codec::assert_codes_below(codes, rvq.size());
     // Checked above: every code names a codeword inside its [C, 32] codebook, every position
     // a row of the RoPE table, every score a slot of `scores`.
@@ -136,40 +127,33 @@ unsafe fn fused_scores_body<V: F32x16, W: LaneWord>(
 ) {
     let k = books.len();
     let (n, rows) = (scales.len(), q.len() / 64);
-    // [rows][8 keys][8]: each row's dot products of 8 keys, folded to 8 lanes.
-    let mut folded = [[[0f32; 8]; 8]; FUSED_ROWS];
-    let mut sums = [0f32; 8];
-    for t0 in (0..n).step_by(8) {
-        let m = 8.min(n - t0);
-        for i in 0..m {
-            let t = t0 + i;
-            let c = codes.as_ptr().add(t * 2 * k);
-            let (x0, x1) = sum_group::<V, W>(books, std::slice::from_raw_parts(c, k));
-            let (y0, y1) = sum_group::<V, W>(books, std::slice::from_raw_parts(c.add(k), k));
-            let (cos, sin) = rope.angles(first_pos + t);
-            let (c0, c1) = (V::load(cos.as_ptr()), V::load(cos.as_ptr().add(16)));
-            let (s0, s1) = (V::load(sin.as_ptr()), V::load(sin.as_ptr().add(16)));
-            let rx0 = x0.mul(c0).sub(y0.mul(s0));
-            let rx1 = x1.mul(c1).sub(y1.mul(s1));
-            let ry0 = x0.mul(s0).add(y0.mul(c0));
-            let ry1 = x1.mul(s1).add(y1.mul(c1));
-            for (r, folded) in folded.iter_mut().enumerate().take(rows) {
-                let qr = q.as_ptr().add(r * 64);
-                let x = rx0.mul(V::load(qr)).add(rx1.mul(V::load(qr.add(16))));
-                let y = ry0
-                    .mul(V::load(qr.add(32)))
-                    .add(ry1.mul(V::load(qr.add(48))));
-                x.add(y).fold8(folded[i].as_mut_ptr());
-            }
+    let key = |t: usize, i: usize, folded: &mut attention::Folded| {
+        let c = codes.as_ptr().add(t * 2 * k);
+        let (x0, x1) = sum_group::<V, W>(books, std::slice::from_raw_parts(c, k));
+        let (y0, y1) = sum_group::<V, W>(books, std::slice::from_raw_parts(c.add(k), k));
+        let (cos, sin) = rope.angles(first_pos + t);
+        let (c0, c1) = (V::load(cos.as_ptr()), V::load(cos.as_ptr().add(16)));
+        let (s0, s1) = (V::load(sin.as_ptr()), V::load(sin.as_ptr().add(16)));
+        let rx0 = x0.mul(c0).sub(y0.mul(s0));
+        let rx1 = x1.mul(c1).sub(y1.mul(s1));
+        let ry0 = x0.mul(s0).add(y0.mul(c0));
+        let ry1 = x1.mul(s1).add(y1.mul(c1));
+        for (r, folded) in folded.iter_mut().enumerate().take(rows) {
+            let qr = q.as_ptr().add(r * 64);
+            let x = rx0.mul(V::load(qr)).add(rx1.mul(V::load(qr.add(16))));
+            let y = ry0
+                .mul(V::load(qr.add(32)))
+                .add(ry1.mul(V::load(qr.add(48))));
+            x.add(y).fold8(folded[i].as_mut_ptr());
         }
-        for (r, folded) in folded.iter().enumerate().take(rows) {
-            tree_sums8(folded, &mut sums, avx2);
-            let out = &mut scores[r * stride + t0..r * stride + t0 + m];
-            for ((o, s), scale) in out.iter_mut().zip(&sums).zip(&scales[t0..t0 + m]) {
-                *o = s * scale;
-            }
+    };
+    let write = |r: usize, t0: usize, sums: &[f32]| {
+        let out = &mut scores[r * stride + t0..][..sums.len()];
+        for ((o, s), scale) in out.iter_mut().zip(sums).zip(&scales[t0..]) {
+            *o = s * scale;
         }
-    }
+    };
+    attention::fused_scores_by_eights(avx2, n, rows, key, write);
 }
 
 rvq::multiversion! {
