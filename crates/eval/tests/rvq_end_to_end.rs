@@ -6,7 +6,7 @@ use common::{eval_tokens, home, model, small_calib_config};
 use eval::calibrate::calibrate;
 use eval::ppl::{perplexity, PplOptions, Protocol};
 use kvcache::codebooks::Codebooks;
-use kvcache::rvq_cache::{KeyPath, RvqCache, RvqOptions, ValuePath};
+use kvcache::rvq_cache::{BookPrecision, KeyPath, RvqCache, RvqOptions, ValuePath};
 use rvq::rng::SplitMix64;
 use rvq::Rvq;
 
@@ -60,6 +60,12 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
         f16 < rvq && rvq < rnd,
         "f16 {f16}, calibrated rvq {rvq}, random rvq {rnd}"
     );
+    // Codebooks held in i8: the same codes' worth of quality, within RVQ's float-level noise.
+    let int8 = ppl(&format!("rvq:{},books=i8", trained.display()));
+    assert!(
+        f16 < int8 && (int8 / rvq - 1.0).abs() < 0.02,
+        "f16 {f16}, rvq {rvq}, rvq with i8 books {int8}"
+    );
 
     // Accounting: 2 groups x 2 stages x 6 bits = 24 bits = 3 bytes + 2 bytes of scale per head
     // vector of 64 elements = 0.625 bits/element.
@@ -74,8 +80,12 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
     };
     assert_eq!(m.bytes, 10 * 30 * 3 * 2 * 5);
     assert!((m.bits_per_element() - 0.625).abs() < 1e-12);
-    // Codebooks held in f16 (the default): 30 layers × K and V × 2 stages × 64 × 32 × 2 bytes.
+    // Codebooks held in f16 (the default): 30 layers × K and V × 2 stages × 64 × 32 × 2 bytes;
+    // in i8, 1 byte each plus an f32 scale per stage and channel.
     assert_eq!(m.fixed_bytes, 30 * 2 * 2 * 64 * 32 * 2);
+    let spec = format!("rvq:{},books=i8", trained.display());
+    let cache = model().new_cache(&spec).unwrap();
+    assert_eq!(cache.memory().fixed_bytes, 30 * 2 * 2 * (64 * 32 + 32 * 4));
 
     // On one cache state, attention on codes (keys summed, rotated and dotted in registers;
     // values summed per token in registers, or through per-stage histograms) gives the logits
@@ -84,10 +94,22 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
     // window keeps the new token out of the codes here.)
     let tokens = &eval_tokens()[..41];
     let books = std::sync::Arc::new(Codebooks::load(&trained).unwrap());
+    for precision in [BookPrecision::F16, BookPrecision::I8] {
+        codes_give_the_logits_of_decoding(tokens, books.clone(), precision);
+    }
+}
+
+/// See the end of [`calibrated_cache_sits_between_f16_and_random_codebooks`].
+fn codes_give_the_logits_of_decoding(
+    tokens: &[u32],
+    books: std::sync::Arc<Codebooks>,
+    precision: BookPrecision,
+) {
     let config = model().cache_config(false).unwrap();
     let options = RvqOptions {
         sinks: 2,
         recent: 4,
+        books: precision,
         ..RvqOptions::default()
     };
     let mut decode =
@@ -115,7 +137,7 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
             .fold(0f32, f32::max);
         assert!(
             worst < 2e-3,
-            "codes ({values:?}) vs decode logits differ by {worst}"
+            "codes ({values:?}, {precision:?} books) vs decode logits differ by {worst}"
         );
     }
 }

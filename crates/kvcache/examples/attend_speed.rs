@@ -4,7 +4,7 @@
 //! 9 query heads). The model's own per-token work is not included: see `rvq-kv bench` for that.
 use kvcache::codebooks::{CodebookMeta, Codebooks, LayerBooks, PartSettings};
 use kvcache::dense::{F16Cache, F32Cache};
-use kvcache::rvq_cache::{RvqCache, RvqOptions, ValuePath};
+use kvcache::rvq_cache::{BookPrecision, RvqCache, RvqOptions, ValuePath};
 use kvcache::{CacheShape, KvCache, ModelIdentity, Queries, Rope, RopeLayout};
 use rvq::rng::SplitMix64;
 use rvq::{Grouping, Rvq};
@@ -83,9 +83,16 @@ fn main() {
             }),
         ),
         (
+            "rvq,books=i8",
+            rvq_cache(RvqOptions {
+                books: BookPrecision::I8,
+                ..RvqOptions::default()
+            }),
+        ),
+        (
             "rvq,books=f32",
             rvq_cache(RvqOptions {
-                half_books: false,
+                books: BookPrecision::F32,
                 ..RvqOptions::default()
             }),
         ),

@@ -12,9 +12,8 @@
 use crate::attention;
 use crate::rope::{GroupRope, Rope};
 use rvq::kernels::dot_products;
-use rvq::lanes::LaneWord;
 use rvq::vector::F32x16;
-use rvq::{Codewords, Quantizer};
+use rvq::{Codewords, GroupSum, Quantizer};
 
 /// Keys decoded per pass, as many as attention asks for at once (its 256-position blocks): their
 /// sums ([256, head_dim] f32, 64 KB) stay in L2 while being rotated and multiplied.
@@ -89,34 +88,22 @@ pub fn fused_key_scores(
         Codewords::F32(books) => {
             fused_scores(books, rope, codes, scales, first_pos, q, scores, stride)
         }
+        Codewords::I8(books) => {
+            fused_scores(books, rope, codes, scales, first_pos, q, scores, stride)
+        }
     }
 }
 
 rvq::dispatch16! {
-    fn fused_scores<W: LaneWord>(books: &[Vec<W>], rope: &Rope, codes: &[u16], scales: &[f32], first_pos: usize, q: &[f32], scores: &mut [f32], stride: usize) = fused_scores_body;
-}
-
-/// The two 16-lane halves of Σ_s `books[s]`[codes[s]] (d = 32), stage 0 first.
-///
-/// # Safety
-/// Every code < C of its codebook; the CPU runs `V`'s level.
-#[inline(always)]
-unsafe fn sum_group<V: F32x16, W: LaneWord>(books: &[Vec<W>], codes: &[u16]) -> (V, V) {
-    let (mut lo, mut hi) = (V::zero(), V::zero());
-    for (&code, book) in codes.iter().zip(books) {
-        let w = book.as_ptr().add(code as usize * 32);
-        lo = lo.add(W::load16(w));
-        hi = hi.add(W::load16(w.add(16)));
-    }
-    (lo, hi)
+    fn fused_scores<B: GroupSum>(books: B, rope: &Rope, codes: &[u16], scales: &[f32], first_pos: usize, q: &[f32], scores: &mut [f32], stride: usize) = fused_scores_body;
 }
 
 /// See [`fused_key_scores`], which checks the shapes this relies on.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn fused_scores_body<V: F32x16, W: LaneWord>(
+unsafe fn fused_scores_body<V: F32x16, B: GroupSum>(
     avx2: bool,
-    books: &[Vec<W>],
+    books: B,
     rope: &Rope,
     codes: &[u16],
     scales: &[f32],
@@ -125,12 +112,12 @@ unsafe fn fused_scores_body<V: F32x16, W: LaneWord>(
     scores: &mut [f32],
     stride: usize,
 ) {
-    let k = books.len();
+    let k = books.stages();
     let (n, rows) = (scales.len(), q.len() / 64);
     let key = |t: usize, i: usize, folded: &mut attention::Folded| {
         let c = codes.as_ptr().add(t * 2 * k);
-        let (x0, x1) = sum_group::<V, W>(books, std::slice::from_raw_parts(c, k));
-        let (y0, y1) = sum_group::<V, W>(books, std::slice::from_raw_parts(c.add(k), k));
+        let (x0, x1) = books.sum_group::<V>(std::slice::from_raw_parts(c, k));
+        let (y0, y1) = books.sum_group::<V>(std::slice::from_raw_parts(c.add(k), k));
         let (cos, sin) = rope.angles(first_pos + t);
         let (c0, c1) = (V::load(cos.as_ptr()), V::load(cos.as_ptr().add(16)));
         let (s0, s1) = (V::load(sin.as_ptr()), V::load(sin.as_ptr().add(16)));
@@ -246,19 +233,20 @@ pub fn fused_value_sums(
     match rvq.codewords() {
         Codewords::F16(books) => value_sums(books, groups, codes, weights, lanes, rows, sums),
         Codewords::F32(books) => value_sums(books, groups, codes, weights, lanes, rows, sums),
+        Codewords::I8(books) => value_sums(books, groups, codes, weights, lanes, rows, sums),
     }
 }
 
 rvq::dispatch16! {
-    fn value_sums<W: LaneWord>(books: &[Vec<W>], groups: usize, codes: &[u16], weights: &[f32], lanes: usize, rows: usize, sums: &mut [f32]) = value_sums_body;
+    fn value_sums<B: GroupSum>(books: B, groups: usize, codes: &[u16], weights: &[f32], lanes: usize, rows: usize, sums: &mut [f32]) = value_sums_body;
 }
 
 /// See [`fused_value_sums`]: one group at a time, up to four rows' sums in registers.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn value_sums_body<V: F32x16, W: LaneWord>(
+unsafe fn value_sums_body<V: F32x16, B: GroupSum>(
     _avx2: bool,
-    books: &[Vec<W>],
+    books: B,
     groups: usize,
     codes: &[u16],
     weights: &[f32],
@@ -270,18 +258,18 @@ unsafe fn value_sums_body<V: F32x16, W: LaneWord>(
         for r0 in (0..rows).step_by(4) {
             let chunk = (books, groups, g, codes, weights, lanes, r0, &mut *sums);
             match rows - r0 {
-                1 => value_sums_rows::<V, W, 1>(chunk),
-                2 => value_sums_rows::<V, W, 2>(chunk),
-                3 => value_sums_rows::<V, W, 3>(chunk),
-                _ => value_sums_rows::<V, W, 4>(chunk),
+                1 => value_sums_rows::<V, B, 1>(chunk),
+                2 => value_sums_rows::<V, B, 2>(chunk),
+                3 => value_sums_rows::<V, B, 3>(chunk),
+                _ => value_sums_rows::<V, B, 4>(chunk),
             }
         }
     }
 }
 
 /// Group `g`, rows `r0..r0 + R` of [`fused_value_sums`].
-type ValueChunk<'a, W> = (
-    &'a [Vec<W>],
+type ValueChunk<'a, B> = (
+    B,
     usize,
     usize,
     &'a [u16],
@@ -292,16 +280,16 @@ type ValueChunk<'a, W> = (
 );
 
 #[inline(always)]
-unsafe fn value_sums_rows<V: F32x16, W: LaneWord, const R: usize>(
-    (books, groups, g, codes, weights, lanes, r0, sums): ValueChunk<W>,
+unsafe fn value_sums_rows<V: F32x16, B: GroupSum, const R: usize>(
+    (books, groups, g, codes, weights, lanes, r0, sums): ValueChunk<B>,
 ) {
-    let k = books.len();
+    let k = books.stages();
     let row = groups * k;
     let n = codes.len() / row;
     let mut acc = [[V::zero(); 2]; R];
     for t in 0..n {
         let c = std::slice::from_raw_parts(codes.as_ptr().add(t * row + g * k), k);
-        let (lo, hi) = sum_group::<V, W>(books, c);
+        let (lo, hi) = books.sum_group::<V>(c);
         let w = weights.as_ptr().add(t * lanes + r0);
         for (r, acc) in acc.iter_mut().enumerate() {
             let wr = V::splat(*w.add(r));
@@ -395,7 +383,7 @@ mod tests {
     use crate::attention::check_scores_at_every_level;
     use crate::rope::RopeLayout;
     use rvq::rng::SplitMix64;
-    use rvq::{Grouping, HalfRvq, Rvq, VectorLayout};
+    use rvq::{Grouping, HalfRvq, I8Rvq, Rvq, VectorLayout};
 
     /// Slow reference: key t decoded in f64 in channel order (strided groups), scaled, rotated
     /// with llama's interleaved pairs at its position, dotted with each row's channel-order query.
@@ -461,10 +449,25 @@ mod tests {
             for (g, c) in q.chunks_exact_mut(64).zip(q_channels.chunks_exact(64)) {
                 group_rope.to_group_order(c, g);
             }
+            // i8 books hold other values (scaled as loaded): checked against the reference of
+            // their dequantized codewords.
+            let int8 = I8Rvq::from_rvq(&rvq);
             let want = reference(&rvq, &rope, &codes, &scales, first_pos, &q_channels);
+            let want_int8 = reference(
+                &int8.to_rvq(),
+                &rope,
+                &codes,
+                &scales,
+                first_pos,
+                &q_channels,
+            );
             let stride = n + 4;
             let mut by_books = vec![];
-            for quantizer in [&rvq as &dyn Quantizer, &half] {
+            for (quantizer, want) in [
+                (&rvq as &dyn Quantizer, &want),
+                (&half, &want),
+                (&int8, &want_int8),
+            ] {
                 let mut each = rvq::simd::at_each_level(|_| {
                     let mut scores = vec![f32::NAN; rows * stride];
                     key_scores(
@@ -513,21 +516,32 @@ mod tests {
                     weights[t * lanes + r] = rng.unit() as f32;
                 }
             }
-            let mut want = vec![0f64; rows * groups * 32];
-            for t in 0..n {
-                for g in 0..groups {
-                    for s in 0..k {
-                        let w = rvq.codeword(s, codes[(t * groups + g) * k + s] as usize);
-                        for r in 0..rows {
-                            for (j, &x) in w.iter().enumerate() {
-                                want[(r * groups + g) * 32 + j] +=
-                                    weights[t * lanes + r] as f64 * x as f64;
+            // Σ_t weight · (Σ_s codeword) in f64, per row and group, from `books`' codewords.
+            let weighted_sums = |books: &Rvq| {
+                let mut want = vec![0f64; rows * groups * 32];
+                for t in 0..n {
+                    for g in 0..groups {
+                        for s in 0..k {
+                            let w = books.codeword(s, codes[(t * groups + g) * k + s] as usize);
+                            for r in 0..rows {
+                                for (j, &x) in w.iter().enumerate() {
+                                    want[(r * groups + g) * 32 + j] +=
+                                        weights[t * lanes + r] as f64 * x as f64;
+                                }
                             }
                         }
                     }
                 }
-            }
-            for quantizer in [&rvq as &dyn Quantizer, &half] {
+                want
+            };
+            // i8 books hold other values: checked against their dequantized codewords' sums.
+            let int8 = I8Rvq::from_rvq(&rvq);
+            let (want, want_int8) = (weighted_sums(&rvq), weighted_sums(&int8.to_rvq()));
+            for (quantizer, want) in [
+                (&rvq as &dyn Quantizer, &want),
+                (&half, &want),
+                (&int8, &want_int8),
+            ] {
                 let each = rvq::simd::at_each_level(|_| {
                     let mut sums = vec![0f32; rows * groups * 32];
                     let w = (&weights[..], lanes, rows);
@@ -535,7 +549,7 @@ mod tests {
                     sums
                 });
                 for (level, got) in &each {
-                    for (a, w) in got.iter().zip(&want) {
+                    for (a, w) in got.iter().zip(want) {
                         let at = format!("{groups} groups, {rows} rows, {level:?}");
                         assert!((*a as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "{at}");
                     }

@@ -11,7 +11,7 @@ use crate::{
 use half::f16;
 use rvq::few::FewVectorEncoder;
 use rvq::pack::PackedRows;
-use rvq::{HalfRvq, Quantizer, Rvq, VectorLayout};
+use rvq::{HalfRvq, I8Rvq, Quantizer, Rvq, VectorLayout};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -36,10 +36,32 @@ pub struct RvqOptions {
     /// codebooks as held (`encode=books`, the default), for half the codebooks' bytes again —
     /// and attention, which gathers from the codebooks, then finds them cold.
     pub lane_encoder: bool,
-    /// Hold the codebooks in f16 ([`rvq::HalfRvq`], the default): half their memory and half
-    /// the bytes a decode step reads from them; codes and sums are those of the f16-rounded
-    /// codewords (perplexity unchanged within noise). `false` keeps them in f32 as trained.
-    pub half_books: bool,
+    /// How the codebooks are held (`books=f16`, the default).
+    pub books: BookPrecision,
+}
+
+/// How an RVQ cache holds its codebooks; fewer bytes held are also fewer bytes a decode step
+/// reads from them (encoding searches every stage, attention gathers codewords).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BookPrecision {
+    /// As trained.
+    F32,
+    /// Rounded to f16 ([`rvq::HalfRvq`]): half the bytes; codes and sums are those of the
+    /// f16-rounded codewords (perplexity unchanged within noise).
+    #[default]
+    F16,
+    /// i8 with an f32 scale per stage and channel ([`rvq::I8Rvq`]): a quarter of the bytes;
+    /// sums are those of the dequantized codewords, and so are the codes but for near ties a
+    /// decode step's search may break the other way (perplexity unchanged within noise).
+    I8,
+}
+
+impl std::str::FromStr for BookPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let choices = [("f32", Self::F32), ("f16", Self::F16), ("i8", Self::I8)];
+        one_of("books", s, &choices)
+    }
 }
 
 /// How attention scores queries against coded keys.
@@ -131,7 +153,7 @@ impl Default for RvqOptions {
             values: ValuePath::Auto,
             keys: KeyPath::Fused,
             lane_encoder: false,
-            half_books: true,
+            books: BookPrecision::F16,
         }
     }
 }
@@ -177,10 +199,10 @@ pub fn prepare_quantizer(
         Some(k) => Arc::new(q.truncated(k).map_err(book_error)?),
         None => q,
     };
-    Ok(if options.half_books {
-        Arc::new(HalfRvq::from_rvq(&q).map_err(book_error)?)
-    } else {
-        q
+    Ok(match options.books {
+        BookPrecision::F32 => q,
+        BookPrecision::F16 => Arc::new(HalfRvq::from_rvq(&q).map_err(book_error)?),
+        BookPrecision::I8 => Arc::new(I8Rvq::from_rvq(&q)),
     })
 }
 
@@ -705,8 +727,10 @@ impl KvCache for RvqCache {
         if o.lane_encoder {
             s += ",encode=lanes";
         }
-        if !o.half_books {
-            s += ",books=f32";
+        match o.books {
+            BookPrecision::F32 => s += ",books=f32",
+            BookPrecision::F16 => {}
+            BookPrecision::I8 => s += ",books=i8",
         }
         match (o.quantize_keys, o.quantize_values) {
             (true, false) => s += ",only=k",
@@ -1211,7 +1235,10 @@ mod tests {
                 round_to_f16(&mut b);
             }
             let o = RvqOptions {
-                half_books,
+                books: match half_books {
+                    true => BookPrecision::F16,
+                    false => BookPrecision::F32,
+                },
                 ..RvqOptions::default()
             };
             let mut c = RvqCache::new(shape, rope.clone(), Arc::new(b), o, "x".into()).unwrap();
@@ -1249,6 +1276,68 @@ mod tests {
             (mh.fixed_bytes, mf.fixed_bytes),
             (2 * 3 * 37 * 32 * 2, 2 * 3 * 37 * 32 * 4)
         );
+    }
+
+    #[test]
+    fn i8_books_attend_as_the_f32_books_of_their_dequantized_codewords() {
+        let tokens = 300;
+        let (k, v) = (data(tokens * 128, 44), data(tokens * 128, 45));
+        let q = data(tokens * 6 * 64, 46);
+        let rope: Arc<LayerRopes> =
+            Arc::new(Rope::new(64, 500.0, 400, RopeLayout::Interleaved).into());
+        let (shape, b) = paper_shaped(Grouping::Strided, 9);
+        let mut dequantized = b.clone();
+        let back = |q: &Arc<Rvq>| Arc::new(I8Rvq::from_rvq(q).to_rvq());
+        for layer in &mut dequantized.layers {
+            layer.keys = layer.keys.as_ref().map(back);
+            layer.values = layer.values.as_ref().map(back);
+        }
+        let cache_with = |b: Codebooks, books| {
+            let o = RvqOptions {
+                books,
+                ..RvqOptions::default()
+            };
+            let mut c = RvqCache::new(shape, rope.clone(), Arc::new(b), o, "x".into()).unwrap();
+            // A prefill (the batch encoder), then decode steps (the few-vector search on i8).
+            c.append(0, &k[..290 * 128], &v[..290 * 128]).unwrap();
+            for t in 290..tokens {
+                let at = t * 128..(t + 1) * 128;
+                c.append(0, &k[at.clone()], &v[at]).unwrap();
+            }
+            c
+        };
+        let mut int8 = cache_with(b, BookPrecision::I8);
+        let mut full = cache_with(dequantized, BookPrecision::F32);
+        assert!(int8.spec().ends_with(",books=i8"));
+        assert!("i8".parse::<BookPrecision>() == Ok(BookPrecision::I8));
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{what}: differs by {worst}");
+        };
+        // Random codebooks leave no near ties in these few decode steps: the same codes.
+        for (h, part) in [(0, Part::Keys), (1, Part::Values)] {
+            let (mut a, mut b) = (vec![0f32; tokens * 64], vec![0f32; tokens * 64]);
+            int8.read(0, h, part, 0..tokens, &mut a).unwrap();
+            full.read(0, h, part, 0..tokens, &mut b).unwrap();
+            close(&a, &b, &format!("{part:?}"));
+        }
+        for values in [ValuePath::Fused, ValuePath::Histogram, ValuePath::Decode] {
+            int8.set_value_path(values);
+            full.set_value_path(values);
+            for (first, rows) in [(tokens - 1, 1), (0, tokens)] {
+                let queries = paper_queries(&q, first, rows, None);
+                let (mut a, mut b) = (vec![0f32; rows * 384], vec![0f32; rows * 384]);
+                int8.attend(0, &queries, &mut a).unwrap();
+                full.attend(0, &queries, &mut b).unwrap();
+                close(&a, &b, &format!("{values:?}, {rows} rows"));
+            }
+        }
+        // Two parts × 3 stages × (37 codewords × 32 bytes + 32 f32 scales).
+        assert_eq!(int8.memory().fixed_bytes, 2 * 3 * (37 * 32 + 32 * 4));
     }
 
     #[test]
@@ -1464,6 +1553,7 @@ mod tests {
             ",keys=decode",
             ",encode=lanes,books=f32",
             ",books=f32,only=k",
+            ",books=i8",
         ] {
             let spec = format!("{file}{opts}");
             assert_eq!(crate::spec::build(&spec, &config).unwrap().spec(), spec);
@@ -1472,7 +1562,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            e.to_string().contains("books=f8: expected f16 or f32"),
+            e.to_string().contains("books=f8: expected f32, f16 or i8"),
             "{e}"
         );
     }

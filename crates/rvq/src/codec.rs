@@ -90,11 +90,86 @@ impl Quantizer for Rvq {
     }
 }
 
-/// A quantizer's codebooks as held: [stages] of [C, d], in f32 or f16.
+/// A quantizer's codebooks as held: [stages] of [C, d], in f32, f16 or i8 with scales.
 #[derive(Clone, Copy, Debug)]
 pub enum Codewords<'a> {
     F32(&'a [Vec<f32>]),
     F16(&'a [Vec<f16>]),
+    I8(ScaledI8<'a>),
+}
+
+/// i8 codebooks ([stages] of [C, d]) with per-stage, per-channel scales ([stages] of [d]):
+/// codeword c of stage s is `scales[s] ⊙ books[s][c]` (see [`crate::I8Rvq`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ScaledI8<'a> {
+    pub books: &'a [Vec<i8>],
+    pub scales: &'a [Vec<f32>],
+}
+
+/// d = 32 codebooks as the fused kernels gather them: per group, the sum of the codewords its
+/// codes name, in f32 lanes, stage 0 first.
+pub trait GroupSum: Copy + Send + Sync {
+    /// Stages K.
+    fn stages(&self) -> usize;
+    /// The two 16-lane halves of Σ_s (codeword `codes[s]` of stage s).
+    ///
+    /// # Safety
+    /// `codes` holds K codes, each < C of its codebook; the CPU runs `V`'s level.
+    unsafe fn sum_group<V: F32x16>(self, codes: &[u16]) -> (V, V);
+}
+
+impl<W: LaneWord> GroupSum for &[Vec<W>] {
+    fn stages(&self) -> usize {
+        self.len()
+    }
+    #[inline(always)]
+    unsafe fn sum_group<V: F32x16>(self, codes: &[u16]) -> (V, V) {
+        let (mut lo, mut hi) = (V::zero(), V::zero());
+        for (&code, book) in codes.iter().zip(self) {
+            let w = book.as_ptr().add(code as usize * 32);
+            lo = lo.add(W::load16(w));
+            hi = hi.add(W::load16(w.add(16)));
+        }
+        (lo, hi)
+    }
+}
+
+impl GroupSum for ScaledI8<'_> {
+    fn stages(&self) -> usize {
+        self.books.len()
+    }
+    /// Each codeword converted as it is loaded, then `q · scale + sum` in one rounding.
+    #[inline(always)]
+    unsafe fn sum_group<V: F32x16>(self, codes: &[u16]) -> (V, V) {
+        let (mut lo, mut hi) = (V::zero(), V::zero());
+        for ((&code, book), scale) in codes.iter().zip(self.books).zip(self.scales) {
+            let (w, sc) = (book.as_ptr().add(code as usize * 32), scale.as_ptr());
+            lo = V::load_i8(w).mul_add(V::load(sc), lo);
+            hi = V::load_i8(w.add(16)).mul_add(V::load(sc.add(16)), hi);
+        }
+        (lo, hi)
+    }
+}
+
+crate::dispatch16! {
+    /// `acc` [n, groups·32] = per vector and group the sum of its codewords ([`GroupSum`]),
+    /// from `codes` [n, groups·stages]; the caller checked every code < C.
+    pub(crate) fn sum_groups_d32<B: GroupSum>(books: B, codes: &[u16], acc: &mut [f32]) = sum_groups_d32_body;
+}
+
+#[inline(always)]
+unsafe fn sum_groups_d32_body<V: F32x16, B: GroupSum>(
+    _avx2: bool,
+    books: B,
+    codes: &[u16],
+    acc: &mut [f32],
+) {
+    let k = books.stages();
+    for (a, c) in acc.chunks_exact_mut(32).zip(codes.chunks_exact(k)) {
+        let (lo, hi) = books.sum_group::<V>(c);
+        lo.store(a.as_mut_ptr());
+        hi.store(a.as_mut_ptr().add(16));
+    }
 }
 
 /// A quantizer whose codebooks are held in f16.
@@ -189,28 +264,12 @@ impl Quantizer for HalfRvq {
         f16_to_f32(&self.codebooks[stage][code * d..(code + 1) * d], out);
     }
     fn encode(&self, x: &[f32], beam: usize, codes: &mut [u16]) -> Result<()> {
-        let d = self.dim;
-        check_vectors(d, self.stages(), x, codes.len(), "vectors to encode")?;
-        check_finite(x, "vectors to encode")?;
-        let n = x.len() / d;
-        // As `Rvq` would for these vectors: one block through the matrix product unless the
-        // lane kernel takes the batch.
-        let lanes = n >= crate::lanes::MIN_BATCH && crate::lanes::available(d);
-        if beam == 1 && n <= kernels::BLOCK && !lanes {
-            self.encode_few_greedy(x, codes);
-            return Ok(());
-        }
-        // Batches and beams: converting all codebooks costs little next to the search.
-        self.to_rvq().encode(x, beam, codes)
+        let few = |x: &[f32], codes: &mut [u16]| self.encode_few_greedy(x, codes);
+        encode_held(self, x, beam, codes, Some(&few), || self.to_rvq())
     }
     fn sum_codewords(&self, groups: usize, codes: &[u16], acc: &mut [f32]) {
         let (d, k) = (self.dim, self.stages());
-        assert_eq!(
-            codes.len() / (groups * k),
-            acc.len() / (groups * d),
-            "codes and sums disagree on n"
-        );
-        assert_codes_below(codes, self.size);
+        check_sums(self, groups, codes, acc);
         #[cfg(target_arch = "x86_64")]
         if d == 32 && crate::lanes::available(32) {
             // SAFETY: AVX2 and F16C checked; every code < C, so every codeword read is inside
@@ -236,6 +295,46 @@ impl Quantizer for HalfRvq {
     ) {
         add_weighted_codewords(self.codebook(stage), self.dim, weights, out, stride)
     }
+}
+
+/// Greedy codes ([n, stages]) of a decode step's few vectors ([n, d]).
+pub(crate) type FewEncoder<'a> = dyn Fn(&[f32], &mut [u16]) + 'a;
+
+/// [`Quantizer::encode`] for codebooks held in another form than f32: the checks, then a
+/// decode step's few vectors (greedy, one block, below the lane kernel's batch) through `few`
+/// where given, and everything else — batches, beams — through the f32 quantizer `full()`
+/// (converting all codebooks costs little next to those searches).
+pub(crate) fn encode_held(
+    q: &dyn Quantizer,
+    x: &[f32],
+    beam: usize,
+    codes: &mut [u16],
+    few: Option<&FewEncoder>,
+    full: impl FnOnce() -> Rvq,
+) -> Result<()> {
+    let d = q.dim();
+    check_vectors(d, q.stages(), x, codes.len(), "vectors to encode")?;
+    check_finite(x, "vectors to encode")?;
+    let n = x.len() / d;
+    let lanes = n >= crate::lanes::MIN_BATCH && crate::lanes::available(d);
+    match few {
+        Some(few) if beam == 1 && n <= kernels::BLOCK && !lanes => {
+            few(x, codes);
+            Ok(())
+        }
+        _ => full().encode(x, beam, codes),
+    }
+}
+
+/// The shape checks of [`Quantizer::sum_codewords`]: `codes` [n, groups·stages] and `acc`
+/// [n, groups·d] agree on n, and every code names a codeword.
+pub(crate) fn check_sums(q: &dyn Quantizer, groups: usize, codes: &[u16], acc: &[f32]) {
+    assert_eq!(
+        codes.len() / (groups * q.stages()),
+        acc.len() / (groups * q.dim()),
+        "codes and sums disagree on n"
+    );
+    assert_codes_below(codes, q.size());
 }
 
 /// Panics unless every code is below `size`: kernels that read codewords without bounds checks

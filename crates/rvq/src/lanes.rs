@@ -109,6 +109,36 @@ impl LaneWord for half::f16 {
     }
 }
 
+/// i8 lanes: a codebook quantized per channel ([`crate::I8Rvq`]), the scales applied outside.
+impl LaneWord for i8 {
+    fn from_f32(v: f32) -> Self {
+        v.round().clamp(-127.0, 127.0) as i8
+    }
+    fn to_f32(self) -> f32 {
+        f32::from(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8x2(a: *const Self, b: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let both = _mm_unpacklo_epi64(
+            _mm_loadl_epi64(a as *const __m128i),
+            _mm_loadl_epi64(b as *const __m128i),
+        );
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(both))
+    }
+    #[inline(always)]
+    unsafe fn load16<V: F32x16>(p: *const Self) -> V {
+        V::load_i8(p)
+    }
+}
+
 /// One codebook of d = 32 in lane groups.
 #[derive(Clone, Debug)]
 pub struct LaneBook<T> {

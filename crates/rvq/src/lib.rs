@@ -13,6 +13,7 @@
 pub mod codec;
 pub mod few;
 pub mod hadamard;
+pub mod int8;
 pub mod io;
 pub mod kernels;
 pub mod lanes;
@@ -25,7 +26,8 @@ pub mod simd;
 pub mod train;
 pub mod vector;
 
-pub use codec::{Codewords, HalfRvq, Quantizer};
+pub use codec::{Codewords, GroupSum, HalfRvq, Quantizer, ScaledI8};
+pub use int8::I8Rvq;
 pub use layout::{Grouping, VectorLayout};
 pub use quantizer::Rvq;
 pub use train::{EmaCodebooks, TrainConfig, TrainReport, VectorSource};

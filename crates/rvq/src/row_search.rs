@@ -385,8 +385,10 @@ mod tests {
     use crate::rng::SplitMix64;
     use half::f16;
 
-    fn check<T: LaneWord>(rng: &mut SplitMix64, c: usize, m: usize) {
-        let stored: Vec<T> = (0..c * DIM).map(|_| T::from_f32(rng.normal())).collect();
+    fn check<T: LaneWord>(rng: &mut SplitMix64, c: usize, m: usize, spread: f32) {
+        let stored: Vec<T> = (0..c * DIM)
+            .map(|_| T::from_f32(rng.normal() * spread))
+            .collect();
         let book: Vec<f32> = stored.iter().map(|w| w.to_f32()).collect();
         let norms = row_norms(&book, DIM);
         let x: Vec<f32> = (0..m * DIM).map(|_| rng.normal()).collect();
@@ -400,7 +402,7 @@ mod tests {
     }
 
     #[test]
-    fn nearest_equals_the_slow_reference_in_f32_and_f16() {
+    fn nearest_equals_the_slow_reference_in_f32_f16_and_i8() {
         if !available(DIM) {
             eprintln!("no AVX2/FMA/F16C here: the row-search kernel does not run, nor its test");
             return;
@@ -408,8 +410,9 @@ mod tests {
         let mut rng = SplitMix64::new(5);
         // Sizes with and without a tail past the blocks of 8; one vector to a batch's worth.
         for (c, m) in [(2048, 6), (37, 3), (8, 1), (300, 13), (5, 2)] {
-            check::<f32>(&mut rng, c, m);
-            check::<f16>(&mut rng, c, m);
+            check::<f32>(&mut rng, c, m, 1.0);
+            check::<f16>(&mut rng, c, m, 1.0);
+            check::<i8>(&mut rng, c, m, 40.0);
         }
     }
 
@@ -443,6 +446,21 @@ mod tests {
                 .collect();
             assert_eq!(run(true), run(false), "C {c}, {m} vectors");
             assert_eq!(run(true), want, "C {c}, {m} vectors");
+        }
+        // i8 codewords (converted exactly at both levels), over their whole range.
+        for (c, m) in [(2048, 6), (300, 13), (37, 5)] {
+            let stored: Vec<i8> = (0..c * DIM)
+                .map(|_| (rng.below(255) as i32 - 127) as i8)
+                .collect();
+            let norms = row_norms(&stored.iter().map(|&q| q as f32).collect::<Vec<_>>(), DIM);
+            let x: Vec<f32> = (0..m * DIM).map(|_| rng.normal() * 60.0).collect();
+            let run = |wide: bool| {
+                let mut got = vec![0u32; m];
+                // SAFETY: as above.
+                unsafe { nearest_avx2(&stored, &norms, &x, &mut got, &[], wide) };
+                got
+            };
+            assert_eq!(run(true), run(false), "i8, C {c}, {m} vectors");
         }
         // Midpoints of two random codewords: which of the two wins is decided by rounding
         // alone, so sums in another order would flip some of the codes.

@@ -2,8 +2,8 @@
 //!
 //! A hot loop written once against [`F32x16`] and compiled by [`dispatch16!`](crate::dispatch16)
 //! runs at every [`Level`](crate::simd::Level) with the same operations lane for lane, so every
-//! level gives the same bits: adds, multiplies and subtractions are separate (no fused
-//! multiply-add, which the portable build would have to emulate in software), and the one
+//! level gives the same bits: adds, multiplies and subtractions are separate (the one fused
+//! multiply-add, [`F32x16::mul_add`], is fused at every level), and the one
 //! horizontal reduction, [`F32x16::fold8`] followed by [`tree_sums8`], has a fixed order.
 //!
 //! Where a whole AVX-512 register pays: a d = 32 codeword is two registers instead of four,
@@ -25,10 +25,15 @@ pub trait F32x16: Copy {
     unsafe fn load(p: *const f32) -> Self;
     /// Sixteen f16 values at `p`, converted exactly.
     unsafe fn load_f16(p: *const f16) -> Self;
+    /// Sixteen i8 values at `p`, converted exactly.
+    unsafe fn load_i8(p: *const i8) -> Self;
     unsafe fn store(self, p: *mut f32);
     unsafe fn add(self, o: Self) -> Self;
     unsafe fn sub(self, o: Self) -> Self;
     unsafe fn mul(self, o: Self) -> Self;
+    /// `self · m + a`, rounded once (a fused multiply-add at every level: the portable one
+    /// is `f32::mul_add`, slow where the CPU has no FMA, but the same bits).
+    unsafe fn mul_add(self, m: Self, a: Self) -> Self;
     /// `out[l] = self[l] + self[l + 8]` for l < 8: the first step of a horizontal sum, whose
     /// rest [`tree_sums8`] does for eight vectors at once.
     unsafe fn fold8(self, out: *mut f32);
@@ -129,6 +134,10 @@ impl F32x16 for Portable {
         Self(h.map(f16_bits_to_f32))
     }
     #[inline(always)]
+    unsafe fn load_i8(p: *const i8) -> Self {
+        Self(std::ptr::read_unaligned(p as *const [i8; 16]).map(f32::from))
+    }
+    #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
         std::ptr::write_unaligned(p as *mut [f32; 16], self.0)
     }
@@ -143,6 +152,10 @@ impl F32x16 for Portable {
     #[inline(always)]
     unsafe fn mul(self, o: Self) -> Self {
         Self(std::array::from_fn(|l| self.0[l] * o.0[l]))
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, m: Self, a: Self) -> Self {
+        Self(std::array::from_fn(|l| self.0[l].mul_add(m.0[l], a.0[l])))
     }
     #[inline(always)]
     unsafe fn fold8(self, out: *mut f32) {
@@ -198,6 +211,14 @@ mod x86 {
             )
         }
         #[inline(always)]
+        unsafe fn load_i8(p: *const i8) -> Self {
+            let b = _mm_loadu_si128(p as *const __m128i);
+            Self(
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(b))),
+            )
+        }
+        #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
             _mm256_storeu_ps(p, self.0);
             _mm256_storeu_ps(p.add(8), self.1);
@@ -213,6 +234,13 @@ mod x86 {
         #[inline(always)]
         unsafe fn mul(self, o: Self) -> Self {
             Self(_mm256_mul_ps(self.0, o.0), _mm256_mul_ps(self.1, o.1))
+        }
+        #[inline(always)]
+        unsafe fn mul_add(self, m: Self, a: Self) -> Self {
+            Self(
+                _mm256_fmadd_ps(self.0, m.0, a.0),
+                _mm256_fmadd_ps(self.1, m.1, a.1),
+            )
         }
         #[inline(always)]
         unsafe fn fold8(self, out: *mut f32) {
@@ -264,6 +292,12 @@ mod x86 {
             Self(_mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)))
         }
         #[inline(always)]
+        unsafe fn load_i8(p: *const i8) -> Self {
+            Self(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                p as *const __m128i,
+            ))))
+        }
+        #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
             _mm512_storeu_ps(p, self.0)
         }
@@ -278,6 +312,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn mul(self, o: Self) -> Self {
             Self(_mm512_mul_ps(self.0, o.0))
+        }
+        #[inline(always)]
+        unsafe fn mul_add(self, m: Self, a: Self) -> Self {
+            Self(_mm512_fmadd_ps(self.0, m.0, a.0))
         }
         #[inline(always)]
         unsafe fn fold8(self, out: *mut f32) {
@@ -349,11 +387,19 @@ mod tests {
 
     /// Every operation of every lane type against plain scalar arithmetic.
     #[inline(always)]
-    unsafe fn exercise<V: F32x16>(avx2: bool, a: &[f32], b: &[f32], h: &[f16]) -> Vec<f32> {
+    unsafe fn exercise<V: F32x16>(
+        avx2: bool,
+        a: &[f32],
+        b: &[f32],
+        h: &[f16],
+        i: &[i8],
+    ) -> Vec<f32> {
         let (x, y) = (V::load(a.as_ptr()), V::load(b.as_ptr()));
         let z = x
             .mul(y)
             .add(V::load_f16(h.as_ptr()))
+            .add(V::load_i8(i.as_ptr()))
+            .mul_add(y, x)
             .sub(V::splat(0.5))
             .add(V::zero());
         let mut out = vec![0f32; 16 + 8 * 9 + 48];
@@ -373,7 +419,7 @@ mod tests {
     }
 
     crate::dispatch16! {
-        fn exercise_at_level(a: &[f32], b: &[f32], h: &[f16]) -> Vec<f32> = exercise;
+        fn exercise_at_level(a: &[f32], b: &[f32], h: &[f16], i: &[i8]) -> Vec<f32> = exercise;
     }
 
     #[test]
@@ -397,8 +443,16 @@ mod tests {
         let a: Vec<f32> = (0..16).map(|_| rng.normal()).collect();
         let b: Vec<f32> = (0..16).map(|_| rng.normal()).collect();
         let h: Vec<f16> = (0..16).map(|_| f16::from_f32(rng.normal())).collect();
+        // Both ends of i8's range, then random values.
+        let i: Vec<i8> = (0..16)
+            .map(|l| match l {
+                0 => i8::MIN,
+                1 => i8::MAX,
+                _ => rng.below(256) as u8 as i8,
+            })
+            .collect();
         let z: Vec<f32> = (0..16)
-            .map(|l| a[l] * b[l] + h[l].to_f32() - 0.5 + 0.0)
+            .map(|l| (a[l] * b[l] + h[l].to_f32() + i[l] as f32).mul_add(b[l], a[l]) - 0.5 + 0.0)
             .collect();
         let mut want = z.clone();
         for i in 0..8 {
@@ -413,7 +467,7 @@ mod tests {
         want.extend((0..16).map(|l| z[l ^ 1]));
         want.extend((0..16).map(|l| z[l / 2]));
         want.extend((0..16).map(|l| z[8 + l / 2]));
-        let each = crate::simd::at_each_level(|_| exercise_at_level(&a, &b, &h));
+        let each = crate::simd::at_each_level(|_| exercise_at_level(&a, &b, &h, &i));
         for (level, got) in &each {
             assert_eq!(got, &want, "{level:?}");
         }

@@ -16,7 +16,7 @@ pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
     /// Cache specs to compare (repeat the flag); the first is the reference of the ratios.
-    /// Default: f16, q8_0, q4_0, kivi2 and the demo's paper-config RVQ codebooks if calibrated
+    /// Default: f16, q8_0, q4_0, kivi2 and the demo's paper-config RVQ codebooks (held in f16 and in i8) if calibrated
     #[arg(long = "cache")]
     caches: Vec<String>,
     /// Context lengths, comma-separated (at most the model's context length, 8192 for SmolLM2,
@@ -84,13 +84,15 @@ fn run_model(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// f16, the scalar formats llama.cpp and KIVI users know, and the paper-config RVQ cache when
-/// `rvq-kv demo` (or calibrate) has written its codebooks.
+/// f16, the scalar formats llama.cpp and KIVI users know, and the paper-config RVQ cache (its
+/// codebooks held in f16, the default, and in i8) when `rvq-kv demo` (or calibrate) has
+/// written its codebooks.
 fn default_caches() -> Vec<String> {
     let mut caches: Vec<String> = ["f16", "q8_0", "q4_0", "kivi2"].map(String::from).into();
     let books = eval::assets::home().join("codebooks/smollm2-paper.safetensors");
     if books.is_file() {
         caches.push(format!("rvq:{}", books.display()));
+        caches.push(format!("rvq:{},books=i8", books.display()));
     } else {
         eprintln!(
             "rvq-kv: no {} yet (run `rvq-kv demo`): benchmarking without an RVQ cache",
