@@ -268,22 +268,10 @@ impl Quantizer for HalfRvq {
         encode_held(self, x, beam, codes, Some(&few), || self.to_rvq())
     }
     fn sum_codewords(&self, groups: usize, codes: &[u16], acc: &mut [f32]) {
-        let (d, k) = (self.dim, self.stages());
         check_sums(self, groups, codes, acc);
-        #[cfg(target_arch = "x86_64")]
-        if d == 32 && crate::lanes::available(32) {
-            // SAFETY: AVX2 and F16C checked; every code < C, so every codeword read is inside
-            // its [C, 32] codebook.
-            unsafe { sum_codewords_f16_avx2(&self.codebooks, codes, acc) };
-            return;
-        }
-        let mut w = vec![0f32; d];
-        for (a, c) in acc.chunks_exact_mut(d).zip(codes.chunks_exact(k)) {
-            a.fill(0.0);
-            for (&code, book) in c.iter().zip(&self.codebooks) {
-                book[code as usize * d..][..d].convert_to_f32_slice(&mut w);
-                a.iter_mut().zip(&w).for_each(|(a, w)| *a += w);
-            }
+        match self.dim {
+            32 => sum_groups_d32(&self.codebooks[..], codes, acc),
+            _ => sum_codewords_each(self, codes, acc),
         }
     }
     fn add_weighted_codewords(
@@ -337,6 +325,21 @@ pub(crate) fn check_sums(q: &dyn Quantizer, groups: usize, codes: &[u16], acc: &
     assert_codes_below(codes, q.size());
 }
 
+/// [`Quantizer::sum_codewords`] one codeword at a time through [`Quantizer::codeword_into`]
+/// (any d; stage 0 first, from zero): the fallback of the quantizers that hold codebooks
+/// converted, once [`check_sums`] passed.
+pub(crate) fn sum_codewords_each(q: &dyn Quantizer, codes: &[u16], acc: &mut [f32]) {
+    let (d, k) = (q.dim(), q.stages());
+    let mut w = vec![0f32; d];
+    for (a, c) in acc.chunks_exact_mut(d).zip(codes.chunks_exact(k)) {
+        a.fill(0.0);
+        for (s, &code) in c.iter().enumerate() {
+            q.codeword_into(s, code as usize, &mut w);
+            a.iter_mut().zip(&w).for_each(|(a, w)| *a += w);
+        }
+    }
+}
+
 /// Panics unless every code is below `size`: kernels that read codewords without bounds checks
 /// rely on it.
 pub fn assert_codes_below(codes: &[u16], size: usize) {
@@ -378,27 +381,6 @@ unsafe fn f16_to_f32_f16c(src: &[f16], dst: &mut [f32]) {
         _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
     }
     src[body..].convert_to_f32_slice(&mut dst[body..]);
-}
-
-/// [`Quantizer::sum_codewords`] at d = 32: a group's 32 sums held in 4 registers across the
-/// stages, each codeword converted from f16 as it is loaded.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn sum_codewords_f16_avx2(books: &[Vec<f16>], codes: &[u16], acc: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let k = books.len();
-    for (a, c) in acc.chunks_exact_mut(32).zip(codes.chunks_exact(k)) {
-        let mut sum = [_mm256_setzero_ps(); 4];
-        for (&code, book) in c.iter().zip(books) {
-            let p = book.as_ptr().add(code as usize * 32) as *const __m128i;
-            for (i, s) in sum.iter_mut().enumerate() {
-                *s = _mm256_add_ps(*s, _mm256_cvtph_ps(_mm_loadu_si128(p.add(i))));
-            }
-        }
-        for (i, s) in sum.iter().enumerate() {
-            _mm256_storeu_ps(a.as_mut_ptr().add(8 * i), *s);
-        }
-    }
 }
 
 /// Per-row weights of a codebook's codewords: (`weights` [C, lanes], lanes, rows ≤ lanes), row r

@@ -13,7 +13,8 @@
 //! — the same distances rounded another way, so a near tie may pick the other codeword.
 
 use crate::codec::{
-    add_weighted_codewords, check_sums, encode_held, Codewords, Quantizer, RowWeights, ScaledI8,
+    add_weighted_codewords, check_sums, encode_held, sum_codewords_each, sum_groups_d32, Codewords,
+    Quantizer, RowWeights, ScaledI8,
 };
 use crate::kernels::row_norms;
 use crate::lanes::LaneWord;
@@ -86,6 +87,14 @@ impl I8Rvq {
         &self.scales[stage]
     }
 
+    /// The codebooks and scales as the fused kernels gather them.
+    fn scaled(&self) -> ScaledI8<'_> {
+        ScaledI8 {
+            books: &self.codebooks,
+            scales: &self.scales,
+        }
+    }
+
     /// Stage `stage`'s codebook as f32: [C, d].
     fn dequantized(&self, stage: usize) -> Vec<f32> {
         let scale = &self.scales[stage];
@@ -142,10 +151,7 @@ impl Quantizer for I8Rvq {
         Cow::Owned(self.dequantized(stage))
     }
     fn codewords(&self) -> Codewords<'_> {
-        Codewords::I8(ScaledI8 {
-            books: &self.codebooks,
-            scales: &self.scales,
-        })
+        Codewords::I8(self.scaled())
     }
     fn codeword_into(&self, stage: usize, code: usize, out: &mut [f32]) {
         let d = self.dim;
@@ -161,22 +167,10 @@ impl Quantizer for I8Rvq {
         encode_held(self, x, beam, codes, few, || self.to_rvq())
     }
     fn sum_codewords(&self, groups: usize, codes: &[u16], acc: &mut [f32]) {
-        let (d, k) = (self.dim, self.stages());
         check_sums(self, groups, codes, acc);
-        if d == 32 {
-            let books = ScaledI8 {
-                books: &self.codebooks,
-                scales: &self.scales,
-            };
-            return crate::codec::sum_groups_d32(books, codes, acc);
-        }
-        let mut w = vec![0f32; d];
-        for (a, c) in acc.chunks_exact_mut(d).zip(codes.chunks_exact(k)) {
-            a.fill(0.0);
-            for (s, &code) in c.iter().enumerate() {
-                self.codeword_into(s, code as usize, &mut w);
-                a.iter_mut().zip(&w).for_each(|(a, w)| *a += w);
-            }
+        match self.dim {
+            32 => sum_groups_d32(self.scaled(), codes, acc),
+            _ => sum_codewords_each(self, codes, acc),
         }
     }
     fn add_weighted_codewords(
