@@ -24,6 +24,11 @@ const KEY_BLOCK: usize = 256;
 /// matrix product instead.
 pub use crate::attention::FUSED_ROWS;
 
+/// How many keys (or values) ahead the fused kernels ask for the codewords they will gather
+/// to be cached. Measured (attend_speed at 8K with the caches flushed between calls, as the
+/// model's weights flush them, i8 books, AVX2): 3.4 ms at 4 to 16 ahead vs 3.6 ms without.
+const PREFETCH_KEYS: usize = 8;
+
 /// `scores[r·stride + t] = scales[t] · q[r] · RoPE_{first_pos + t}(Σ codewords of key t)`,
 /// where `q` is [rows, hd] in group order, `codes` [n, groups·stages] and `scales` [n]. Few rows
 /// over the paper's head shape go through [`fused_key_scores`], the rest block by block.
@@ -115,6 +120,9 @@ unsafe fn fused_scores_body<V: F32x16, B: GroupSum>(
     let k = books.stages();
     let (n, rows) = (scales.len(), q.len() / 64);
     let key = |t: usize, i: usize, folded: &mut attention::Folded| {
+        if t + PREFETCH_KEYS < n {
+            books.prefetch_group(&codes[(t + PREFETCH_KEYS) * 2 * k..][..2 * k]);
+        }
         let c = codes.as_ptr().add(t * 2 * k);
         let (x0, x1) = books.sum_group::<V>(std::slice::from_raw_parts(c, k));
         let (y0, y1) = books.sum_group::<V>(std::slice::from_raw_parts(c.add(k), k));
@@ -288,6 +296,9 @@ unsafe fn value_sums_rows<V: F32x16, B: GroupSum, const R: usize>(
     let n = codes.len() / row;
     let mut acc = [[V::zero(); 2]; R];
     for t in 0..n {
+        if t + PREFETCH_KEYS < n {
+            books.prefetch_group(&codes[(t + PREFETCH_KEYS) * row + g * k..][..k]);
+        }
         let c = std::slice::from_raw_parts(codes.as_ptr().add(t * row + g * k), k);
         let (lo, hi) = books.sum_group::<V>(c);
         let w = weights.as_ptr().add(t * lanes + r0);

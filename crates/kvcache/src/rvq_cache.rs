@@ -50,7 +50,8 @@ pub enum BookPrecision {
     /// f16-rounded codewords (perplexity unchanged within noise).
     #[default]
     F16,
-    /// i8 with an f32 scale per stage and channel ([`rvq::I8Rvq`]): a quarter of the bytes;
+    /// i8 with a scale per stage and channel, whole multiples of one unit per channel so that a
+    /// vector's codewords sum exactly in i16 ([`rvq::I8Rvq`]): a quarter of the bytes;
     /// sums are those of the dequantized codewords, and so are the codes but for near ties a
     /// decode step's search may break the other way (perplexity unchanged within noise).
     I8,
@@ -1336,8 +1337,12 @@ mod tests {
                 close(&a, &b, &format!("{values:?}, {rows} rows"));
             }
         }
-        // Two parts × 3 stages × (37 codewords × 32 bytes + 32 f32 scales).
-        assert_eq!(int8.memory().fixed_bytes, 2 * 3 * (37 * 32 + 32 * 4));
+        // Two parts × (3 stages × (37 codewords × 32 bytes + 32 f32 scales + 32 i16
+        // multipliers) + 32 f32 units).
+        assert_eq!(
+            int8.memory().fixed_bytes,
+            2 * (3 * (37 * 32 + 32 * 4 + 32 * 2) + 32 * 4)
+        );
     }
 
     #[test]

@@ -98,12 +98,18 @@ pub enum Codewords<'a> {
     I8(ScaledI8<'a>),
 }
 
-/// i8 codebooks ([stages] of [C, d]) with per-stage, per-channel scales ([stages] of [d]):
-/// codeword c of stage s is `scales[s] ⊙ books[s][c]` (see [`crate::I8Rvq`]).
+/// i8 codebooks ([stages] of [C, d]) whose scale of stage s and channel j is an integer multiple
+/// of one unit per channel: codeword c of stage s is `unit ⊙ (multipliers[s] ⊙ books[s][c])`
+/// (see [`crate::I8Rvq`]). A vector's codewords then sum exactly in i16 before one conversion.
 #[derive(Clone, Copy, Debug)]
 pub struct ScaledI8<'a> {
     pub books: &'a [Vec<i8>],
+    /// [stages] of [d]: `unit ⊙ multipliers[s]`, as the encoder's searches weigh the residual.
     pub scales: &'a [Vec<f32>],
+    /// [stages] of [d], each ≥ 0 and Σ_s multipliers[s][j] ≤ [`crate::int8::MAX_MULTIPLIER_SUM`].
+    pub multipliers: &'a [Vec<i16>],
+    /// [d]
+    pub unit: &'a [f32],
 }
 
 /// d = 32 codebooks as the fused kernels gather them: per group, the sum of the codewords its
@@ -116,6 +122,22 @@ pub trait GroupSum: Copy + Send + Sync {
     /// # Safety
     /// `codes` holds K codes, each < C of its codebook; the CPU runs `V`'s level.
     unsafe fn sum_group<V: F32x16>(self, codes: &[u16]) -> (V, V);
+    /// Hints the CPU to cache the codewords `codes` names (K codes, each < C), a few keys
+    /// before [`GroupSum::sum_group`] reads them: at random codes the loads otherwise wait
+    /// on L2 misses one window of the out-of-order core at a time.
+    fn prefetch_group(self, codes: &[u16]);
+}
+
+/// Prefetch hint for the line holding `p` (T0: all levels).
+#[inline(always)]
+fn prefetch_line<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 impl<W: LaneWord> GroupSum for &[Vec<W>] {
@@ -132,22 +154,34 @@ impl<W: LaneWord> GroupSum for &[Vec<W>] {
         }
         (lo, hi)
     }
+    #[inline(always)]
+    fn prefetch_group(self, codes: &[u16]) {
+        for (&code, book) in codes.iter().zip(self) {
+            let w = book.as_ptr().wrapping_add(code as usize * 32);
+            prefetch_line(w);
+            prefetch_line(w.wrapping_add(31));
+        }
+    }
 }
 
 impl GroupSum for ScaledI8<'_> {
     fn stages(&self) -> usize {
         self.books.len()
     }
-    /// Each codeword converted as it is loaded, then `q · scale + sum` in one rounding.
+    /// Σ_s multipliers[s] ⊙ q_s in exact i16 lanes (|Σ| ≤ 127 · 258 < 2¹⁵), then one conversion
+    /// and one product with the unit ([`F32x16::sum_i8_multiples`]): the same bits at every level.
     #[inline(always)]
     unsafe fn sum_group<V: F32x16>(self, codes: &[u16]) -> (V, V) {
-        let (mut lo, mut hi) = (V::zero(), V::zero());
-        for ((&code, book), scale) in codes.iter().zip(self.books).zip(self.scales) {
-            let (w, sc) = (book.as_ptr().add(code as usize * 32), scale.as_ptr());
-            lo = V::load_i8(w).mul_add(V::load(sc), lo);
-            hi = V::load_i8(w.add(16)).mul_add(V::load(sc.add(16)), hi);
+        let words = codes.iter().zip(self.books).zip(self.multipliers);
+        let words =
+            words.map(|((&code, book), m)| (book.as_ptr().add(code as usize * 32), m.as_ptr()));
+        V::sum_i8_multiples(words, self.unit.as_ptr())
+    }
+    #[inline(always)]
+    fn prefetch_group(self, codes: &[u16]) {
+        for (&code, book) in codes.iter().zip(self.books) {
+            prefetch_line(book.as_ptr().wrapping_add(code as usize * 32));
         }
-        (lo, hi)
     }
 }
 
