@@ -462,7 +462,7 @@ mod tests {
             }
             // i8 books hold other values (scaled as loaded): checked against the reference of
             // their dequantized codewords.
-            let int8 = I8Rvq::from_rvq(&rvq);
+            let int8 = I8Rvq::from_rvq(&rvq).unwrap();
             let want = reference(&rvq, &rope, &codes, &scales, first_pos, &q_channels);
             let want_int8 = reference(
                 &int8.to_rvq(),
@@ -546,7 +546,7 @@ mod tests {
                 want
             };
             // i8 books hold other values: checked against their dequantized codewords' sums.
-            let int8 = I8Rvq::from_rvq(&rvq);
+            let int8 = I8Rvq::from_rvq(&rvq).unwrap();
             let (want, want_int8) = (weighted_sums(&rvq), weighted_sums(&int8.to_rvq()));
             for (quantizer, want) in [
                 (&rvq as &dyn Quantizer, &want),

@@ -203,7 +203,7 @@ pub fn prepare_quantizer(
     Ok(match options.books {
         BookPrecision::F32 => q,
         BookPrecision::F16 => Arc::new(HalfRvq::from_rvq(&q).map_err(book_error)?),
-        BookPrecision::I8 => Arc::new(I8Rvq::from_rvq(&q)),
+        BookPrecision::I8 => Arc::new(I8Rvq::from_rvq(&q).map_err(book_error)?),
     })
 }
 
@@ -1288,7 +1288,7 @@ mod tests {
             Arc::new(Rope::new(64, 500.0, 400, RopeLayout::Interleaved).into());
         let (shape, b) = paper_shaped(Grouping::Strided, 9);
         let mut dequantized = b.clone();
-        let back = |q: &Arc<Rvq>| Arc::new(I8Rvq::from_rvq(q).to_rvq());
+        let back = |q: &Arc<Rvq>| Arc::new(I8Rvq::from_rvq(q).unwrap().to_rvq());
         for layer in &mut dequantized.layers {
             layer.keys = layer.keys.as_ref().map(back);
             layer.values = layer.values.as_ref().map(back);

@@ -8,11 +8,11 @@
 //! whole number m_s[j] of one unit u[j] per channel: per channel, because keys keep uneven
 //! channels after the std scaling; whole units, so that a vector's K codewords sum exactly in
 //! i16 lanes (Σ_s m_s · q_s, 16 or 32 lanes an instruction) and convert to f32 once, instead of
-//! each being converted and scaled in f32 (measured: −25% RVQ attention at 8K in the model).
+//! each being converted and scaled in f32 (measured: 15–25% off RVQ attention in the model).
 //!
 //! An [`I8Rvq`] decodes as the f32 quantizer of its dequantized codewords ([`I8Rvq::to_rvq`])
-//! within one rounding (its sums are exact until the last product), and encodes batches through it. A decode step's few vectors are
-//! searched on the i8 codewords as held, against the residual multiplied by the stage's scales
+//! within one rounding (its sums are exact until the last product), and encodes batches through
+//! it. A decode step's few vectors are searched on the i8 codewords as held, against the residual multiplied by the stage's scales
 //! — the same distances rounded another way, so a near tie may pick the other codeword.
 
 use crate::codec::{
@@ -51,9 +51,16 @@ pub struct I8Rvq {
 impl I8Rvq {
     /// `rvq`'s codebooks quantized per stage and channel, round to nearest on each stage's step
     /// (a channel that is zero in every codeword of every stage keeps unit 0; one zero in a stage
-    /// gets multiplier 0 there).
-    pub fn from_rvq(rvq: &Rvq) -> Self {
+    /// gets multiplier 0 there). More stages than [`MAX_MULTIPLIER_SUM`] cannot all have a
+    /// multiplier of at least 1 and are an error.
+    pub fn from_rvq(rvq: &Rvq) -> Result<Self> {
         let (dim, size, k) = (rvq.dim(), rvq.size(), rvq.stages());
+        if k as i32 > MAX_MULTIPLIER_SUM {
+            return Err(crate::RvqError::Config(format!(
+                "i8 codebooks hold at most {MAX_MULTIPLIER_SUM} stages (their sums must be exact \
+                 in i16); this quantizer has {k}"
+            )));
+        }
         // [stages] of [dim]: each stage's own range per channel, max |c_j| / 127.
         let ranges: Vec<Vec<f32>> = (0..k)
             .map(|s| {
@@ -100,7 +107,7 @@ impl I8Rvq {
             out.codebooks.push(q);
             out.norms.push(row_norms(&out.dequantized(s), dim));
         }
-        out
+        Ok(out)
     }
 
     /// The f32 quantizer of the same (dequantized) codewords.
@@ -199,8 +206,9 @@ fn stage_multipliers(ranges: &[Vec<f32>]) -> (Vec<Vec<i16>>, Vec<f32>) {
         if total == 0.0 {
             continue;
         }
-        // Rounded up so that the f32 unit times ⌈r / u⌉ still covers r.
-        let mut u = (total / budget) as f32;
+        // Rounded up so that the f32 unit times ⌈r / u⌉ still covers r; at least the smallest
+        // normal f32, below which every ⌈r / u⌉ of a normal codebook is 1 anyway.
+        let mut u = ((total / budget) as f32).max(f32::MIN_POSITIVE);
         let ceil = |r: f32, u: f32| (f64::from(r) / f64::from(u)).ceil();
         while ranges.iter().map(|r| ceil(r[j], u)).sum::<f64>() > f64::from(MAX_MULTIPLIER_SUM) {
             u = f32::from_bits(u.to_bits() + 1);
@@ -295,7 +303,7 @@ mod tests {
         let mut rng = SplitMix64::new(8);
         let k = 3;
         let q = random_rvq(&mut rng, 32, 200, k);
-        let i8q = I8Rvq::from_rvq(&q);
+        let i8q = I8Rvq::from_rvq(&q).unwrap();
         assert_eq!(i8q.bytes() as usize, k * (200 * 32 + 32 * 6) + 32 * 4);
         for j in 0..32 {
             let unit = i8q.unit()[j];
@@ -324,11 +332,22 @@ mod tests {
             vec![0.0, 2.0, 0.0, -127.0, 0.0, 5.0],
             vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
         ];
-        let z = I8Rvq::from_rvq(&Rvq::from_codebooks(2, 3, books.clone()).unwrap());
+        let z = I8Rvq::from_rvq(&Rvq::from_codebooks(2, 3, books.clone()).unwrap()).unwrap();
         assert_eq!(z.unit()[0], 0.0);
         assert_eq!(z.multipliers(1), &[0, 0]);
         assert!((0..3).all(|c| (z.codebook_f32(0)[2 * c + 1] - books[0][2 * c + 1]).abs() <= 0.5));
         assert!(z.codebook_f32(1).iter().all(|&v| v == 0.0));
+        // More stages than whole units can be shared out: named, not wrapped.
+        let many = Rvq::from_codebooks(2, 2, vec![vec![1.0, 1.0, -1.0, 0.5]; 259]).unwrap();
+        let err = I8Rvq::from_rvq(&many).unwrap_err().to_string();
+        assert!(
+            err.contains("at most 258 stages") && err.contains("259"),
+            "{err}"
+        );
+        assert!(I8Rvq::from_rvq(
+            &Rvq::from_codebooks(2, 2, vec![vec![1.0, 1.0, -1.0, 0.5]; 258]).unwrap()
+        )
+        .is_ok());
     }
 
     /// Eight stages whose codewords sit at the channel's extreme, all with one sign: the i16
@@ -349,7 +368,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let q = I8Rvq::from_rvq(&Rvq::from_codebooks(d, c, books).unwrap());
+        let q = I8Rvq::from_rvq(&Rvq::from_codebooks(d, c, books).unwrap()).unwrap();
         for sign in [0u16, 1] {
             let codes = vec![sign; 2 * k];
             let want: Vec<f64> = (0..2 * d)
@@ -378,7 +397,7 @@ mod tests {
     fn decoding_matches_the_dequantized_f32_quantizer() {
         let mut rng = SplitMix64::new(9);
         for (d, groups) in [(32, 2), (6, 3)] {
-            let q = I8Rvq::from_rvq(&random_rvq(&mut rng, d, 300, 4));
+            let q = I8Rvq::from_rvq(&random_rvq(&mut rng, d, 300, 4)).unwrap();
             let f = q.to_rvq();
             let n = 23;
             let codes: Vec<u16> = (0..n * groups * 4).map(|_| rng.below(300) as u16).collect();
@@ -415,7 +434,7 @@ mod tests {
         // Without AVX2 the vectors go through the f32 quantizer, and all of this holds exactly.
         let mut rng = SplitMix64::new(10);
         let (c, k, m) = (2048, 8, 6);
-        let q = I8Rvq::from_rvq(&random_rvq(&mut rng, 32, c, k));
+        let q = I8Rvq::from_rvq(&random_rvq(&mut rng, 32, c, k)).unwrap();
         let f = q.to_rvq();
         let x: Vec<f32> = (0..m * 32).map(|_| rng.normal() * 2.0).collect();
         let mut codes = vec![0u16; m * k];
