@@ -81,11 +81,15 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
     assert_eq!(m.bytes, 10 * 30 * 3 * 2 * 5);
     assert!((m.bits_per_element() - 0.625).abs() < 1e-12);
     // Codebooks held in f16 (the default): 30 layers × K and V × 2 stages × 64 × 32 × 2 bytes;
-    // in i8, 1 byte each plus an f32 scale per stage and channel.
+    // in i8, 1 byte each plus per stage and channel an f32 scale and an i16 multiplier of the
+    // part's f32 unit per channel.
     assert_eq!(m.fixed_bytes, 30 * 2 * 2 * 64 * 32 * 2);
     let spec = format!("rvq:{},books=i8", trained.display());
     let cache = model().new_cache(&spec).unwrap();
-    assert_eq!(cache.memory().fixed_bytes, 30 * 2 * 2 * (64 * 32 + 32 * 4));
+    assert_eq!(
+        cache.memory().fixed_bytes,
+        30 * 2 * (2 * (64 * 32 + 32 * 4 + 32 * 2) + 32 * 4)
+    );
 
     // On one cache state, attention on codes (keys summed, rotated and dotted in registers;
     // values summed per token in registers, or through per-stage histograms) gives the logits
