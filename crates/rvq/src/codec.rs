@@ -104,8 +104,6 @@ pub enum Codewords<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct ScaledI8<'a> {
     pub books: &'a [Vec<i8>],
-    /// [stages] of [d]: `unit ⊙ multipliers[s]`, as the encoder's searches weigh the residual.
-    pub scales: &'a [Vec<f32>],
     /// [stages] of [d], each ≥ 0 and Σ_s multipliers[s][j] ≤ [`crate::int8::MAX_MULTIPLIER_SUM`].
     pub multipliers: &'a [Vec<i16>],
     /// [d]

@@ -12,8 +12,9 @@
 //!
 //! An [`I8Rvq`] decodes as the f32 quantizer of its dequantized codewords ([`I8Rvq::to_rvq`])
 //! within one rounding (its sums are exact until the last product), and encodes batches through
-//! it. A decode step's few vectors are searched on the i8 codewords as held, against the residual multiplied by the stage's scales
-//! — the same distances rounded another way, so a near tie may pick the other codeword.
+//! it. A decode step's few vectors are searched on the i8 codewords as held, against the
+//! residual multiplied by the stage's scales — the same distances rounded another way, so a
+//! near tie may pick the other codeword.
 
 use crate::codec::{
     add_weighted_codewords, check_sums, encode_held, sum_codewords_each, sum_groups_d32, Codewords,
@@ -140,7 +141,6 @@ impl I8Rvq {
     fn scaled(&self) -> ScaledI8<'_> {
         ScaledI8 {
             books: &self.codebooks,
-            scales: &self.scales,
             multipliers: &self.multipliers,
             unit: &self.unit,
         }
@@ -166,6 +166,7 @@ impl I8Rvq {
         let mut residual = x.to_vec(); // [m, d]
         let mut scaled = vec![0f32; m * d];
         let mut best = vec![0u32; m];
+        let mut word = vec![0f32; d];
         for s in 0..k {
             let scale = &self.scales[s];
             for (o, r) in scaled.chunks_exact_mut(d).zip(residual.chunks_exact(d)) {
@@ -176,7 +177,6 @@ impl I8Rvq {
             let next = self.codebooks.get(s + 1).map_or(&[][..], |b| &b[..]);
             let book = &self.codebooks[s];
             crate::row_search::nearest_prefetching(book, &self.norms[s], &scaled, &mut best, next);
-            let mut word = vec![0f32; d];
             for (r, rest) in residual.chunks_exact_mut(d).enumerate() {
                 codes[r * k + s] = best[r] as u16;
                 self.codeword_into(s, best[r] as usize, &mut word);

@@ -2,9 +2,9 @@
 //!
 //! A hot loop written once against [`F32x16`] and compiled by [`dispatch16!`](crate::dispatch16)
 //! runs at every [`Level`](crate::simd::Level) with the same operations lane for lane, so every
-//! level gives the same bits: adds, multiplies and subtractions are separate (the one fused
-//! multiply-add, [`F32x16::mul_add`], is fused at every level), and the one
-//! horizontal reduction, [`F32x16::fold8`] followed by [`tree_sums8`], has a fixed order.
+//! level gives the same bits: adds, multiplies and subtractions are separate, the i8 codeword
+//! sums ([`F32x16::sum_i8_multiples`]) are exact integer arithmetic before one product, and the
+//! one horizontal reduction, [`F32x16::fold8`] followed by [`tree_sums8`], has a fixed order.
 //!
 //! Where a whole AVX-512 register pays: a d = 32 codeword is two registers instead of four,
 //! and an f16 codeword converts with two instructions instead of four. Codeword element types
@@ -38,9 +38,6 @@ pub trait F32x16: Copy {
     unsafe fn add(self, o: Self) -> Self;
     unsafe fn sub(self, o: Self) -> Self;
     unsafe fn mul(self, o: Self) -> Self;
-    /// `self · m + a`, rounded once (a fused multiply-add at every level: the portable one
-    /// is `f32::mul_add`, slow where the CPU has no FMA, but the same bits).
-    unsafe fn mul_add(self, m: Self, a: Self) -> Self;
     /// `out[l] = self[l] + self[l + 8]` for l < 8: the first step of a horizontal sum, whose
     /// rest [`tree_sums8`] does for eight vectors at once.
     unsafe fn fold8(self, out: *mut f32);
@@ -180,10 +177,6 @@ impl F32x16 for Portable {
         Self(std::array::from_fn(|l| self.0[l] * o.0[l]))
     }
     #[inline(always)]
-    unsafe fn mul_add(self, m: Self, a: Self) -> Self {
-        Self(std::array::from_fn(|l| self.0[l].mul_add(m.0[l], a.0[l])))
-    }
-    #[inline(always)]
     unsafe fn fold8(self, out: *mut f32) {
         let h: [f32; 8] = std::array::from_fn(|l| self.0[l] + self.0[l + 8]);
         std::ptr::write_unaligned(out as *mut [f32; 8], h)
@@ -290,13 +283,6 @@ mod x86 {
             Self(_mm256_mul_ps(self.0, o.0), _mm256_mul_ps(self.1, o.1))
         }
         #[inline(always)]
-        unsafe fn mul_add(self, m: Self, a: Self) -> Self {
-            Self(
-                _mm256_fmadd_ps(self.0, m.0, a.0),
-                _mm256_fmadd_ps(self.1, m.1, a.1),
-            )
-        }
-        #[inline(always)]
         unsafe fn fold8(self, out: *mut f32) {
             _mm256_storeu_ps(out, _mm256_add_ps(self.0, self.1))
         }
@@ -391,10 +377,6 @@ mod x86 {
             Self(_mm512_mul_ps(self.0, o.0))
         }
         #[inline(always)]
-        unsafe fn mul_add(self, m: Self, a: Self) -> Self {
-            Self(_mm512_fmadd_ps(self.0, m.0, a.0))
-        }
-        #[inline(always)]
         unsafe fn fold8(self, out: *mut f32) {
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
             _mm256_storeu_ps(out, _mm256_add_ps(_mm512_castps512_ps256(self.0), hi))
@@ -476,7 +458,6 @@ mod tests {
             .mul(y)
             .add(V::load_f16(h.as_ptr()))
             .add(V::load_i8(i.as_ptr()))
-            .mul_add(y, x)
             .sub(V::splat(0.5))
             .add(V::zero());
         let mut out = vec![0f32; 16 + 8 * 9 + 48];
@@ -529,7 +510,7 @@ mod tests {
             })
             .collect();
         let z: Vec<f32> = (0..16)
-            .map(|l| (a[l] * b[l] + h[l].to_f32() + i[l] as f32).mul_add(b[l], a[l]) - 0.5 + 0.0)
+            .map(|l| a[l] * b[l] + h[l].to_f32() + i[l] as f32 - 0.5 + 0.0)
             .collect();
         let mut want = z.clone();
         for i in 0..8 {
