@@ -67,6 +67,8 @@ enum Command {
 }
 
 fn main() {
+    // Before any thread starts (it sets an environment variable).
+    llm::threads::settle_matmul_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fetch(a) => commands::fetch::run(a),
