@@ -22,6 +22,7 @@ use crate::codec::{
 };
 use crate::kernels::row_norms;
 use crate::lanes::LaneWord;
+use crate::vnni_search::{self, StageBound};
 use crate::{Result, Rvq};
 use std::borrow::Cow;
 
@@ -47,6 +48,8 @@ pub struct I8Rvq {
     unit: Vec<f32>,
     /// [stages] of [size]: squared norms of the dequantized codewords
     norms: Vec<Vec<f32>>,
+    /// [stages]: what the integer search needs to bound its rounding
+    bounds: Vec<StageBound>,
 }
 
 impl I8Rvq {
@@ -92,6 +95,7 @@ impl I8Rvq {
             multipliers,
             unit,
             norms: Vec::with_capacity(k),
+            bounds: Vec::with_capacity(k),
         };
         for s in 0..k {
             let scale = &out.scales[s];
@@ -107,6 +111,8 @@ impl I8Rvq {
                 .collect();
             out.codebooks.push(q);
             out.norms.push(row_norms(&out.dequantized(s), dim));
+            out.bounds
+                .push(StageBound::of(&out.codebooks[s], &out.norms[s]));
         }
         Ok(out)
     }
@@ -158,7 +164,8 @@ impl I8Rvq {
     }
 
     /// Greedy codes of a few d = 32 vectors: each stage's i8 codebook searched as held by
-    /// [`crate::row_search`], against the residual times the stage's scales (‖c‖² − 2·x·c =
+    /// [`crate::row_search`] (through integer dot products where [`vnni_search`] runs, with the
+    /// same codes), against the residual times the stage's scales (‖c‖² − 2·x·c =
     /// ‖c‖² − 2·(x ⊙ scale)·q); the residual then loses the dequantized codeword.
     fn encode_few_greedy(&self, x: &[f32], codes: &mut [u16]) {
         let (d, k) = (self.dim, self.stages());
@@ -176,7 +183,8 @@ impl I8Rvq {
             }
             let next = self.codebooks.get(s + 1).map_or(&[][..], |b| &b[..]);
             let book = &self.codebooks[s];
-            crate::row_search::nearest_prefetching(book, &self.norms[s], &scaled, &mut best, next);
+            let (norms, bound) = (&self.norms[s], self.bounds[s]);
+            vnni_search::nearest_prefetching(book, norms, bound, &scaled, &mut best, next);
             for (r, rest) in residual.chunks_exact_mut(d).enumerate() {
                 codes[r * k + s] = best[r] as u16;
                 self.codeword_into(s, best[r] as usize, &mut word);

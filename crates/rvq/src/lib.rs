@@ -25,6 +25,7 @@ pub mod row_search;
 pub mod simd;
 pub mod train;
 pub mod vector;
+pub mod vnni_search;
 
 pub use codec::{Codewords, GroupSum, HalfRvq, Quantizer, ScaledI8};
 pub use int8::I8Rvq;

@@ -210,7 +210,7 @@ unsafe fn hadd512(
 
 /// Prefetches a codebook into L2 a few cache lines per step of a search, to cover it by the
 /// search's end.
-struct Prefetch {
+pub(crate) struct Prefetch {
     at: *const i8,
     bytes: usize,
     fetched: usize,
@@ -218,7 +218,7 @@ struct Prefetch {
 }
 
 impl Prefetch {
-    fn new<T>(next: &[T], steps: usize) -> Self {
+    pub(crate) fn new<T>(next: &[T], steps: usize) -> Self {
         let bytes = std::mem::size_of_val(next);
         Self {
             at: next.as_ptr() as *const i8,
@@ -230,7 +230,7 @@ impl Prefetch {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn step(&mut self) {
+    pub(crate) unsafe fn step(&mut self) {
         use std::arch::x86_64::*;
         for _ in 0..self.per_step {
             if self.fetched < self.bytes {
@@ -306,6 +306,24 @@ unsafe fn nearest_pair_avx2<T: LaneWord>(
         *out = finish(book, norms, &x[v * DIM..(v + 1) * DIM], &vals, &idx, whole);
     }
     (out[0], out[1])
+}
+
+/// The score every kernel here gives codeword `word` ([32]) against `x` ([32]) when the codebook
+/// holds whole blocks: `norm` − 2·x·c with x·c rounded as they round it — per lane l < 8 a
+/// product, then multiply-adds over chunks s = 1..4 (x[8s + l]·c[8s + l]), then [`tree_sum8`]
+/// over the lanes. For kernels that choose candidates another way and must agree with these.
+///
+/// [`tree_sum8`]: crate::vector::tree_sum8
+#[inline(always)]
+pub fn score<T: LaneWord>(x: &[f32], word: &[T], norm: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    for (l, lane) in lanes.iter_mut().enumerate() {
+        *lane = x[l] * word[l].to_f32();
+        for s in 1..4 {
+            *lane = x[8 * s + l].mul_add(word[8 * s + l].to_f32(), *lane);
+        }
+    }
+    norm - 2.0 * crate::vector::tree_sum8(&lanes)
 }
 
 /// The best of a vector's lanes (value, codeword index), ties to the lower index, then of the
@@ -483,6 +501,59 @@ mod tests {
             got
         };
         assert_eq!(run(true), run(false));
+    }
+
+    /// argmin over codewords of [`score`], ties to the lower index.
+    pub(crate) fn argmin_score<T: LaneWord>(book: &[T], norms: &[f32], x: &[f32]) -> u32 {
+        let (mut bv, mut bi) = (f32::INFINITY, 0u32);
+        for (j, (w, &n)) in book.chunks_exact(DIM).zip(norms).enumerate() {
+            let v = score(x, w, n);
+            if v < bv {
+                (bv, bi) = (v, j as u32);
+            }
+        }
+        bi
+    }
+
+    #[test]
+    fn score_rounds_as_the_kernels_do() {
+        if !available(DIM) {
+            eprintln!("no AVX2/FMA/F16C here: the row-search kernel does not run, nor its test");
+            return;
+        }
+        let mut rng = SplitMix64::new(13);
+        // Midpoints of two codewords: which wins is decided by rounding alone, so a score
+        // rounded in another order than the kernels' would disagree with them on some.
+        let (c, m) = (2048, 1200);
+        let stored: Vec<i8> = (0..c * DIM)
+            .map(|_| (rng.normal() * 40.0).round().clamp(-127.0, 127.0) as i8)
+            .collect();
+        let scale: Vec<f32> = (0..DIM).map(|j| 0.003 + 0.001 * j as f32).collect();
+        let norms: Vec<f32> = stored
+            .chunks_exact(DIM)
+            .map(|w| {
+                w.iter()
+                    .zip(&scale)
+                    .map(|(&q, s)| (q as f32 * s).powi(2))
+                    .sum()
+            })
+            .collect();
+        let x: Vec<f32> = (0..m)
+            .flat_map(|_| {
+                let (a, b) = (rng.below(c), rng.below(c));
+                let mid = |j: usize| {
+                    (stored[a * DIM + j] as f32 + stored[b * DIM + j] as f32) * 0.5 * scale[j]
+                };
+                (0..DIM).map(|j| mid(j) * scale[j]).collect::<Vec<_>>()
+            })
+            .collect();
+        let mut got = vec![0u32; m];
+        nearest(&stored, &norms, &x, &mut got);
+        let want: Vec<u32> = x
+            .chunks_exact(DIM)
+            .map(|v| argmin_score(&stored, &norms, v))
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]
