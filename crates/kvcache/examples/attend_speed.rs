@@ -22,16 +22,20 @@ fn main() {
     };
     let rope: Arc<kvcache::LayerRopes> =
         Arc::new(Rope::new(64, 100000.0, ctx + 1, RopeLayout::Interleaved).into());
+    let size: usize = std::env::var("SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2048);
     let mut rng = SplitMix64::new(1);
     let mut rvq = || {
         let cbs = (0..8)
             .map(|s| {
-                (0..2048 * 32)
+                (0..size * 32)
                     .map(|_| rng.normal() / (s + 1) as f32)
                     .collect()
             })
             .collect();
-        Rvq::from_codebooks(32, 2048, cbs).unwrap()
+        Rvq::from_codebooks(32, size, cbs).unwrap()
     };
     let part = |grouping| PartSettings {
         group_dim: 32,
