@@ -67,8 +67,9 @@ enum Command {
 }
 
 fn main() {
-    // Before any thread starts (it sets an environment variable).
-    llm::threads::settle_matmul_threads();
+    // Before any thread starts (it sets an environment variable and makes this thread one of
+    // rayon's workers).
+    llm::threads::settle_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fetch(a) => commands::fetch::run(a),

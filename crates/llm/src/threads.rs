@@ -5,20 +5,24 @@
 //! VM, about 150 times per decode step of SmolLM2 (strace: 2420 reads in a 1K prefill and 16
 //! decode steps) — several milliseconds per token.
 
-/// Sets `RAYON_NUM_THREADS` to candle's own default (the physical cores it counts) unless it is
-/// set already, so that later products read the variable instead of `/proc/cpuinfo`; rayon's
-/// global pool (attention, encoding) keeps its own default, one thread per logical CPU. Call it
-/// first thing in `main`, before any thread exists: changing the environment while another
-/// thread reads it is undefined behaviour in libc.
-pub fn settle_matmul_threads() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
-        return;
+/// Settles the process's threads, first thing in `main`, before any thread exists (changing the
+/// environment while another thread reads it is undefined behaviour in libc):
+/// - sets `RAYON_NUM_THREADS` to candle's own default (the physical cores it counts) unless it is
+///   set already, so that later products read the variable instead of `/proc/cpuinfo`;
+/// - builds rayon's global pool with one thread per logical CPU (rayon's default), the calling
+///   thread being one of them. Parallel work started from a thread outside the pool is handed
+///   over and the caller sleeps on a lock until it is done — measured on the 2-core VM, the
+///   decode step's ~270 parallel regions (matrix products, attention, encode of every layer)
+///   paid a thread wake-up each; started from a worker, the other worker steals it from a queue.
+pub fn settle_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let matmul = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", matmul.to_string());
     }
-    let matmul = candle_core::utils::get_num_threads();
-    std::env::set_var("RAYON_NUM_THREADS", matmul.to_string());
     let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // Fails only if the pool exists already, which then keeps its size.
+    // Fails only if the pool exists already, which then stays as it is.
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(logical)
+        .use_current_thread()
         .build_global();
 }
