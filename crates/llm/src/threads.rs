@@ -11,9 +11,10 @@
 ///   set already, so that later products read the variable instead of `/proc/cpuinfo`;
 /// - builds rayon's global pool with one thread per logical CPU (rayon's default), the calling
 ///   thread being one of them. Parallel work started from a thread outside the pool is handed
-///   over and the caller sleeps on a lock until it is done — measured on the 2-core VM, the
-///   decode step's ~270 parallel regions (matrix products, attention, encode of every layer)
-///   paid a thread wake-up each; started from a worker, the other worker steals it from a queue.
+///   over and the caller sleeps on a lock until it is done, so every parallel region of a decode
+///   step (matrix products, attention, encode, in every layer) paid a thread wake-up; started
+///   from a worker, the other worker steals it from a queue (measured on the 2-core VM: f16
+///   attention at 1K 2.3–2.5 ms a step vs 5.0–5.4 ms, RVQ encode 2.5–3.0 vs 4.6–5.0 ms).
 pub fn settle_threads() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let matmul = candle_core::utils::get_num_threads();

@@ -504,7 +504,7 @@ mod tests {
     }
 
     /// argmin over codewords of [`score`], ties to the lower index.
-    pub(crate) fn argmin_score<T: LaneWord>(book: &[T], norms: &[f32], x: &[f32]) -> u32 {
+    fn argmin_score<T: LaneWord>(book: &[T], norms: &[f32], x: &[f32]) -> u32 {
         let (mut bv, mut bi) = (f32::INFINITY, 0u32);
         for (j, (w, &n)) in book.chunks_exact(DIM).zip(norms).enumerate() {
             let v = score(x, w, n);
