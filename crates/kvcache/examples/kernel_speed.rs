@@ -1,9 +1,9 @@
 //! One KV head's decode-step kernels on codes alone, single thread, ns per key:
 //! `cargo run --release -p kvcache --example kernel_speed -- [context] [reps]` (`SIZE=` codebook size).
-use kvcache::rope::{GroupRope, Rope, RopeLayout};
+use kvcache::rope::{Rope, RopeLayout};
 use kvcache::rvq_attention::{fused_key_scores, fused_value_sums};
 use rvq::rng::SplitMix64;
-use rvq::{Grouping, I8Rvq, Quantizer, Rvq, VectorLayout};
+use rvq::{I8Rvq, Quantizer, Rvq};
 use std::time::Instant;
 
 fn main() {
@@ -24,10 +24,8 @@ fn main() {
         .collect();
     let q8 = I8Rvq::from_rvq(&Rvq::from_codebooks(32, size, books).unwrap()).unwrap();
     let rope = Rope::new(64, 100000.0, n + 1, RopeLayout::Interleaved);
-    let layout = VectorLayout::new(64, 32, Grouping::Strided, true).unwrap();
-    let _ = GroupRope::new(&rope, &layout).unwrap();
     let codes: Vec<u16> = (0..n * 16).map(|_| rng.below(size) as u16).collect();
-    let scales: Vec<f32> = (0..n).map(|_| 1.0).collect();
+    let scales = vec![1f32; n];
     let q: Vec<f32> = (0..3 * 64).map(|_| rng.normal()).collect();
     let mut scores = vec![0f32; 3 * n];
     let time = |f: &mut dyn FnMut()| {

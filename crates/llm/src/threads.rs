@@ -1,4 +1,4 @@
-//! The thread count candle's matrix products use, settled once per process.
+//! The process's threads, settled once at start: candle's thread count and rayon's pool.
 //!
 //! candle asks for its thread count at every matrix product, and unless `RAYON_NUM_THREADS` is
 //! set it counts the physical cores by reading `/proc/cpuinfo` each time: ~40 µs on a 2-core

@@ -36,15 +36,12 @@ fn main() {
             b
         })
         .collect();
-    let norms: Vec<f32> = one
-        .chunks_exact(32)
-        .map(|w| {
-            w.iter()
-                .zip(&scale)
-                .map(|(&q, s)| (f32::from(q) * s).powi(2))
-                .sum()
-        })
+    let words: Vec<f32> = one
+        .iter()
+        .zip(scale.iter().cycle())
+        .map(|(&q, s)| f32::from(q) * s)
         .collect();
+    let norms = rvq::kernels::row_norms(&words, 32);
     let bound = StageBound::of(&one, &norms);
     // Six residual-like vectors (times the scales, as the encoder passes them).
     let x: Vec<f32> = (0..6 * 32)

@@ -529,15 +529,12 @@ mod tests {
             .map(|_| (rng.normal() * 40.0).round().clamp(-127.0, 127.0) as i8)
             .collect();
         let scale: Vec<f32> = (0..DIM).map(|j| 0.003 + 0.001 * j as f32).collect();
-        let norms: Vec<f32> = stored
-            .chunks_exact(DIM)
-            .map(|w| {
-                w.iter()
-                    .zip(&scale)
-                    .map(|(&q, s)| (q as f32 * s).powi(2))
-                    .sum()
-            })
+        let words: Vec<f32> = stored
+            .iter()
+            .zip(scale.iter().cycle())
+            .map(|(&q, s)| q as f32 * s)
             .collect();
+        let norms = row_norms(&words, DIM);
         let x: Vec<f32> = (0..m)
             .flat_map(|_| {
                 let (a, b) = (rng.below(c), rng.below(c));

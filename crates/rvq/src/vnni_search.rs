@@ -119,7 +119,6 @@ pub fn nearest_prefetching(
 }
 
 /// One vector's i8 steps: x = α·ρ + δ.
-#[derive(Clone, Copy, Default)]
 struct Rounded {
     /// ρ as 8 dwords of 4 bytes each, for `vpdpbusd`'s broadcast operand.
     dwords: [i32; 8],
@@ -287,15 +286,14 @@ mod tests {
         (q, norms, scale)
     }
 
+    /// Squared norms of the dequantized codewords q ⊙ scale, as `I8Rvq` holds them.
     fn norms_of(q: &[i8], scale: &[f32]) -> Vec<f32> {
-        q.chunks_exact(32)
-            .map(|w| {
-                w.iter()
-                    .zip(scale)
-                    .map(|(&q, s)| (f32::from(q) * s).powi(2))
-                    .sum()
-            })
-            .collect()
+        let words: Vec<f32> = q
+            .iter()
+            .zip(scale.iter().cycle())
+            .map(|(&q, s)| f32::from(q) * s)
+            .collect();
+        crate::kernels::row_norms(&words, DIM)
     }
 
     /// The integer kernel's codes equal the f32 kernel's.
