@@ -31,10 +31,10 @@ use clap::{Parser, Subcommand};
         \x20                              encode=lanes (a decode step's encode ~2x faster with AVX2,\n\
         \x20                              from an f16 copy of the codebooks: half their bytes again,\n\
         \x20                              and attention then reads the codebooks themselves cold),\n\
-        \x20                              books=f32|i8 (codebooks held in f32 as trained, or in i8\n\
-        \x20                              with a scale per stage and channel, summed in i16: a quarter\n\
-        \x20                              of f32's bytes, fewer for a decode step to read and sum;\n\
-        \x20                              default f16: half)\n\n\
+        \x20                              books=i8|f16|f32 (codebooks held in i8 with a scale per\n\
+        \x20                              stage and channel, summed in i16: a quarter of f32's bytes,\n\
+        \x20                              fewest for a decode step to read, sum and search, the\n\
+        \x20                              default; in f16, half; in f32 as trained)\n\n\
         Hot loops pick AVX-512, AVX2 or portable code at run time; RVQ_KV_SIMD=avx2|portable\n\
         forces a lower level (to compare them).",
     after_help = "Start with `rvq-kv demo`."

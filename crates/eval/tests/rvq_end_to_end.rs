@@ -60,11 +60,12 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
         f16 < rvq && rvq < rnd,
         "f16 {f16}, calibrated rvq {rvq}, random rvq {rnd}"
     );
-    // Codebooks held in i8: the same codes' worth of quality, within RVQ's float-level noise.
-    let int8 = ppl(&format!("rvq:{},books=i8", trained.display()));
+    // Codebooks held in i8 (the default) against f16: the same codes' worth of quality, within
+    // RVQ's float-level noise.
+    let half = ppl(&format!("rvq:{},books=f16", trained.display()));
     assert!(
-        f16 < int8 && (int8 / rvq - 1.0).abs() < 0.02,
-        "f16 {f16}, rvq {rvq}, rvq with i8 books {int8}"
+        f16 < half && (rvq / half - 1.0).abs() < 0.02,
+        "f16 {f16}, rvq {rvq}, rvq with f16 books {half}"
     );
 
     // Accounting: 2 groups x 2 stages x 6 bits = 24 bits = 3 bytes + 2 bytes of scale per head
@@ -80,16 +81,16 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
     };
     assert_eq!(m.bytes, 10 * 30 * 3 * 2 * 5);
     assert!((m.bits_per_element() - 0.625).abs() < 1e-12);
-    // Codebooks held in f16 (the default): 30 layers × K and V × 2 stages × 64 × 32 × 2 bytes;
-    // in i8, 1 byte each plus per stage and channel an f32 scale and an i16 multiplier of the
-    // part's f32 unit per channel.
-    assert_eq!(m.fixed_bytes, 30 * 2 * 2 * 64 * 32 * 2);
-    let spec = format!("rvq:{},books=i8", trained.display());
-    let cache = model().new_cache(&spec).unwrap();
+    // Codebooks held in i8 (the default): 1 byte per value plus per stage and channel an f32
+    // scale and an i16 multiplier of the part's f32 unit per channel, per layer and part;
+    // in f16, 30 layers × K and V × 2 stages × 64 × 32 × 2 bytes.
     assert_eq!(
-        cache.memory().fixed_bytes,
+        m.fixed_bytes,
         30 * 2 * (2 * (64 * 32 + 32 * 4 + 32 * 2) + 32 * 4)
     );
+    let spec = format!("rvq:{},books=f16", trained.display());
+    let cache = model().new_cache(&spec).unwrap();
+    assert_eq!(cache.memory().fixed_bytes, 30 * 2 * 2 * 64 * 32 * 2);
 
     // On one cache state, attention on codes (keys summed, rotated and dotted in registers;
     // values summed per token in registers, or through per-stage histograms) gives the logits

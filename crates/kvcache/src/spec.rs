@@ -11,7 +11,7 @@ use std::sync::Arc;
 /// Every spec form this build understands, for help texts and errors.
 pub const KNOWN_SPECS: &str = "f32, f16, q8_0|q4_0|int8|fp8[,rot][,post-rope], \
      kivi2|kivi4[,group=G][,residual=R][,post-rope], \
-     rvq:FILE.safetensors[,sinks=S][,recent=W][,beam=B][,only=k|v][,stages=K][,values=auto|fused|histogram|decode][,keys=fused|decode][,encode=books|lanes][,books=f16|f32|i8]";
+     rvq:FILE.safetensors[,sinks=S][,recent=W][,beam=B][,only=k|v][,stages=K][,values=auto|fused|histogram|decode][,keys=fused|decode][,encode=books|lanes][,books=i8|f16|f32]";
 
 /// The scalar baselines `compare` runs by default, best quality first.
 pub const SCALAR_BASELINES: [&str; 6] = ["q8_0", "int8", "fp8", "q4_0", "kivi4", "kivi2"];

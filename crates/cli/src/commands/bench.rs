@@ -85,14 +85,14 @@ fn run_model(a: Args) -> Result<()> {
 }
 
 /// f16, the scalar formats llama.cpp and KIVI users know, and the paper-config RVQ cache (its
-/// codebooks held in f16, the default, and in i8) when `rvq-kv demo` (or calibrate) has
+/// codebooks held in i8, the default, and in f16) when `rvq-kv demo` (or calibrate) has
 /// written its codebooks.
 fn default_caches() -> Vec<String> {
     let mut caches: Vec<String> = ["f16", "q8_0", "q4_0", "kivi2"].map(String::from).into();
     let books = eval::assets::home().join("codebooks/smollm2-paper.safetensors");
     if books.is_file() {
         caches.push(format!("rvq:{}", books.display()));
-        caches.push(format!("rvq:{},books=i8", books.display()));
+        caches.push(format!("rvq:{},books=f16", books.display()));
     } else {
         eprintln!(
             "rvq-kv: no {} yet (run `rvq-kv demo`): benchmarking without an RVQ cache",
