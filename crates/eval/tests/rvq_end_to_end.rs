@@ -81,16 +81,17 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
     };
     assert_eq!(m.bytes, 10 * 30 * 3 * 2 * 5);
     assert!((m.bits_per_element() - 0.625).abs() < 1e-12);
-    // Codebooks held in i8 (the default): 1 byte per value plus per stage and channel an f32
-    // scale and an i16 multiplier of the part's f32 unit per channel, per layer and part;
-    // in f16, 30 layers × K and V × 2 stages × 64 × 32 × 2 bytes.
+    // Codebooks held in i8 (the default), per layer and part: per stage 64 codewords of 32
+    // bytes and an f32 norm each, per channel an f32 scale and an i16 multiplier of the part's
+    // f32 unit, a search bound of two f32; in f16, 30 layers × K and V × 2 stages × 64
+    // codewords × (32 × 2 bytes + an f32 norm).
     assert_eq!(
         m.fixed_bytes,
-        30 * 2 * (2 * (64 * 32 + 32 * 4 + 32 * 2) + 32 * 4)
+        30 * 2 * (2 * (64 * (32 + 4) + 32 * 4 + 32 * 2 + 8) + 32 * 4)
     );
     let spec = format!("rvq:{},books=f16", trained.display());
     let cache = model().new_cache(&spec).unwrap();
-    assert_eq!(cache.memory().fixed_bytes, 30 * 2 * 2 * 64 * 32 * 2);
+    assert_eq!(cache.memory().fixed_bytes, 30 * 2 * 2 * 64 * (32 * 2 + 4));
 
     // On one cache state, attention on codes (keys summed, rotated and dotted in registers;
     // values summed per token in registers, or through per-stage histograms) gives the logits

@@ -1018,8 +1018,8 @@ mod tests {
         let m = cache.memory();
         assert_eq!(m.elements, (tokens * 2 * 8 * 2) as u64);
         assert_eq!(m.bytes, (tokens * 2 * 2 * (3 + 2)) as u64);
-        // Codebooks: 2 layers × K and V × 3 stages × 5 codewords × 4 values, f16.
-        assert_eq!(m.fixed_bytes, 2 * 2 * 3 * 5 * 4 * 2);
+        // Codebooks: 2 layers × K and V × 3 stages × 5 codewords × (4 values in f16, an f32 norm).
+        assert_eq!(m.fixed_bytes, 2 * 2 * 3 * 5 * (4 * 2 + 4));
     }
 
     #[test]
@@ -1282,10 +1282,10 @@ mod tests {
         }
         let (mh, mf) = (half.memory(), full.memory());
         assert_eq!(mh.bytes, mf.bytes);
-        // Two parts × 3 stages × 37 codewords × 32, in 2 bytes instead of 4.
+        // Two parts × 3 stages × 37 codewords × (32 values in 2 bytes instead of 4, an f32 norm).
         assert_eq!(
             (mh.fixed_bytes, mf.fixed_bytes),
-            (2 * 3 * 37 * 32 * 2, 2 * 3 * 37 * 32 * 4)
+            (2 * 3 * 37 * (32 * 2 + 4), 2 * 3 * 37 * (32 * 4 + 4))
         );
     }
 
@@ -1348,11 +1348,11 @@ mod tests {
                 close(&a, &b, &format!("{values:?}, {rows} rows"));
             }
         }
-        // Two parts × (3 stages × (37 codewords × 32 bytes + 32 f32 scales + 32 i16
-        // multipliers) + 32 f32 units).
+        // Two parts × (3 stages × (37 codewords × (32 bytes + an f32 norm) + 32 f32 scales +
+        // 32 i16 multipliers + a bound of two f32) + 32 f32 units).
         assert_eq!(
             int8.memory().fixed_bytes,
-            2 * (3 * (37 * 32 + 32 * 4 + 32 * 2) + 32 * 4)
+            2 * (3 * (37 * (32 + 4) + 32 * 4 + 32 * 2 + 8) + 32 * 4)
         );
     }
 

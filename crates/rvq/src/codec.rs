@@ -27,7 +27,8 @@ pub trait Quantizer: Send + Sync + std::fmt::Debug {
     fn code_bits(&self) -> u32 {
         bits_for(self.size())
     }
-    /// Bytes of the codebooks as held.
+    /// Bytes held: the codebooks and what the searches keep beside them (per-codeword squared
+    /// norms, scales, bounds).
     fn bytes(&self) -> u64;
     /// Stage `stage`'s codebook ([C, d]) as f32: borrowed where stored so, converted otherwise.
     fn codebook_f32(&self, stage: usize) -> Cow<'_, [f32]>;
@@ -62,7 +63,8 @@ impl Quantizer for Rvq {
         Rvq::stages(self)
     }
     fn bytes(&self) -> u64 {
-        self.codebook_bytes()
+        // Codebooks and their f32 squared norms.
+        self.codebook_bytes() + (self.stages() * self.size() * 4) as u64
     }
     fn codebook_f32(&self, stage: usize) -> Cow<'_, [f32]> {
         Cow::Borrowed(self.codebook(stage))
@@ -283,7 +285,8 @@ impl Quantizer for HalfRvq {
         self.codebooks.len()
     }
     fn bytes(&self) -> u64 {
-        (self.stages() * self.size * self.dim * 2) as u64
+        // f16 codebooks and their f32 squared norms.
+        (self.stages() * self.size * (self.dim * 2 + 4)) as u64
     }
     fn codebook_f32(&self, stage: usize) -> Cow<'_, [f32]> {
         Cow::Owned(to_f32(&self.codebooks[stage]))
@@ -539,7 +542,12 @@ mod tests {
                 assert_eq!(rounded.codebook(s), want.as_slice());
                 assert_eq!(half.codebook_f32(s).as_ref(), want.as_slice());
             }
-            assert_eq!(Quantizer::bytes(&half) * 2, Quantizer::bytes(&q));
+            // Codewords in 2 bytes instead of 4; both keep an f32 squared norm per codeword.
+            let norms = (k * c * 4) as u64;
+            assert_eq!(
+                (Quantizer::bytes(&half) - norms) * 2,
+                Quantizer::bytes(&q) - norms
+            );
             let x: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
             for beam in [1, 3] {
                 let (mut a, mut b) = (vec![0u16; n * k], vec![0u16; n * k]);

@@ -240,8 +240,11 @@ impl Quantizer for I8Rvq {
         self.codebooks.len()
     }
     fn bytes(&self) -> u64 {
-        // Codebooks, stage scales and multipliers, the unit.
-        (self.stages() * (self.size * self.dim + self.dim * (4 + 2)) + self.dim * 4) as u64
+        // Per stage the i8 codebook, f32 squared norms, f32 scales, i16 multipliers and the
+        // integer search's bound; the f32 unit.
+        let stage =
+            self.size * (self.dim + 4) + self.dim * (4 + 2) + std::mem::size_of::<StageBound>();
+        (self.stages() * stage + self.dim * 4) as u64
     }
     fn codebook_f32(&self, stage: usize) -> Cow<'_, [f32]> {
         Cow::Owned(self.dequantized(stage))
@@ -312,7 +315,12 @@ mod tests {
         let k = 3;
         let q = random_rvq(&mut rng, 32, 200, k);
         let i8q = I8Rvq::from_rvq(&q).unwrap();
-        assert_eq!(i8q.bytes() as usize, k * (200 * 32 + 32 * 6) + 32 * 4);
+        // Per stage 200 codewords of 32 bytes and an f32 norm each, 32 f32 scales and i16
+        // multipliers, a bound of two f32; 32 f32 units.
+        assert_eq!(
+            i8q.bytes() as usize,
+            k * (200 * (32 + 4) + 32 * 6 + 8) + 32 * 4
+        );
         for j in 0..32 {
             let unit = i8q.unit()[j];
             let total: i32 = (0..k).map(|s| i32::from(i8q.multipliers(s)[j])).sum();
