@@ -6,6 +6,7 @@
 //! halves them. An [`HalfRvq`] is exactly the f32 quantizer of its f16-rounded codewords: it
 //! encodes to the codes that quantizer would choose and decodes to the same sums.
 
+use crate::aligned::LineAligned;
 use crate::kernels::{self, row_norms};
 use crate::lanes::LaneWord;
 use crate::quantizer::{check_vectors, greedy_stage};
@@ -14,6 +15,7 @@ use crate::{bits_for, check_finite, Result, Rvq};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use std::borrow::Cow;
+use std::ops::Deref;
 
 /// What encoding and decoding need from a quantizer, independent of how it stores codebooks.
 pub trait Quantizer: Send + Sync + std::fmt::Debug {
@@ -96,7 +98,7 @@ impl Quantizer for Rvq {
 #[derive(Clone, Copy, Debug)]
 pub enum Codewords<'a> {
     F32(&'a [Vec<f32>]),
-    F16(&'a [Vec<f16>]),
+    F16(&'a [LineAligned<f16>]),
     I8(ScaledI8<'a>),
 }
 
@@ -105,7 +107,7 @@ pub enum Codewords<'a> {
 /// (see [`crate::I8Rvq`]). A vector's codewords then sum exactly in i16 before one conversion.
 #[derive(Clone, Copy, Debug)]
 pub struct ScaledI8<'a> {
-    pub books: &'a [Vec<i8>],
+    pub books: &'a [LineAligned<i8>],
     /// [stages] of [d], each ≥ 0 and Σ_s multipliers[s][j] ≤ [`crate::int8::MAX_MULTIPLIER_SUM`].
     pub multipliers: &'a [Vec<i16>],
     /// [d]
@@ -140,7 +142,7 @@ fn prefetch_line<T>(p: *const T) {
     let _ = p;
 }
 
-impl<W: LaneWord> GroupSum for &[Vec<W>] {
+impl<W: LaneWord, B: Deref<Target = [W]> + Sync> GroupSum for &[B] {
     fn stages(&self) -> usize {
         self.len()
     }
@@ -212,7 +214,8 @@ pub struct HalfRvq {
     dim: usize,
     size: usize,
     /// [stages] of [size, dim]
-    codebooks: Vec<Vec<f16>>,
+    /// [stages] of [size, dim], each from a cache line's start
+    codebooks: Vec<LineAligned<f16>>,
     /// [stages] of [size]: squared norms of the f16 codewords
     norms: Vec<Vec<f32>>,
 }
@@ -229,7 +232,7 @@ impl HalfRvq {
             let back = to_f32(&book);
             check_finite(&back, &format!("codebook {s} in f16 (|value| > 65504)"))?;
             norms.push(row_norms(&back, dim));
-            codebooks.push(book);
+            codebooks.push(LineAligned::from_slice(&book));
         }
         Ok(Self {
             dim,

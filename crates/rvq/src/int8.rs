@@ -16,6 +16,7 @@
 //! residual multiplied by the stage's scales — the same distances rounded another way, so a
 //! near tie may pick the other codeword.
 
+use crate::aligned::LineAligned;
 use crate::codec::{
     add_weighted_codewords, check_sums, encode_held, sum_codewords_each, sum_groups_d32, Codewords,
     Quantizer, RowWeights, ScaledI8,
@@ -38,8 +39,8 @@ pub const MAX_MULTIPLIER_SUM: i32 = i16::MAX as i32 / 127;
 pub struct I8Rvq {
     dim: usize,
     size: usize,
-    /// [stages] of [size, dim]
-    codebooks: Vec<Vec<i8>>,
+    /// [stages] of [size, dim], each from a cache line's start
+    codebooks: Vec<LineAligned<i8>>,
     /// [stages] of [dim]: `unit ⊙ multipliers[s]`
     scales: Vec<Vec<f32>>,
     /// [stages] of [dim]
@@ -109,7 +110,7 @@ impl I8Rvq {
                     })
                 })
                 .collect();
-            out.codebooks.push(q);
+            out.codebooks.push(LineAligned::from_slice(&q));
             out.norms.push(row_norms(&out.dequantized(s), dim));
             out.bounds
                 .push(StageBound::of(&out.codebooks[s], &out.norms[s]));

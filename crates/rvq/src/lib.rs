@@ -10,6 +10,7 @@
 //!
 //! Nothing here knows about language models.
 
+pub mod aligned;
 pub mod codec;
 pub mod few;
 pub mod hadamard;

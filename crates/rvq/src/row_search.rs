@@ -51,8 +51,8 @@ pub fn nearest_prefetching<T: LaneWord>(
 
 /// Greedy codes ([m, stages]) of a few vectors `x` ([m, 32]) with [`nearest`] at each stage:
 /// `books[s]` ([C, 32]) and `norms[s]` as the quantizer holds them.
-pub fn encode_greedy<T: LaneWord>(
-    books: &[Vec<T>],
+pub fn encode_greedy<T: LaneWord, B: std::ops::Deref<Target = [T]>>(
+    books: &[B],
     norms: &[Vec<f32>],
     x: &[f32],
     codes: &mut [u16],
