@@ -1,7 +1,9 @@
 //! One KV head's decode-step kernels on codes alone, single thread, ns per key:
 //! `cargo run --release -p kvcache --example kernel_speed -- [context] [reps]` (`SIZE=` codebook size).
 use kvcache::rope::{Rope, RopeLayout};
-use kvcache::rvq_attention::{fused_key_scores, fused_value_sums};
+use kvcache::rvq_attention::{
+    fused_key_scores, fused_value_sums, histogram_len, histograms_times_codebooks, value_histograms,
+};
 use rvq::rng::SplitMix64;
 use rvq::{I8Rvq, Quantizer, Rvq};
 use std::time::Instant;
@@ -51,6 +53,18 @@ fn main() {
             &mut sums,
         );
     });
+    let hist_len = histogram_len(&q8, 2, 3);
+    let mut hist = vec![0f32; hist_len];
+    let scatter = time(&mut || {
+        hist.fill(0.0);
+        value_histograms(&q8, 2, &codes, &weights, &mut hist);
+    });
+    let product = time(&mut || {
+        histograms_times_codebooks(&q8, 2, &hist, 3, &mut sums);
+    });
     println!("{n} keys, C = {size}: keys {keys:.1} ns/key, values {values:.1} ns/value (3 rows, 1 thread)");
+    println!(
+        "  values by histograms: {scatter:.1} ns/value to fill them, {product:.1} ns/value for their product with the codebooks"
+    );
     std::hint::black_box((&scores, &sums));
 }

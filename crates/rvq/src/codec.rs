@@ -476,7 +476,7 @@ crate::dispatch16! {
     fn weighted_codewords_d32<T: LaneWord>(book: &[T], weights: RowWeights, out: &mut [f32], stride: usize) = weighted_codewords_d32_body;
 }
 
-/// [`add_weighted_codewords`] at d = 32, whose asserts this relies on.
+/// [`add_weighted_codewords`] at d = 32, whose asserts this relies on: three rows at a time.
 #[inline(always)]
 unsafe fn weighted_codewords_d32_body<V: F32x16, T: LaneWord>(
     _avx2: bool,
@@ -485,31 +485,44 @@ unsafe fn weighted_codewords_d32_body<V: F32x16, T: LaneWord>(
     out: &mut [f32],
     stride: usize,
 ) {
-    const ROWS: usize = 3;
-    let c = book.len() / 32;
-    for r0 in (0..rows).step_by(ROWS) {
-        let nr = ROWS.min(rows - r0);
-        let mut acc = [[V::zero(); 2]; ROWS];
-        for i in 0..c {
-            let mut w = [0f32; ROWS];
-            w[..nr].copy_from_slice(&weights[i * lanes + r0..i * lanes + r0 + nr]);
-            if w == [0.0; ROWS] {
-                continue;
-            }
-            let p = book.as_ptr().add(i * 32);
-            let word: [V; 2] = [T::load16(p), T::load16(p.add(16))];
-            for (acc, &wr) in acc.iter_mut().zip(&w) {
-                for (a, &x) in acc.iter_mut().zip(&word) {
-                    *a = a.add(V::splat(wr).mul(x));
-                }
-            }
+    for r0 in (0..rows).step_by(3) {
+        let chunk = (book, weights, lanes, r0, &mut *out, stride);
+        match rows - r0 {
+            1 => weighted_rows_d32::<V, T, 1>(chunk),
+            2 => weighted_rows_d32::<V, T, 2>(chunk),
+            _ => weighted_rows_d32::<V, T, 3>(chunk),
         }
-        for (r, acc) in acc.iter().enumerate().take(nr) {
-            let o = out.as_mut_ptr().add((r0 + r) * stride);
-            for (h, a) in acc.iter().enumerate() {
-                let at = o.add(16 * h);
-                V::load(at).add(*a).store(at);
-            }
+    }
+}
+
+/// Rows `r0..r0 + R` of [`weighted_codewords_d32_body`]: (book, weights, lanes, r0, out, stride).
+type WeightedRows<'a, T> = (&'a [T], &'a [f32], usize, usize, &'a mut [f32], usize);
+
+/// R is a constant so that the 2·R accumulators stay in registers (with a run-time row count
+/// they lived on the stack: every add waited on a store and a load).
+#[inline(always)]
+unsafe fn weighted_rows_d32<V: F32x16, T: LaneWord, const R: usize>(
+    (book, weights, lanes, r0, out, stride): WeightedRows<T>,
+) {
+    let mut acc = [[V::zero(); 2]; R];
+    for i in 0..book.len() / 32 {
+        let w = weights.as_ptr().add(i * lanes + r0);
+        if (0..R).all(|r| *w.add(r) == 0.0) {
+            continue;
+        }
+        let p = book.as_ptr().add(i * 32);
+        let (lo, hi) = (T::load16::<V>(p), T::load16::<V>(p.add(16)));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let wr = V::splat(*w.add(r));
+            acc[0] = acc[0].add(wr.mul(lo));
+            acc[1] = acc[1].add(wr.mul(hi));
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let o = out.as_mut_ptr().add((r0 + r) * stride);
+        for (h, a) in acc.iter().enumerate() {
+            let at = o.add(16 * h);
+            V::load(at).add(*a).store(at);
         }
     }
 }
@@ -605,7 +618,15 @@ mod tests {
     #[test]
     fn weighted_codewords_match_the_slow_sum_at_every_level() {
         let mut rng = SplitMix64::new(21);
-        for (c, d, rows, lanes) in [(37, 32, 3, 4), (50, 32, 7, 8), (20, 32, 1, 4), (9, 5, 2, 4)] {
+        // d = 32 takes rows three at a time: 3, 7 = 3 + 3 + 1, 5 = 3 + 2 and 1 cover each tail.
+        let shapes = [
+            (37, 32, 3, 4),
+            (50, 32, 7, 8),
+            (41, 32, 5, 8),
+            (20, 32, 1, 4),
+            (9, 5, 2, 4),
+        ];
+        for (c, d, rows, lanes) in shapes {
             let book: Vec<f32> = (0..c * d).map(|_| rng.normal()).collect();
             let half: Vec<f16> = book.iter().map(|&x| f16::from_f32(x)).collect();
             let rounded: Vec<f32> = half.iter().map(|x| x.to_f32()).collect();
