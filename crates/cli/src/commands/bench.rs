@@ -16,7 +16,7 @@ pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
     /// Cache specs to compare (repeat the flag); the first is the reference of the ratios.
-    /// Default: f16, q8_0, q4_0, kivi2 and the demo's paper-config RVQ codebooks (held in f16 and in i8) if calibrated
+    /// Default: f16, q8_0, q4_0, kivi2 and the demo's paper-config RVQ codebooks (held in i8, the default, and in f16) if calibrated
     #[arg(long = "cache")]
     caches: Vec<String>,
     /// Context lengths, comma-separated (at most the model's context length, 8192 for SmolLM2,
