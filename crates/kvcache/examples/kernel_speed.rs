@@ -1,4 +1,5 @@
-//! One KV head's decode-step kernels on codes alone, single thread, ns per key:
+//! One KV head's decode-step kernels on codes alone (fused keys, fused values, and the two
+//! steps of the histogram value path), single thread, ns per key:
 //! `cargo run --release -p kvcache --example kernel_speed -- [context] [reps]` (`SIZE=` codebook size).
 use kvcache::rope::{Rope, RopeLayout};
 use kvcache::rvq_attention::{
