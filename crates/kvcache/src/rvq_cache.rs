@@ -183,8 +183,9 @@ impl HeadStore {
         let row = self.codes.codes_per_row();
         codes.resize(n * row, 0);
         self.codes.get_rows(first, n, codes);
-        scales.clear();
-        scales.extend(self.scales[first..first + n].iter().map(|s| s.to_f32()));
+        scales.resize(n, 0.0);
+        // F16C where the CPU has it (a per-value conversion showed at 0.6% of a decode step).
+        rvq::codec::f16_to_f32(&self.scales[first..first + n], scales);
     }
 }
 
