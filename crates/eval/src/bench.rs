@@ -120,6 +120,9 @@ pub struct BenchRow {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BenchReport {
     pub threads: usize,
+    /// Whether the caches' steps were measured in turn (see [`BenchOptions::interleave`]).
+    #[serde(default)]
+    pub interleaved: bool,
     pub rows: Vec<BenchRow>,
 }
 
@@ -146,6 +149,11 @@ impl BenchReport {
                     .map_or("-".into(), |b| format!("{:.0}", b as f64 / 1e6))
             );
         }
+        if self.interleaved {
+            s += "\nThe caches' prefill chunks and decode steps were measured in turn, one of \
+                  each, in one process: the ratios share the machine's state, peak RSS is not \
+                  any row's own.\n";
+        }
         if self.rows.iter().any(|r| r.past_trained_context) {
             s += "\n\\* past the model's trained context (RoPE extended by `--beyond-context`): \
                   speed and memory only, the model's outputs there mean nothing.\n";
@@ -157,15 +165,89 @@ impl BenchReport {
 /// Prefill in chunks of this many tokens (bounds the attention score matrix).
 const PREFILL_CHUNK: usize = 256;
 
-/// `trained_context`: the model's context before any [`Model::extend_context`], to mark the
-/// rows past it.
+/// How [`run`] measures.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchOptions {
+    /// Decode steps timed after each prefill.
+    pub decode_steps: usize,
+    /// The model's context before any [`Model::extend_context`], to mark the rows past it.
+    pub trained_context: usize,
+    /// Take the caches' prefill chunks and decode steps in turn (one of each cache, then the
+    /// next), so that their ratios see the same state of the machine; otherwise each cache is
+    /// measured to the end before the next starts.
+    pub interleave: bool,
+}
+
+/// One cache's measurement: its cache, its last logits and its clocks.
+struct Measured {
+    cache: TimedCache,
+    logits: Vec<f32>,
+    prefill_s: f64,
+    decode_s: f64,
+    /// Time in `append` and `attend` during the decode steps.
+    encode_s: f64,
+    attend_s: f64,
+}
+
+/// Prefills `tokens` then decodes `decode_steps` greedy tokens with every cache of `specs`,
+/// one chunk or step of each cache in turn; round r starts at cache r mod n, so no cache is
+/// always the one after (or before) another.
+fn measure(
+    model: &Model,
+    specs: &[String],
+    tokens: &[u32],
+    decode_steps: usize,
+) -> Result<Vec<Measured>> {
+    let mut runs = specs
+        .iter()
+        .map(|spec| {
+            Ok(Measured {
+                cache: TimedCache::new(model.new_cache(spec)?),
+                logits: vec![],
+                prefill_s: 0.0,
+                decode_s: 0.0,
+                encode_s: 0.0,
+                attend_s: 0.0,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let n = runs.len();
+    let chunks: Vec<&[u32]> = tokens.chunks(PREFILL_CHUNK).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        for j in 0..n {
+            let run = &mut runs[(i + j) % n];
+            let t = Instant::now();
+            run.logits = model.forward(chunk, i * PREFILL_CHUNK, &mut run.cache, Some(1))?;
+            run.prefill_s += t.elapsed().as_secs_f64();
+        }
+    }
+    runs.iter().for_each(|r| _ = r.cache.take());
+    for step in 0..decode_steps {
+        for j in 0..n {
+            let run = &mut runs[(step + j) % n];
+            let next = crate::generate::argmax(&run.logits);
+            let t = Instant::now();
+            run.logits = model.forward(&[next], tokens.len() + step, &mut run.cache, Some(1))?;
+            run.decode_s += t.elapsed().as_secs_f64();
+        }
+    }
+    for run in &mut runs {
+        (run.encode_s, run.attend_s) = run.cache.take();
+    }
+    Ok(runs)
+}
+
 pub fn run(
     model: &Model,
     caches: &[String],
     contexts: &[usize],
-    decode_steps: usize,
-    trained_context: usize,
+    options: BenchOptions,
 ) -> Result<BenchReport> {
+    let BenchOptions {
+        decode_steps,
+        trained_context,
+        interleave,
+    } = options;
     if caches.is_empty() || contexts.is_empty() {
         bail!("bench needs at least one cache and one context length");
     }
@@ -187,37 +269,42 @@ pub fn run(
         let tokens: Vec<u32> = (0..prefill_len as u64)
             .map(|i| ((i * 7919 + 13) % vocab) as u32)
             .collect();
-        let mut base: Option<(f64, f64)> = None;
-        for spec in caches {
-            eprintln!("bench: {spec} at ctx {ctx}");
-            let mut cache = TimedCache::new(model.new_cache(spec)?);
-            let t = Instant::now();
-            let mut logits = Vec::new();
-            for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-                logits = model.forward(chunk, i * PREFILL_CHUNK, &mut cache, Some(1))?;
+        let runs = if interleave {
+            eprintln!("bench: {} caches in turn at ctx {ctx}", caches.len());
+            measure(model, caches, &tokens, decode_steps)?
+        } else {
+            let mut runs = vec![];
+            for spec in caches {
+                eprintln!("bench: {spec} at ctx {ctx}");
+                runs.extend(measure(
+                    model,
+                    std::slice::from_ref(spec),
+                    &tokens,
+                    decode_steps,
+                )?);
             }
-            let prefill = prefill_len as f64 / t.elapsed().as_secs_f64();
-            cache.take();
-            let t = Instant::now();
-            for step in 0..decode_steps {
-                let next = crate::generate::argmax(&logits);
-                logits = model.forward(&[next], prefill_len + step, &mut cache, Some(1))?;
-            }
-            let secs = t.elapsed().as_secs_f64();
-            let (encode_s, attend_s) = cache.take();
-            let decode = decode_steps as f64 / secs;
+            runs
+        };
+        let speeds = |r: &Measured| {
+            (
+                prefill_len as f64 / r.prefill_s,
+                decode_steps as f64 / r.decode_s,
+            )
+        };
+        let (bp, bd) = speeds(&runs[0]);
+        for (spec, r) in caches.iter().zip(&runs) {
+            let (prefill, decode) = speeds(r);
             let per_step = |x: f64| x * 1e3 / decode_steps as f64;
-            let (bp, bd) = *base.get_or_insert((prefill, decode));
-            let mem = cache.memory();
+            let mem = r.cache.memory();
             rows.push(BenchRow {
                 cache: spec.clone(),
                 ctx,
                 prefill_tokens_per_s: prefill,
                 decode_tokens_per_s: decode,
-                decode_model_ms: per_step(secs - encode_s - attend_s),
-                decode_attention_ms: per_step(attend_s),
-                decode_encode_ms: per_step(encode_s),
-                encode_fraction: encode_s / secs,
+                decode_model_ms: per_step(r.decode_s - r.encode_s - r.attend_s),
+                decode_attention_ms: per_step(r.attend_s),
+                decode_encode_ms: per_step(r.encode_s),
+                encode_fraction: r.encode_s / r.decode_s,
                 cache_bytes: mem.bytes,
                 bits_per_element: mem.bits_per_element(),
                 peak_rss_bytes: (caches.len() == 1 && contexts.len() == 1)
@@ -231,6 +318,7 @@ pub fn run(
     }
     Ok(BenchReport {
         threads: rayon::current_num_threads(),
+        interleaved: interleave && caches.len() > 1,
         rows,
     })
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 #[command(after_help = "Examples:\n  \
     rvq-kv bench --cache f16 --cache rvq:paper.safetensors --ctx 512,2048,8192\n  \
     rvq-kv bench --cache f16 --cache rvq:paper.safetensors --ctx 16384 --beyond-context\n  \
+    rvq-kv bench --cache f16 --cache rvq:paper.safetensors --ctx 8192 --interleave --decode-steps 64\n  \
     rvq-kv bench codec                  # the RVQ codec alone (Gaussian, correlated, real K/V)\n  \
     scripts/bench_codec.sh              # the same against faiss (installs faiss-cpu into a venv)")]
 pub struct Args {
@@ -31,6 +32,11 @@ pub struct Args {
     /// child per row is what makes its peak RSS that row's own)
     #[arg(long)]
     in_process: bool,
+    /// Take the caches' prefill chunks and decode steps in turn, one of each cache, in this
+    /// process: the ratios then share the machine's state (on a shared VM, speeds drift by tens
+    /// of percent between runs a minute apart); peak RSS is then no row's own
+    #[arg(long)]
+    interleave: bool,
     /// Decode steps timed after each prefill
     #[arg(long, default_value_t = 16)]
     decode_steps: usize,
@@ -67,13 +73,18 @@ fn run_model(a: Args) -> Result<()> {
     } else {
         a.caches.clone()
     };
-    let report = if a.in_process || caches.len() * a.contexts.len() == 1 {
+    let report = if a.in_process || a.interleave || caches.len() * a.contexts.len() == 1 {
         let mut model = a.model.load()?;
         let trained = model.context_len();
         if a.beyond_context {
             model.extend_context(a.contexts.iter().copied().max().unwrap_or(0));
         }
-        eval::bench::run(&model, &caches, &a.contexts, a.decode_steps, trained)?
+        let options = eval::bench::BenchOptions {
+            decode_steps: a.decode_steps,
+            trained_context: trained,
+            interleave: a.interleave,
+        };
+        eval::bench::run(&model, &caches, &a.contexts, options)?
     } else {
         isolated(&a, &caches)?
     };
@@ -129,6 +140,7 @@ fn isolated(a: &Args, caches: &[String]) -> Result<eval::bench::BenchReport> {
     }
     let mut report = eval::bench::BenchReport {
         threads: rows_threads(),
+        interleaved: false,
         rows,
     };
     report.rebase();
