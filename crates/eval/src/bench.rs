@@ -178,15 +178,23 @@ pub struct BenchOptions {
     pub interleave: bool,
 }
 
-/// One cache's measurement: its cache, its last logits and its clocks.
+/// One cache's measurement: its clocks and what it held at the end (the cache itself is dropped
+/// once measured, so caches measured one after another are not alive together).
 struct Measured {
-    cache: TimedCache,
-    logits: Vec<f32>,
     prefill_s: f64,
     decode_s: f64,
     /// Time in `append` and `attend` during the decode steps.
     encode_s: f64,
     attend_s: f64,
+    memory: MemoryReport,
+}
+
+/// A cache being measured, with its last logits.
+struct Running {
+    cache: TimedCache,
+    logits: Vec<f32>,
+    prefill_s: f64,
+    decode_s: f64,
 }
 
 /// Prefills `tokens` then decodes `decode_steps` greedy tokens with every cache of `specs`,
@@ -201,19 +209,16 @@ fn measure(
     let mut runs = specs
         .iter()
         .map(|spec| {
-            Ok(Measured {
+            Ok(Running {
                 cache: TimedCache::new(model.new_cache(spec)?),
                 logits: vec![],
                 prefill_s: 0.0,
                 decode_s: 0.0,
-                encode_s: 0.0,
-                attend_s: 0.0,
             })
         })
         .collect::<Result<Vec<_>>>()?;
     let n = runs.len();
-    let chunks: Vec<&[u32]> = tokens.chunks(PREFILL_CHUNK).collect();
-    for (i, chunk) in chunks.iter().enumerate() {
+    for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
         for j in 0..n {
             let run = &mut runs[(i + j) % n];
             let t = Instant::now();
@@ -231,10 +236,19 @@ fn measure(
             run.decode_s += t.elapsed().as_secs_f64();
         }
     }
-    for run in &mut runs {
-        (run.encode_s, run.attend_s) = run.cache.take();
-    }
-    Ok(runs)
+    Ok(runs
+        .into_iter()
+        .map(|run| {
+            let (encode_s, attend_s) = run.cache.take();
+            Measured {
+                prefill_s: run.prefill_s,
+                decode_s: run.decode_s,
+                encode_s,
+                attend_s,
+                memory: run.cache.memory(),
+            }
+        })
+        .collect())
 }
 
 pub fn run(
@@ -295,7 +309,7 @@ pub fn run(
         for (spec, r) in caches.iter().zip(&runs) {
             let (prefill, decode) = speeds(r);
             let per_step = |x: f64| x * 1e3 / decode_steps as f64;
-            let mem = r.cache.memory();
+            let mem = &r.memory;
             rows.push(BenchRow {
                 cache: spec.clone(),
                 ctx,
