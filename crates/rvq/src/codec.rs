@@ -102,16 +102,44 @@ pub enum Codewords<'a> {
     I8(ScaledI8<'a>),
 }
 
-/// i8 codebooks ([stages] of [C, d]) whose scale of stage s and channel j is an integer multiple
-/// of one unit per channel: codeword c of stage s is `unit ⊙ (multipliers[s] ⊙ books[s][c])`
-/// (see [`crate::I8Rvq`]). A vector's codewords then sum exactly in i16 before one conversion.
+/// i8 codebooks ([stages, C, d] in one slice) whose scale of stage s and channel j is an
+/// integer multiple of one unit per channel: codeword c of stage s is
+/// `unit ⊙ (multipliers[s] ⊙ books[s][c])` (see [`crate::I8Rvq`]). A vector's codewords then
+/// sum exactly in i16 before one conversion.
 #[derive(Clone, Copy, Debug)]
 pub struct ScaledI8<'a> {
-    pub books: &'a [LineAligned<i8>],
-    /// [stages] of [d], each ≥ 0 and Σ_s multipliers[s][j] ≤ [`crate::int8::MAX_MULTIPLIER_SUM`].
-    pub multipliers: &'a [Vec<i16>],
+    /// [stages, C, d]
+    books: &'a [i8],
+    /// [stages, d], each ≥ 0 and Σ_s multipliers[s][j] ≤ [`crate::int8::MAX_MULTIPLIER_SUM`].
+    multipliers: &'a [i16],
     /// [d]
-    pub unit: &'a [f32],
+    unit: &'a [f32],
+    /// C · d: the distance from one stage's codebook to the next.
+    stage_len: usize,
+}
+
+impl<'a> ScaledI8<'a> {
+    /// The codebooks `books` [stages, C, d], `multipliers` [stages, d] and `unit` [d].
+    ///
+    /// # Panics
+    /// If the shapes disagree.
+    pub fn new(books: &'a [i8], multipliers: &'a [i16], unit: &'a [f32]) -> Self {
+        let d = unit.len();
+        let stages = multipliers.len() / d.max(1);
+        assert!(
+            d > 0
+                && multipliers.len() == stages * d
+                && stages > 0
+                && books.len().is_multiple_of(stages),
+            "i8 codebooks: [stages, C, d], multipliers [stages, d], unit [d]"
+        );
+        Self {
+            books,
+            multipliers,
+            unit,
+            stage_len: books.len() / stages,
+        }
+    }
 }
 
 /// d = 32 codebooks as the fused kernels gather them: per group, the sum of the codewords its
@@ -119,14 +147,15 @@ pub struct ScaledI8<'a> {
 pub trait GroupSum: Copy + Send + Sync {
     /// Stages K.
     fn stages(&self) -> usize;
-    /// The two 16-lane halves of Σ_s (codeword `codes[s]` of stage s).
+    /// The two 16-lane halves of Σ_s (codeword `codes[s]` of stage s). The loop runs over
+    /// `codes`, so a caller whose slice length is a constant gets it unrolled.
     ///
     /// # Safety
     /// `codes` holds K codes, each < C of its codebook; the CPU runs `V`'s level.
     unsafe fn sum_group<V: F32x16>(self, codes: &[u16]) -> (V, V);
-    /// Hints the CPU to cache the codewords `codes` names (K codes, each < C), a few keys
-    /// before [`GroupSum::sum_group`] reads them: at random codes the loads otherwise wait
-    /// on L2 misses one window of the out-of-order core at a time.
+    /// Hints the CPU to cache the codewords `codes` names (K codes of one group, each < C), a
+    /// few keys before [`GroupSum::sum_group`] reads them: at random codes the loads otherwise
+    /// wait on L2 misses one window of the out-of-order core at a time.
     fn prefetch_group(self, codes: &[u16]);
 }
 
@@ -149,8 +178,8 @@ impl<W: LaneWord, B: Deref<Target = [W]> + Sync> GroupSum for &[B] {
     #[inline(always)]
     unsafe fn sum_group<V: F32x16>(self, codes: &[u16]) -> (V, V) {
         let (mut lo, mut hi) = (V::zero(), V::zero());
-        for (&code, book) in codes.iter().zip(self) {
-            let w = book.as_ptr().add(code as usize * 32);
+        for (s, &code) in codes.iter().enumerate() {
+            let w = self.get_unchecked(s).as_ptr().add(code as usize * 32);
             lo = lo.add(W::load16(w));
             hi = hi.add(W::load16(w.add(16)));
         }
@@ -168,21 +197,28 @@ impl<W: LaneWord, B: Deref<Target = [W]> + Sync> GroupSum for &[B] {
 
 impl GroupSum for ScaledI8<'_> {
     fn stages(&self) -> usize {
-        self.books.len()
+        self.multipliers.len() / self.unit.len()
     }
     /// Σ_s multipliers[s] ⊙ q_s in exact i16 lanes (|Σ| ≤ 127 · 258 < 2¹⁵), then one conversion
     /// and one product with the unit ([`F32x16::sum_i8_multiples`]): the same bits at every level.
+    /// Every stage's codeword is addressed from the one base, so the unrolled loop spends no
+    /// loads on pointers.
     #[inline(always)]
     unsafe fn sum_group<V: F32x16>(self, codes: &[u16]) -> (V, V) {
-        let words = codes.iter().zip(self.books).zip(self.multipliers);
-        let words =
-            words.map(|((&code, book), m)| (book.as_ptr().add(code as usize * 32), m.as_ptr()));
+        let (books, multipliers) = (self.books.as_ptr(), self.multipliers.as_ptr());
+        let words = codes.iter().enumerate().map(|(s, &code)| {
+            (
+                books.add(s * self.stage_len + code as usize * 32),
+                multipliers.add(s * 32),
+            )
+        });
         V::sum_i8_multiples(words, self.unit.as_ptr())
     }
     #[inline(always)]
     fn prefetch_group(self, codes: &[u16]) {
-        for (&code, book) in codes.iter().zip(self.books) {
-            prefetch_line(book.as_ptr().wrapping_add(code as usize * 32));
+        let books = self.books.as_ptr();
+        for (s, &code) in codes.iter().enumerate() {
+            prefetch_line(books.wrapping_add(s * self.stage_len + code as usize * 32));
         }
     }
 }

@@ -39,12 +39,13 @@ pub const MAX_MULTIPLIER_SUM: i32 = i16::MAX as i32 / 127;
 pub struct I8Rvq {
     dim: usize,
     size: usize,
-    /// [stages] of [size, dim], each from a cache line's start
-    codebooks: Vec<LineAligned<i8>>,
+    /// [stages, size, dim] in one allocation from a cache line's start: a kernel gathering a
+    /// vector's K codewords then addresses them all from one base.
+    codebooks: LineAligned<i8>,
     /// [stages] of [dim]: `unit ⊙ multipliers[s]`
     scales: Vec<Vec<f32>>,
-    /// [stages] of [dim]
-    multipliers: Vec<Vec<i16>>,
+    /// [stages, dim]
+    multipliers: Vec<i16>,
     /// [dim]
     unit: Vec<f32>,
     /// [stages] of [size]: squared norms of the dequantized codewords
@@ -88,32 +89,31 @@ impl I8Rvq {
                     .collect()
             })
             .collect();
-        let mut out = Self {
-            dim,
-            size,
-            codebooks: Vec::with_capacity(k),
-            scales,
-            multipliers,
-            unit,
-            norms: Vec::with_capacity(k),
-            bounds: Vec::with_capacity(k),
-        };
-        for s in 0..k {
-            let scale = &out.scales[s];
-            let q: Vec<i8> = rvq
-                .codebook(s)
-                .chunks_exact(dim)
-                .flat_map(|word| {
+        let codebooks: Vec<i8> = (0..k)
+            .flat_map(|s| {
+                let scale = &scales[s];
+                rvq.codebook(s).chunks_exact(dim).flat_map(move |word| {
                     word.iter().zip(scale).map(|(&v, &sc)| match sc > 0.0 {
                         true => i8::from_f32(v / sc),
                         false => 0,
                     })
                 })
-                .collect();
-            out.codebooks.push(LineAligned::from_slice(&q));
+            })
+            .collect();
+        let mut out = Self {
+            dim,
+            size,
+            codebooks: LineAligned::from_slice(&codebooks),
+            scales,
+            multipliers: multipliers.concat(),
+            unit,
+            norms: Vec::with_capacity(k),
+            bounds: Vec::with_capacity(k),
+        };
+        for s in 0..k {
             out.norms.push(row_norms(&out.dequantized(s), dim));
             out.bounds
-                .push(StageBound::of(&out.codebooks[s], &out.norms[s]));
+                .push(StageBound::of(out.codebook(s), &out.norms[s]));
         }
         Ok(out)
     }
@@ -126,7 +126,8 @@ impl I8Rvq {
 
     /// Stage `stage`'s codebook as stored: [C, d] of i8.
     pub fn codebook(&self, stage: usize) -> &[i8] {
-        &self.codebooks[stage]
+        let len = self.size * self.dim;
+        &self.codebooks[stage * len..(stage + 1) * len]
     }
 
     /// Stage `stage`'s per-channel scales: [d].
@@ -136,7 +137,7 @@ impl I8Rvq {
 
     /// Stage `stage`'s multipliers of the unit: [d].
     pub fn multipliers(&self, stage: usize) -> &[i16] {
-        &self.multipliers[stage]
+        &self.multipliers[stage * self.dim..(stage + 1) * self.dim]
     }
 
     /// The per-channel unit of every stage's step: [d].
@@ -146,20 +147,16 @@ impl I8Rvq {
 
     /// The codebooks and scales as the fused kernels gather them.
     fn scaled(&self) -> ScaledI8<'_> {
-        ScaledI8 {
-            books: &self.codebooks,
-            multipliers: &self.multipliers,
-            unit: &self.unit,
-        }
+        ScaledI8::new(&self.codebooks, &self.multipliers, &self.unit)
     }
 
     /// Stage `stage`'s codebook as f32: [C, d], each entry unit · (m · q) — the integer product
     /// exact, one rounding, as the i16 sums of [`GroupSum`](crate::GroupSum) give a single codeword.
     fn dequantized(&self, stage: usize) -> Vec<f32> {
-        let (book, d) = (&self.codebooks[stage], self.dim);
+        let (book, d) = (self.codebook(stage), self.dim);
         let mut out = vec![0f32; book.len()];
         for (w, o) in book.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            dequantize(w, &self.multipliers[stage], &self.unit, o);
+            dequantize(w, self.multipliers(stage), &self.unit, o);
         }
         out
     }
@@ -182,8 +179,8 @@ impl I8Rvq {
                     .zip(r.iter().zip(scale))
                     .for_each(|(o, (r, sc))| *o = r * sc);
             }
-            let next = self.codebooks.get(s + 1).map_or(&[][..], |b| &b[..]);
-            let book = &self.codebooks[s];
+            let next = if s + 1 < k { self.codebook(s + 1) } else { &[] };
+            let book = self.codebook(s);
             let (norms, bound) = (&self.norms[s], self.bounds[s]);
             vnni_search::nearest_prefetching(book, norms, bound, &scaled, &mut best, next);
             for (r, rest) in residual.chunks_exact_mut(d).enumerate() {
@@ -238,7 +235,7 @@ impl Quantizer for I8Rvq {
         self.size
     }
     fn stages(&self) -> usize {
-        self.codebooks.len()
+        self.scales.len()
     }
     fn bytes(&self) -> u64 {
         // Per stage the i8 codebook, f32 squared norms, f32 scales, i16 multipliers and the
@@ -255,8 +252,8 @@ impl Quantizer for I8Rvq {
     }
     fn codeword_into(&self, stage: usize, code: usize, out: &mut [f32]) {
         let d = self.dim;
-        let word = &self.codebooks[stage][code * d..(code + 1) * d];
-        dequantize(word, &self.multipliers[stage], &self.unit, out);
+        let word = &self.codebook(stage)[code * d..(code + 1) * d];
+        dequantize(word, self.multipliers(stage), &self.unit, out);
     }
     fn encode(&self, x: &[f32], beam: usize, codes: &mut [u16]) -> Result<()> {
         // A decode step's few vectors search the i8 codewords as held where the row search runs.
@@ -282,7 +279,7 @@ impl Quantizer for I8Rvq {
         // then scaled once per row.
         let (d, rows) = (self.dim, weights.2);
         let mut sums = vec![0f32; rows * d];
-        add_weighted_codewords(&self.codebooks[stage], d, weights, &mut sums, d);
+        add_weighted_codewords(self.codebook(stage), d, weights, &mut sums, d);
         let scale = &self.scales[stage];
         for (r, sums) in sums.chunks_exact(d).enumerate() {
             let o = &mut out[r * stride..r * stride + d];
