@@ -167,13 +167,16 @@ unsafe fn fused_scores_stages<V: F32x16, B: GroupSum, const K: usize, const R: u
 ) {
     let k = stage_count::<B, K>(books);
     let (n, rows) = (scales.len(), if R > 0 { R } else { q.len() / 64 });
+    // With R a constant, the rows' query quarters are held in registers across keys.
+    let held: [[V; 4]; R] =
+        std::array::from_fn(|r| std::array::from_fn(|j| V::load(q.as_ptr().add(r * 64 + j * 16))));
     let key = |t: usize, i: usize, folded: &mut attention::Folded| {
-        if t + PREFETCH_KEYS < n {
-            let ahead = &codes[(t + PREFETCH_KEYS) * 2 * k..][..2 * k];
-            books.prefetch_group(&ahead[..k]);
-            books.prefetch_group(&ahead[k..]);
-        }
         let c = codes.as_ptr().add(t * 2 * k);
+        if t + PREFETCH_KEYS < n {
+            let ahead = c.add(PREFETCH_KEYS * 2 * k);
+            books.prefetch_group(std::slice::from_raw_parts(ahead, k));
+            books.prefetch_group(std::slice::from_raw_parts(ahead.add(k), k));
+        }
         let (x0, x1) = books.sum_group::<V>(std::slice::from_raw_parts(c, k));
         let (y0, y1) = books.sum_group::<V>(std::slice::from_raw_parts(c.add(k), k));
         let (cos, sin) = rope.angles(first_pos + t);
@@ -184,11 +187,12 @@ unsafe fn fused_scores_stages<V: F32x16, B: GroupSum, const K: usize, const R: u
         let ry0 = x0.mul(s0).add(y0.mul(c0));
         let ry1 = x1.mul(s1).add(y1.mul(c1));
         for (r, folded) in folded.iter_mut().enumerate().take(rows) {
-            let qr = q.as_ptr().add(r * 64);
-            let x = rx0.mul(V::load(qr)).add(rx1.mul(V::load(qr.add(16))));
-            let y = ry0
-                .mul(V::load(qr.add(32)))
-                .add(ry1.mul(V::load(qr.add(48))));
+            let qr = match R {
+                0 => std::array::from_fn(|j| V::load(q.as_ptr().add(r * 64 + j * 16))),
+                _ => held[r],
+            };
+            let x = rx0.mul(qr[0]).add(rx1.mul(qr[1]));
+            let y = ry0.mul(qr[2]).add(ry1.mul(qr[3]));
             x.add(y).fold8(folded[i].as_mut_ptr());
         }
     };
@@ -350,10 +354,11 @@ unsafe fn value_sums_rows<V: F32x16, B: GroupSum, const R: usize, const K: usize
     let n = codes.len() / row;
     let mut acc = [[V::zero(); 2]; R];
     for t in 0..n {
+        let c = codes.as_ptr().add(t * row + g * k);
         if t + PREFETCH_KEYS < n {
-            books.prefetch_group(&codes[(t + PREFETCH_KEYS) * row + g * k..][..k]);
+            books.prefetch_group(std::slice::from_raw_parts(c.add(PREFETCH_KEYS * row), k));
         }
-        let c = std::slice::from_raw_parts(codes.as_ptr().add(t * row + g * k), k);
+        let c = std::slice::from_raw_parts(c, k);
         let (lo, hi) = books.sum_group::<V>(c);
         let w = weights.as_ptr().add(t * lanes + r0);
         for (r, acc) in acc.iter_mut().enumerate() {
