@@ -236,10 +236,12 @@ pub fn accumulate_values(
 /// Tasks run in parallel; the split depends only on the shapes, never on the thread count. A
 /// prefill's query tokens come in at least two blocks ([`query_block`]), each block a task
 /// that attends for every head in turn. A decode step is one block with only the model's few
-/// KV heads to share out (SmolLM2: 3, on two cores, one idle a third of the time), so its keys
-/// are scored in [`key_parts`] parts as tasks of their own, each head's softmax runs, and its
-/// values are reduced in the same parts (their partial sums added in key order); the parts are
-/// whole key blocks, scored exactly as in one pass.
+/// KV heads to share out (SmolLM2: 3, on two cores, one idle a third of the time), so each
+/// head's keys come in [`key_parts`] parts, one task each that scores its keys, exponentiates
+/// them below its own maximum and reduces their values ([`PartShare`]); a head's shares then
+/// combine, in key order, into its softmax-weighted output. One parallel region per layer, no
+/// wait between the scores and the values; the parts are whole key blocks, scored exactly as
+/// in one pass.
 pub fn attention_with<C: KvCache + ?Sized>(
     cache: &C,
     layer: usize,
@@ -299,7 +301,7 @@ pub fn attention_with<C: KvCache + ?Sized>(
             });
     }
     // A single block (or none: zero queries attend to nothing): its keys in parts over the
-    // heads, each head's softmax, then its values in the same parts.
+    // heads, each part scored, weighted and reduced in one task (see [`PartShare`]).
     let units: Vec<Unit> = blocks
         .iter()
         .flat_map(|tokens| (0..kv_heads).map(|h| unit(h, tokens)))
@@ -309,34 +311,21 @@ pub fn attention_with<C: KvCache + ?Sized>(
         .enumerate()
         .flat_map(|(i, u)| key_parts(u.keys).into_iter().map(move |k| (i, k)))
         .collect();
-    let part_scores: Vec<Vec<f32>> = parts
+    let shares: Vec<PartShare> = parts
         .par_iter()
-        .map(|(i, keys)| ctx.scores(&units[*i], keys.clone(), score_keys))
+        .map(|(i, keys)| ctx.part_share(&units[*i], keys.clone(), score_keys, reduce_values))
         .collect::<Result<_, _>>()?;
-    let mut per_unit: Vec<Vec<(Range<usize>, Vec<f32>)>> = units.iter().map(|_| vec![]).collect();
-    for ((i, keys), scores) in parts.iter().zip(part_scores) {
-        per_unit[*i].push((keys.clone(), scores));
+    // Each head's shares combined in key order (a split fixed by the shapes: same bits every run).
+    let rows = |u: &Unit| u.tokens.len() * group;
+    let mut per_unit: Vec<Vec<PartShare>> = units.iter().map(|_| vec![]).collect();
+    for ((i, _), share) in parts.iter().zip(shares) {
+        per_unit[*i].push(share);
     }
-    // Softmax per head (cheap), then the values in the same key parts as tasks of their own:
-    // one task per head would leave a core idle for a third of the time with 3 KV heads.
-    let probs: Vec<Vec<f32>> = units
-        .par_iter()
-        .zip(per_unit)
-        .map(|(u, parts)| ctx.softmax(u, ctx.join_parts(u, parts)))
+    let slabs: Vec<Vec<f32>> = units
+        .iter()
+        .zip(&per_unit)
+        .map(|(u, shares)| combine_shares(shares, rows(u), hd))
         .collect();
-    let partial: Vec<Vec<f32>> = parts
-        .par_iter()
-        .map(|(i, keys)| ctx.values(&units[*i], &probs[*i], keys.clone(), reduce_values))
-        .collect::<Result<_, _>>()?;
-    // Each head's parts summed in key order (a split fixed by the shapes: same bits every run).
-    let mut slabs: Vec<Vec<f32>> = units.iter().map(|_| vec![]).collect();
-    for ((i, _), part) in parts.iter().zip(partial) {
-        if slabs[*i].is_empty() {
-            slabs[*i] = part;
-        } else {
-            slabs[*i].iter_mut().zip(&part).for_each(|(a, b)| *a += b);
-        }
-    }
     for (u, slab) in units.iter().zip(&slabs) {
         place(u, slab, out, 0);
     }
@@ -422,21 +411,6 @@ impl Context<'_> {
         Ok(scores)
     }
 
-    /// The unit's scores [rows, keys] from its parts' [rows, part.len()], in key order.
-    fn join_parts(&self, u: &Unit, mut parts: Vec<(Range<usize>, Vec<f32>)>) -> Vec<f32> {
-        if parts.len() == 1 {
-            return parts.pop().expect("one part").1;
-        }
-        let rows = u.tokens.len() * self.group;
-        let mut scores = vec![0f32; rows * u.keys];
-        for (keys, part) in &parts {
-            for (r, p) in part.chunks_exact(keys.len()).enumerate() {
-                scores[r * u.keys + keys.start..r * u.keys + keys.end].copy_from_slice(p);
-            }
-        }
-        scores
-    }
-
     /// Softmax of each row of `scores` under its causal (and window) mask, then the values:
     /// the unit's output [tokens, group, hd].
     fn softmax_and_values(
@@ -446,49 +420,80 @@ impl Context<'_> {
         reduce_values: &ValueReducer,
     ) -> Result<Vec<f32>, CacheError> {
         let probs = self.softmax(u, scores);
-        self.values(u, &probs, 0..u.keys, reduce_values)
+        self.values(u, &probs, reduce_values)
     }
 
     /// The unit's attention weights [rows, keys]: each row of `scores` through the softmax
     /// under its causal (and window) mask.
     fn softmax(&self, u: &Unit, mut scores: Vec<f32>) -> Vec<f32> {
-        let (queries, n) = (self.queries, u.keys);
+        let n = u.keys;
         for i in u.tokens.clone() {
-            let pos = queries.first_pos + i;
-            let lo = match queries.window {
-                Some(w) => (pos + 1).saturating_sub(w).saturating_sub(self.first_key),
-                None => 0,
-            };
-            let hi = pos + 1 - self.first_key; // exclusive
+            let (lo, hi) = self.visible(i);
             for j in 0..self.group {
                 let r = (i - u.tokens.start) * self.group + j;
-                softmax_masked(&mut scores[r * n..(r + 1) * n], lo, hi, queries.scale);
+                softmax_masked(&mut scores[r * n..(r + 1) * n], lo, hi, self.queries.scale);
             }
         }
         scores
     }
 
-    /// The values of keys `keys` (relative to the first visible key) weighed by `probs`
-    /// ([rows, u.keys]): the unit's output [tokens, group, hd] over those keys alone.
+    /// The keys query token `i` sees under its causal (and window) mask, relative to the
+    /// first visible key: `lo..hi`.
+    fn visible(&self, i: usize) -> (usize, usize) {
+        let pos = self.queries.first_pos + i;
+        let lo = match self.queries.window {
+            Some(w) => (pos + 1).saturating_sub(w).saturating_sub(self.first_key),
+            None => 0,
+        };
+        (lo, pos + 1 - self.first_key)
+    }
+
+    /// The unit's attention over its keys `keys`, as a [`PartShare`]: scored, each row's
+    /// visible keys exponentiated below their own maximum, the values weighted by those
+    /// exponentials. A part holding all the unit's keys is the whole softmax, done as such.
+    fn part_share(
+        &self,
+        u: &Unit,
+        keys: Range<usize>,
+        score_keys: &KeyScorer,
+        reduce_values: &ValueReducer,
+    ) -> Result<PartShare, CacheError> {
+        let rows = u.tokens.len() * self.group;
+        let mut scores = self.scores(u, keys.clone(), score_keys)?; // [rows, keys.len()]
+        if keys.len() == u.keys {
+            return Ok(PartShare {
+                max: vec![0.0; rows],
+                sum: vec![1.0; rows],
+                out: self.softmax_and_values(u, scores, reduce_values)?,
+            });
+        }
+        let n = keys.len();
+        let (mut max, mut sum) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+        let local = |x: usize| x.clamp(keys.start, keys.end) - keys.start;
+        for i in u.tokens.clone() {
+            let (lo, hi) = self.visible(i);
+            for j in 0..self.group {
+                let r = (i - u.tokens.start) * self.group + j;
+                let row = &mut scores[r * n..(r + 1) * n];
+                let (m, s) = exp_masked(row, local(lo), local(hi), self.queries.scale);
+                max.push(m);
+                sum.push(s);
+            }
+        }
+        let mut out = vec![0f32; rows * self.hd];
+        reduce_values(u.head, &scores, self.first_key + keys.start, n, &mut out)?;
+        Ok(PartShare { max, sum, out })
+    }
+
+    /// The values weighed by `probs` ([rows, u.keys]): the unit's output [tokens, group, hd].
     fn values(
         &self,
         u: &Unit,
         probs: &[f32],
-        keys: Range<usize>,
         reduce_values: &ValueReducer,
     ) -> Result<Vec<f32>, CacheError> {
         let mut out = vec![0f32; u.tokens.len() * self.group * self.hd];
-        let first = self.first_key + keys.start;
-        if keys.len() == u.keys {
-            reduce_values(u.head, probs, first, u.keys, &mut out)?;
-            return Ok(out);
-        }
-        // [rows, keys.len()]: the part's columns of every row.
-        let part: Vec<f32> = probs
-            .chunks_exact(u.keys)
-            .flat_map(|row| row[keys.clone()].iter().copied())
-            .collect();
-        reduce_values(u.head, &part, first, keys.len(), &mut out)?;
+        reduce_values(u.head, probs, self.first_key, u.keys, &mut out)?;
         Ok(out)
     }
 }
@@ -505,6 +510,23 @@ const SOFTMAX_LANES: usize = 16;
 
 #[inline(always)]
 fn softmax_masked_body(row: &mut [f32], lo: usize, hi: usize, scale: f32) {
+    let (_, sum) = exp_masked_body(row, lo, hi, scale);
+    let inv = 1.0 / sum;
+    for s in &mut row[lo..hi] {
+        *s *= inv;
+    }
+}
+
+rvq::multiversion! {
+    /// In place: row[lo..hi] = e^(row · scale − max), zero elsewhere; returns (max, Σ) of the
+    /// exponentials, with max the largest of row[lo..hi] · scale (−∞ for an empty range, whose
+    /// Σ is 0). [`softmax_masked`] divides by Σ; a part of a row's keys keeps both to be
+    /// combined with the other parts' ([`combine_shares`]).
+    pub fn exp_masked(row: &mut [f32], lo: usize, hi: usize, scale: f32) -> (f32, f32) = exp_masked_body;
+}
+
+#[inline(always)]
+fn exp_masked_body(row: &mut [f32], lo: usize, hi: usize, scale: f32) -> (f32, f32) {
     const L: usize = SOFTMAX_LANES;
     let xs = &mut row[lo..hi];
     let whole = xs.len() / L * L;
@@ -531,12 +553,40 @@ fn softmax_masked_body(row: &mut [f32], lo: usize, hi: usize, scale: f32) {
         *s = exp(*s * scale - max);
         sum += *s;
     }
-    let inv = 1.0 / sum;
-    for s in xs.iter_mut() {
-        *s *= inv;
-    }
     row[..lo].fill(0.0);
     row[hi..].fill(0.0);
+    (max, sum)
+}
+
+/// One task's share of a unit's attention over a part of its keys, per query row r: `max[r]`
+/// the largest scaled score of the row's keys in the part (−∞ if it sees none), `sum[r]` the
+/// sum of their e^(score − max[r]), and `out` [rows, hd] the values weighted by those
+/// exponentials. The parts of a unit then combine as one softmax would (flash attention's
+/// split over keys): each task scores, weights and reduces its own keys, with no wait for the
+/// other parts between the scores and the values.
+struct PartShare {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    out: Vec<f32>,
+}
+
+/// The unit's output [rows, hd] from its parts' shares (in key order): per row
+/// Σ_p c_p · out_p / Σ_p c_p · sum_p with c_p = e^(max_p − max over the parts). A single share
+/// of max 0 and sum 1 (a whole softmax) passes through unchanged: e^0 = 1 and the division
+/// by 1 are exact.
+fn combine_shares(shares: &[PartShare], rows: usize, hd: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * hd];
+    for (r, o) in out.chunks_exact_mut(hd).enumerate() {
+        let seen = || shares.iter().filter(|s| s.sum[r] > 0.0);
+        let top = seen().map(|s| s.max[r]).fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = seen().map(|s| exp(s.max[r] - top) * s.sum[r]).sum();
+        for share in seen() {
+            let c = exp(share.max[r] - top) / total;
+            let part = &share.out[r * hd..(r + 1) * hd];
+            o.iter_mut().zip(part).for_each(|(o, &v)| *o += c * v);
+        }
+    }
+    out
 }
 
 /// Σ of 16 lanes as a balanced tree (a fixed order).
