@@ -30,9 +30,10 @@ pub use crate::attention::FUSED_ROWS;
 const PREFETCH_KEYS: usize = 8;
 
 /// The stage count the fused kernels are compiled for as a constant (the paper's K): their
-/// codeword loops then unroll, every address a base plus an offset (with i8 books in one
-/// allocation, `kernel_speed`: keys 26.3 → 19.8 ns, values 20.1 → 15.8 ns, against the loop
-/// over a run-time count and per-stage allocations).
+/// codeword loops then unroll, every address a base plus an offset. With i8 books in one
+/// allocation this took `kernel_speed` from 26.3 to 19.8 ns per key and 20.1 to 15.8 ns per
+/// value, against the loop over a run-time count and per-stage allocations (unchecked
+/// prefetch slices then 14.1 and 9.2 ns: docs/RESULTS.md, session 14).
 const UNROLLED_STAGES: usize = 8;
 
 /// `K`, or the books' stage count where `K` is 0.
