@@ -72,8 +72,8 @@ pub fn unpack_stream(bytes: &[u8], bits: u32, out: &mut [u16]) {
     unpack_row(&bytes[at..], bits, &mut out[done..]);
 }
 
-/// Unpacks whole groups of sixteen codes (`bits` ≤ 16 whole bytes each pair of eight) while a
-/// group's bytes lie within `bytes`; returns how many codes it wrote (a multiple of 16). One
+/// Unpacks whole groups of sixteen codes (2·`bits` whole bytes each, `bits` ≤ 16) while the
+/// bytes a group reads lie within `bytes`; returns how many codes it wrote (a multiple of 16). One
 /// byte permutation puts the 4 bytes from each code's first into its own 32-bit lane, then one
 /// shift per lane and a mask: 16 codes in five instructions, twice the AVX2 kernel's eight.
 #[cfg(target_arch = "x86_64")]
