@@ -417,6 +417,18 @@ impl PartStore {
         (a, a + store.dropped + store.scales.len())
     }
 
+    /// Hints the CPU to read the packed codes of `head` at `positions` into its caches (the
+    /// coded ones among them), ahead of the scoring or reducing that will unpack them.
+    fn prefetch_codes(&self, head: usize, positions: Range<usize>, hd: usize) {
+        let (a, b) = self.spans(head, hd);
+        let store = &self.heads[head];
+        let kept = a + store.dropped;
+        let (start, end) = (positions.start.max(kept), positions.end.min(b));
+        if self.quant.is_some() && start < end {
+            store.codes.prefetch_rows(start - kept, end - start);
+        }
+    }
+
     /// The first position still readable after the sinks (codes dropped before it).
     fn first_kept_code(&self, head: usize, hd: usize) -> usize {
         self.heads[head].sinks.len() / hd + self.heads[head].dropped
@@ -796,6 +808,11 @@ impl KvCache for RvqCache {
             attention::dense_key_scores(self, layer, h, q, span, scores)
         };
         let score = |h: usize, q: &[f32], span: Range<usize>, scores: &mut [f32]| {
+            // Attention scores a head's keys block after block and then reduces their values:
+            // the next block's key codes and this block's value codes load while it scores.
+            let next = span.end..span.end + span.len();
+            keys.prefetch_codes(h, next, hd);
+            values.prefetch_codes(h, span.clone(), hd);
             keys.score_keys(self.options.keys, h, q, span, rope, &dense, scores)
         };
         let reduce = |h: usize, probs: &[f32], first_key: usize, n: usize, o: &mut [f32]| {

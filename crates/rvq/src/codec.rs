@@ -161,7 +161,7 @@ pub trait GroupSum: Copy + Send + Sync {
 
 /// Prefetch hint for the line holding `p` (T0: all levels).
 #[inline(always)]
-fn prefetch_line<T>(p: *const T) {
+pub(crate) fn prefetch_line<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch never faults, whatever the address.
     unsafe {
