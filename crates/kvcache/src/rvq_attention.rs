@@ -80,10 +80,11 @@ pub fn fuses(rvq: &dyn Quantizer, group_rope: &GroupRope) -> bool {
 
 /// [`key_scores`] for keys that [`fuses`] takes, with at most [`FUSED_ROWS`] rows: per key the
 /// two groups' codewords are summed in registers (stage 0 first, f16 converted as loaded), the
-/// pair rotated (x·cos − y·sin, x·sin + y·cos), dotted with every row as
-/// ((x'₀·q₀ + x'₁·q₁) + (y'₀·q₂ + y'₁·q₃)) over 16-lane quarters, folded to 8 lanes and
-/// summed for 8 keys at once by [`rvq::vector::tree_sums8`], then scaled. Every level computes exactly
-/// this, so all give the same bits.
+/// pair rotated (x·cos − y·sin, x·sin + y·cos, each one multiply and one fused multiply-add),
+/// dotted with every row as x'₀·q₀, then + x'₁·q₁, + y'₀·q₂, + y'₁·q₃ (fused multiply-adds) over
+/// 16-lane quarters, folded to 8 lanes and summed for 8 keys at once by
+/// [`rvq::vector::tree_sums8`], then scaled. Every level computes exactly this, so all give the
+/// same bits.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_key_scores(
     rvq: &dyn Quantizer,
@@ -183,18 +184,19 @@ unsafe fn fused_scores_stages<V: F32x16, B: GroupSum, const K: usize, const R: u
         let (cos, sin) = rope.angles(first_pos + t);
         let (c0, c1) = (V::load(cos.as_ptr()), V::load(cos.as_ptr().add(16)));
         let (s0, s1) = (V::load(sin.as_ptr()), V::load(sin.as_ptr().add(16)));
-        let rx0 = x0.mul(c0).sub(y0.mul(s0));
-        let rx1 = x1.mul(c1).sub(y1.mul(s1));
-        let ry0 = x0.mul(s0).add(y0.mul(c0));
-        let ry1 = x1.mul(s1).add(y1.mul(c1));
+        let rx0 = x0.mul_sub(c0, y0.mul(s0));
+        let rx1 = x1.mul_sub(c1, y1.mul(s1));
+        let ry0 = x0.mul_add(s0, y0.mul(c0));
+        let ry1 = x1.mul_add(s1, y1.mul(c1));
         for (r, folded) in folded.iter_mut().enumerate().take(rows) {
             let qr = match R {
                 0 => std::array::from_fn(|j| V::load(q.as_ptr().add(r * 64 + j * 16))),
                 _ => held[r],
             };
-            let x = rx0.mul(qr[0]).add(rx1.mul(qr[1]));
-            let y = ry0.mul(qr[2]).add(ry1.mul(qr[3]));
-            x.add(y).fold8(folded[i].as_mut_ptr());
+            let dot = rx0.mul(qr[0]);
+            let dot = rx1.mul_add(qr[1], dot);
+            let dot = ry0.mul_add(qr[2], dot);
+            ry1.mul_add(qr[3], dot).fold8(folded[i].as_mut_ptr());
         }
     };
     let write = |r: usize, t0: usize, sums: &[f32]| {
@@ -364,8 +366,8 @@ unsafe fn value_sums_rows<V: F32x16, B: GroupSum, const R: usize, const K: usize
         let w = weights.as_ptr().add(t * lanes + r0);
         for (r, acc) in acc.iter_mut().enumerate() {
             let wr = V::splat(*w.add(r));
-            acc[0] = acc[0].add(wr.mul(lo));
-            acc[1] = acc[1].add(wr.mul(hi));
+            acc[0] = wr.mul_add(lo, acc[0]);
+            acc[1] = wr.mul_add(hi, acc[1]);
         }
     }
     for (r, acc) in acc.iter().enumerate() {

@@ -2,7 +2,8 @@
 //!
 //! A hot loop written once against [`F32x16`] and compiled by [`dispatch16!`](crate::dispatch16)
 //! runs at every [`Level`](crate::simd::Level) with the same operations lane for lane, so every
-//! level gives the same bits: adds, multiplies and subtractions are separate, the i8 codeword
+//! level gives the same bits: adds, multiplies and subtractions are separate or fused into one
+//! rounding at every level alike ([`F32x16::mul_add`]), the i8 codeword
 //! sums ([`F32x16::sum_i8_multiples`]) are exact integer arithmetic before one product, and the
 //! one horizontal reduction, [`F32x16::fold8`] followed by [`tree_sums8`], has a fixed order.
 //!
@@ -38,6 +39,11 @@ pub trait F32x16: Copy {
     unsafe fn add(self, o: Self) -> Self;
     unsafe fn sub(self, o: Self) -> Self;
     unsafe fn mul(self, o: Self) -> Self;
+    /// self · a + b with one rounding: the FMA instruction where the level has it, and
+    /// `f32::mul_add` (correctly rounded too) in the portable lanes, so the bits agree.
+    unsafe fn mul_add(self, a: Self, b: Self) -> Self;
+    /// self · a − b with one rounding, as [`F32x16::mul_add`].
+    unsafe fn mul_sub(self, a: Self, b: Self) -> Self;
     /// `out[l] = self[l] + self[l + 8]` for l < 8: the first step of a horizontal sum, whose
     /// rest [`tree_sums8`] does for eight vectors at once.
     unsafe fn fold8(self, out: *mut f32);
@@ -177,6 +183,14 @@ impl F32x16 for Portable {
         Self(std::array::from_fn(|l| self.0[l] * o.0[l]))
     }
     #[inline(always)]
+    unsafe fn mul_add(self, a: Self, b: Self) -> Self {
+        Self(std::array::from_fn(|l| self.0[l].mul_add(a.0[l], b.0[l])))
+    }
+    #[inline(always)]
+    unsafe fn mul_sub(self, a: Self, b: Self) -> Self {
+        Self(std::array::from_fn(|l| self.0[l].mul_add(a.0[l], -b.0[l])))
+    }
+    #[inline(always)]
     unsafe fn fold8(self, out: *mut f32) {
         let h: [f32; 8] = std::array::from_fn(|l| self.0[l] + self.0[l + 8]);
         std::ptr::write_unaligned(out as *mut [f32; 8], h)
@@ -283,6 +297,20 @@ mod x86 {
             Self(_mm256_mul_ps(self.0, o.0), _mm256_mul_ps(self.1, o.1))
         }
         #[inline(always)]
+        unsafe fn mul_add(self, a: Self, b: Self) -> Self {
+            Self(
+                _mm256_fmadd_ps(self.0, a.0, b.0),
+                _mm256_fmadd_ps(self.1, a.1, b.1),
+            )
+        }
+        #[inline(always)]
+        unsafe fn mul_sub(self, a: Self, b: Self) -> Self {
+            Self(
+                _mm256_fmsub_ps(self.0, a.0, b.0),
+                _mm256_fmsub_ps(self.1, a.1, b.1),
+            )
+        }
+        #[inline(always)]
         unsafe fn fold8(self, out: *mut f32) {
             _mm256_storeu_ps(out, _mm256_add_ps(self.0, self.1))
         }
@@ -375,6 +403,14 @@ mod x86 {
         #[inline(always)]
         unsafe fn mul(self, o: Self) -> Self {
             Self(_mm512_mul_ps(self.0, o.0))
+        }
+        #[inline(always)]
+        unsafe fn mul_add(self, a: Self, b: Self) -> Self {
+            Self(_mm512_fmadd_ps(self.0, a.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn mul_sub(self, a: Self, b: Self) -> Self {
+            Self(_mm512_fmsub_ps(self.0, a.0, b.0))
         }
         #[inline(always)]
         unsafe fn fold8(self, out: *mut f32) {
