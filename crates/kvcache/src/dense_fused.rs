@@ -100,21 +100,26 @@ unsafe fn scores_ch<V: F32x16, E: LaneWord, const CH: usize, const INTERLEAVED: 
                 } else {
                     (c.dup_hi(), s.dup_hi())
                 };
-                r[j] = x[j].mul(c).add(x[j].swap_pairs().mul(s).mul(sign));
+                r[j] = x[j].mul_add(c, x[j].swap_pairs().mul(s).mul(sign));
             }
         } else {
             // Chunk j < CH/2 pairs with chunk j + CH/2: lo' = lo·cos − hi·sin, hi' = lo·sin + hi·cos.
             for j in 0..CH / 2 {
                 let (c, s) = (V::load(cos.add(16 * j)), V::load(sin.add(16 * j)));
                 let (lo, hi) = (x[j], x[j + CH / 2]);
-                r[j] = lo.mul(c).sub(hi.mul(s));
-                r[j + CH / 2] = lo.mul(s).add(hi.mul(c));
+                r[j] = lo.mul_sub(c, hi.mul(s));
+                r[j + CH / 2] = lo.mul_add(s, hi.mul(c));
             }
         }
         for (row, folded) in folded.iter_mut().enumerate().take(rows) {
             let qr = q.as_ptr().add(row * hd);
-            let products: [V; CH] = std::array::from_fn(|j| r[j].mul(V::load(qr.add(16 * j))));
-            tree::<V, CH>(&products).fold8(folded[i].as_mut_ptr());
+            let q = |j: usize| V::load(qr.add(16 * j));
+            // Chunk pairs' products fused (one rounding for the pair), then a tree over them.
+            let mut pairs = [V::zero(); CH];
+            for j in 0..CH / 2 {
+                pairs[j] = r[2 * j].mul_add(q(2 * j), r[2 * j + 1].mul(q(2 * j + 1)));
+            }
+            tree(&pairs, CH / 2).fold8(folded[i].as_mut_ptr());
         }
     };
     let write = |row: usize, t0: usize, sums: &[f32]| {
@@ -123,12 +128,12 @@ unsafe fn scores_ch<V: F32x16, E: LaneWord, const CH: usize, const INTERLEAVED: 
     attention::fused_scores_by_eights(avx2, n, rows, key, write);
 }
 
-/// Σ of `xs` (N a power of two) as a balanced tree of adjacent pairs: (x0 + x1) + (x2 + x3)
-/// for four.
+/// Σ of the first `len` of `xs` (a power of two) as a balanced tree of adjacent pairs:
+/// (x0 + x1) + (x2 + x3) for four.
 #[inline(always)]
-unsafe fn tree<V: F32x16, const N: usize>(xs: &[V; N]) -> V {
+unsafe fn tree<V: F32x16, const N: usize>(xs: &[V; N], len: usize) -> V {
     let mut xs = *xs;
-    let mut len = N;
+    let mut len = len;
     while len > 1 {
         for j in 0..len / 2 {
             xs[j] = xs[2 * j].add(xs[2 * j + 1]);
@@ -194,7 +199,7 @@ unsafe fn values_rows<V: F32x16, E: LaneWord, const R: usize>(
         for (r, acc) in acc.iter_mut().enumerate() {
             let w = V::splat(*probs.get_unchecked((r0 + r) * n + t));
             for (a, x) in acc.iter_mut().zip(&x) {
-                *a = a.add(w.mul(*x));
+                *a = w.mul_add(*x, *a);
             }
         }
     }
