@@ -362,7 +362,7 @@ unsafe fn value_sums_rows<V: F32x16, B: GroupSum, const R: usize, const K: usize
             books.prefetch_group(std::slice::from_raw_parts(c.add(PREFETCH_KEYS * row), k));
         }
         let c = std::slice::from_raw_parts(c, k);
-        let (lo, hi) = books.sum_group::<V>(c);
+        let (lo, hi) = books.sum_group_unscaled::<V>(c);
         let w = weights.as_ptr().add(t * lanes + r0);
         for (r, acc) in acc.iter_mut().enumerate() {
             let wr = V::splat(*w.add(r));
@@ -370,10 +370,18 @@ unsafe fn value_sums_rows<V: F32x16, B: GroupSum, const R: usize, const K: usize
             acc[1] = wr.mul_add(hi, acc[1]);
         }
     }
+    // The books' unit, left out of every value's sum, once on each row's.
+    let unit = books
+        .unit()
+        .map(|u| (V::load(u.as_ptr()), V::load(u.as_ptr().add(16))));
     for (r, acc) in acc.iter().enumerate() {
         let out = sums.as_mut_ptr().add(((r0 + r) * groups + g) * 32);
-        acc[0].store(out);
-        acc[1].store(out.add(16));
+        let (lo, hi) = match unit {
+            Some((u0, u1)) => (acc[0].mul(u0), acc[1].mul(u1)),
+            None => (acc[0], acc[1]),
+        };
+        lo.store(out);
+        hi.store(out.add(16));
     }
 }
 

@@ -153,6 +153,22 @@ pub trait GroupSum: Copy + Send + Sync {
     /// # Safety
     /// `codes` holds K codes, each < C of its codebook; the CPU runs `V`'s level.
     unsafe fn sum_group<V: F32x16>(self, codes: &[u16]) -> (V, V);
+    /// [`GroupSum::sum_group`] before its last product, by the per-channel factor
+    /// [`GroupSum::unit`] (i8 books; f16 and f32 books have none): for a kernel that applies
+    /// the factor once to something linear in the sums (a query row, a weighted sum of values)
+    /// instead of to every key's.
+    ///
+    /// # Safety
+    /// As [`GroupSum::sum_group`].
+    #[inline(always)]
+    unsafe fn sum_group_unscaled<V: F32x16>(self, codes: &[u16]) -> (V, V) {
+        self.sum_group(codes)
+    }
+    /// The factor (32 f32, one per channel) by which [`GroupSum::sum_group`] multiplies
+    /// [`GroupSum::sum_group_unscaled`], if any.
+    fn unit(&self) -> Option<&[f32]> {
+        None
+    }
     /// Hints the CPU to cache the codewords `codes` names (K codes of one group, each < C), a
     /// few keys before [`GroupSum::sum_group`] reads them: at random codes the loads otherwise
     /// wait on L2 misses one window of the out-of-order core at a time.
@@ -195,6 +211,23 @@ impl<W: LaneWord, B: Deref<Target = [W]> + Sync> GroupSum for &[B] {
     }
 }
 
+impl<'a> ScaledI8<'a> {
+    /// (codeword, multipliers) of each stage's code in `codes`, all addressed from the one base.
+    ///
+    /// # Safety
+    /// Every code < C (the pointers are computed unchecked).
+    #[inline(always)]
+    unsafe fn words(self, codes: &[u16]) -> impl Iterator<Item = (*const i8, *const i16)> + '_ {
+        let (books, multipliers) = (self.books.as_ptr(), self.multipliers.as_ptr());
+        codes.iter().enumerate().map(move |(s, &code)| {
+            (
+                books.add(s * self.stage_len + code as usize * 32),
+                multipliers.add(s * 32),
+            )
+        })
+    }
+}
+
 impl GroupSum for ScaledI8<'_> {
     fn stages(&self) -> usize {
         self.multipliers.len() / self.unit.len()
@@ -205,14 +238,14 @@ impl GroupSum for ScaledI8<'_> {
     /// loads on pointers.
     #[inline(always)]
     unsafe fn sum_group<V: F32x16>(self, codes: &[u16]) -> (V, V) {
-        let (books, multipliers) = (self.books.as_ptr(), self.multipliers.as_ptr());
-        let words = codes.iter().enumerate().map(|(s, &code)| {
-            (
-                books.add(s * self.stage_len + code as usize * 32),
-                multipliers.add(s * 32),
-            )
-        });
-        V::sum_i8_multiples(words, self.unit.as_ptr())
+        V::sum_i8_multiples(self.words(codes), self.unit.as_ptr())
+    }
+    #[inline(always)]
+    unsafe fn sum_group_unscaled<V: F32x16>(self, codes: &[u16]) -> (V, V) {
+        V::sum_i8_integers(self.words(codes))
+    }
+    fn unit(&self) -> Option<&[f32]> {
+        Some(self.unit)
     }
     #[inline(always)]
     fn prefetch_group(self, codes: &[u16]) {

@@ -28,13 +28,20 @@ pub trait F32x16: Copy {
     unsafe fn load_f16(p: *const f16) -> Self;
     /// Sixteen i8 values at `p`, converted exactly.
     unsafe fn load_i8(p: *const i8) -> Self;
-    /// The two 16-lane halves of `unit ⊙ Σ m ⊙ q` over the pairs (q: 32 i8, m: 32 i16) of
-    /// `words`: the products and their sum in i16 lanes — exact, as the caller keeps every
-    /// partial sum within i16 — then one conversion and one product with `unit` (32 f32).
+    /// The two 16-lane halves of `Σ m ⊙ q` over the pairs (q: 32 i8, m: 32 i16) of `words`:
+    /// the products and their sum in i16 lanes — exact, as the caller keeps every partial sum
+    /// within i16 — then one conversion.
+    unsafe fn sum_i8_integers(words: impl Iterator<Item = (*const i8, *const i16)>)
+        -> (Self, Self);
+    /// [`F32x16::sum_i8_integers`] times `unit` (32 f32): `unit ⊙ Σ m ⊙ q`, one product.
+    #[inline(always)]
     unsafe fn sum_i8_multiples(
         words: impl Iterator<Item = (*const i8, *const i16)>,
         unit: *const f32,
-    ) -> (Self, Self);
+    ) -> (Self, Self) {
+        let (lo, hi) = Self::sum_i8_integers(words);
+        (lo.mul(Self::load(unit)), hi.mul(Self::load(unit.add(16))))
+    }
     unsafe fn store(self, p: *mut f32);
     unsafe fn add(self, o: Self) -> Self;
     unsafe fn sub(self, o: Self) -> Self;
@@ -148,9 +155,8 @@ impl F32x16 for Portable {
         Self(std::ptr::read_unaligned(p as *const [i8; 16]).map(f32::from))
     }
     #[inline(always)]
-    unsafe fn sum_i8_multiples(
+    unsafe fn sum_i8_integers(
         words: impl Iterator<Item = (*const i8, *const i16)>,
-        unit: *const f32,
     ) -> (Self, Self) {
         let mut acc = [0i16; 32];
         for (q, m) in words {
@@ -162,8 +168,7 @@ impl F32x16 for Portable {
                 *a = a.wrapping_add(i16::from(q).wrapping_mul(m));
             }
         }
-        let unit = std::slice::from_raw_parts(unit, 32);
-        let half = |h: usize| Self(std::array::from_fn(|l| f32::from(acc[h + l]) * unit[h + l]));
+        let half = |h: usize| Self(std::array::from_fn(|l| f32::from(acc[h + l])));
         (half(0), half(16))
     }
     #[inline(always)]
@@ -252,9 +257,8 @@ mod x86 {
             )
         }
         #[inline(always)]
-        unsafe fn sum_i8_multiples(
+        unsafe fn sum_i8_integers(
             words: impl Iterator<Item = (*const i8, *const i16)>,
-            unit: *const f32,
         ) -> (Self, Self) {
             // Lanes 0..16 in `lo`, 16..32 in `hi`.
             let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
@@ -265,19 +269,14 @@ mod x86 {
                 lo = _mm256_add_epi16(lo, _mm256_mullo_epi16(q_lo, _mm256_loadu_si256(m)));
                 hi = _mm256_add_epi16(hi, _mm256_mullo_epi16(q_hi, _mm256_loadu_si256(m.add(1))));
             }
-            let eight = |x: __m128i, at: usize| {
-                _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(x)),
-                    _mm256_loadu_ps(unit.add(at)),
-                )
-            };
-            let sixteen = |x: __m256i, at: usize| {
+            let eight = |x: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(x));
+            let sixteen = |x: __m256i| {
                 Self(
-                    eight(_mm256_castsi256_si128(x), at),
-                    eight(_mm256_extracti128_si256::<1>(x), at + 8),
+                    eight(_mm256_castsi256_si128(x)),
+                    eight(_mm256_extracti128_si256::<1>(x)),
                 )
             };
-            (sixteen(lo, 0), sixteen(hi, 16))
+            (sixteen(lo), sixteen(hi))
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
@@ -366,9 +365,8 @@ mod x86 {
             ))))
         }
         #[inline(always)]
-        unsafe fn sum_i8_multiples(
+        unsafe fn sum_i8_integers(
             words: impl Iterator<Item = (*const i8, *const i16)>,
-            unit: *const f32,
         ) -> (Self, Self) {
             // All 32 lanes in one register.
             let mut acc = _mm512_setzero_si512();
@@ -377,15 +375,10 @@ mod x86 {
                 let m = _mm512_loadu_si512(m as *const __m512i);
                 acc = _mm512_add_epi16(acc, _mm512_mullo_epi16(q, m));
             }
-            let sixteen = |x: __m256i, at: usize| {
-                Self(_mm512_mul_ps(
-                    _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(x)),
-                    _mm512_loadu_ps(unit.add(at)),
-                ))
-            };
+            let sixteen = |x: __m256i| Self(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(x)));
             (
-                sixteen(_mm512_castsi512_si256(acc), 0),
-                sixteen(_mm512_extracti64x4_epi64::<1>(acc), 16),
+                sixteen(_mm512_castsi512_si256(acc)),
+                sixteen(_mm512_extracti64x4_epi64::<1>(acc)),
             )
         }
         #[inline(always)]
