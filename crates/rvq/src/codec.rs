@@ -155,8 +155,8 @@ pub trait GroupSum: Copy + Send + Sync {
     unsafe fn sum_group<V: F32x16>(self, codes: &[u16]) -> (V, V);
     /// [`GroupSum::sum_group`] before its last product, by the per-channel factor
     /// [`GroupSum::unit`] (i8 books; f16 and f32 books have none): for a kernel that applies
-    /// the factor once to something linear in the sums (a query row, a weighted sum of values)
-    /// instead of to every key's.
+    /// the factor once to something linear in the sums (a weighted sum of values) instead of
+    /// to every token's.
     ///
     /// # Safety
     /// As [`GroupSum::sum_group`].

@@ -233,8 +233,8 @@ impl PackedRows {
     /// its caches, for a reader that unpacks them after its current work: the unpacking then
     /// finds them there instead of waiting on memory in a pass of its own.
     pub fn prefetch_rows(&self, first: usize, n: usize) {
-        let end = ((first + n) * self.row_bytes).min(self.bytes.len());
-        let start = (first * self.row_bytes).min(end);
+        let byte = |row: usize| row.saturating_mul(self.row_bytes).min(self.bytes.len());
+        let (start, end) = (byte(first), byte(first.saturating_add(n)));
         if start == end {
             return;
         }
@@ -351,5 +351,28 @@ mod tests {
             (0..16).map(|i| (300 + i * 97) % 2048).collect::<Vec<_>>()
         );
         assert_eq!((rows.len(), rows.bytes()), (3, 3 * 22));
+    }
+
+    #[test]
+    fn prefetch_hints_clip_to_the_rows_held_and_change_nothing() {
+        let mut rows = PackedRows::new(16, 11);
+        rows.prefetch_rows(0, 4); // nothing held
+        for r in 0..7u16 {
+            rows.push(&(0..16).map(|i| (r * 300 + i) % 2048).collect::<Vec<_>>());
+        }
+        let before = rows.clone();
+        // Inside, past the end, straddling it, empty, and far beyond the rows held.
+        for (first, n) in [
+            (0, 7),
+            (2, 3),
+            (5, 10),
+            (7, 1),
+            (3, 0),
+            (1000, 5),
+            (usize::MAX / 64, 1),
+        ] {
+            rows.prefetch_rows(first, n);
+        }
+        assert_eq!(rows, before);
     }
 }
