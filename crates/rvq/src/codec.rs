@@ -282,7 +282,6 @@ unsafe fn sum_groups_d32_body<V: F32x16, B: GroupSum>(
 pub struct HalfRvq {
     dim: usize,
     size: usize,
-    /// [stages] of [size, dim]
     /// [stages] of [size, dim], each from a cache line's start
     codebooks: Vec<LineAligned<f16>>,
     /// [stages] of [size]: squared norms of the f16 codewords
