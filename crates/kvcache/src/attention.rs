@@ -427,25 +427,25 @@ impl Context<'_> {
     /// under its causal (and window) mask.
     fn softmax(&self, u: &Unit, mut scores: Vec<f32>) -> Vec<f32> {
         let n = u.keys;
-        for i in u.tokens.clone() {
-            let (lo, hi) = self.visible(i);
-            for j in 0..self.group {
-                let r = (i - u.tokens.start) * self.group + j;
-                softmax_masked(&mut scores[r * n..(r + 1) * n], lo, hi, self.queries.scale);
-            }
+        for (r, lo, hi) in self.masked_rows(u) {
+            softmax_masked(&mut scores[r * n..(r + 1) * n], lo, hi, self.queries.scale);
         }
         scores
     }
 
-    /// The keys query token `i` sees under its causal (and window) mask, relative to the
-    /// first visible key: `lo..hi`.
-    fn visible(&self, i: usize) -> (usize, usize) {
-        let pos = self.queries.first_pos + i;
-        let lo = match self.queries.window {
-            Some(w) => (pos + 1).saturating_sub(w).saturating_sub(self.first_key),
-            None => 0,
-        };
-        (lo, pos + 1 - self.first_key)
+    /// The unit's rows r in order, each with the keys `lo..hi` its query token sees under the
+    /// causal (and window) mask, relative to the first visible key.
+    fn masked_rows<'u>(&'u self, u: &'u Unit) -> impl Iterator<Item = (usize, usize, usize)> + 'u {
+        u.tokens.clone().flat_map(move |i| {
+            let pos = self.queries.first_pos + i;
+            let lo = match self.queries.window {
+                Some(w) => (pos + 1).saturating_sub(w).saturating_sub(self.first_key),
+                None => 0,
+            };
+            let hi = pos + 1 - self.first_key;
+            let first_row = (i - u.tokens.start) * self.group;
+            (first_row..first_row + self.group).map(move |r| (r, lo, hi))
+        })
     }
 
     /// The unit's attention over its keys `keys`, as a [`PartShare`]: scored, each row's
@@ -470,15 +470,11 @@ impl Context<'_> {
         let n = keys.len();
         let (mut max, mut sum) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
         let local = |x: usize| x.clamp(keys.start, keys.end) - keys.start;
-        for i in u.tokens.clone() {
-            let (lo, hi) = self.visible(i);
-            for j in 0..self.group {
-                let r = (i - u.tokens.start) * self.group + j;
-                let row = &mut scores[r * n..(r + 1) * n];
-                let (m, s) = exp_masked(row, local(lo), local(hi), self.queries.scale);
-                max.push(m);
-                sum.push(s);
-            }
+        for (r, lo, hi) in self.masked_rows(u) {
+            let row = &mut scores[r * n..(r + 1) * n];
+            let (m, s) = exp_masked(row, local(lo), local(hi), self.queries.scale);
+            max.push(m);
+            sum.push(s);
         }
         let mut out = vec![0f32; rows * self.hd];
         reduce_values(u.head, &scores, self.first_key + keys.start, n, &mut out)?;

@@ -140,6 +140,21 @@ impl<'a> ScaledI8<'a> {
             stage_len: books.len() / stages,
         }
     }
+
+    /// (codeword, multipliers) of each stage's code in `codes`, all addressed from the one base.
+    ///
+    /// # Safety
+    /// Every code < C (the pointers are computed unchecked).
+    #[inline(always)]
+    unsafe fn words(self, codes: &[u16]) -> impl Iterator<Item = (*const i8, *const i16)> + '_ {
+        let (books, multipliers) = (self.books.as_ptr(), self.multipliers.as_ptr());
+        codes.iter().enumerate().map(move |(s, &code)| {
+            (
+                books.add(s * self.stage_len + code as usize * 32),
+                multipliers.add(s * 32),
+            )
+        })
+    }
 }
 
 /// d = 32 codebooks as the fused kernels gather them: per group, the sum of the codewords its
@@ -208,23 +223,6 @@ impl<W: LaneWord, B: Deref<Target = [W]> + Sync> GroupSum for &[B] {
             prefetch_line(w);
             prefetch_line(w.wrapping_add(31));
         }
-    }
-}
-
-impl<'a> ScaledI8<'a> {
-    /// (codeword, multipliers) of each stage's code in `codes`, all addressed from the one base.
-    ///
-    /// # Safety
-    /// Every code < C (the pointers are computed unchecked).
-    #[inline(always)]
-    unsafe fn words(self, codes: &[u16]) -> impl Iterator<Item = (*const i8, *const i16)> + '_ {
-        let (books, multipliers) = (self.books.as_ptr(), self.multipliers.as_ptr());
-        codes.iter().enumerate().map(move |(s, &code)| {
-            (
-                books.add(s * self.stage_len + code as usize * 32),
-                multipliers.add(s * 32),
-            )
-        })
     }
 }
 
