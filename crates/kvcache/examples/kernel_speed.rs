@@ -46,11 +46,12 @@ fn main() {
     let weights: Vec<f32> = (0..n * 4).map(|_| rng.unit() as f32).collect();
     let mut sums = vec![0f32; 3 * 64];
     let values = time(&mut || {
+        // [3, n] of the same weights.
         fused_value_sums(
             &q8 as &dyn Quantizer,
             2,
             &codes,
-            (&weights, 4, 3),
+            &weights[..3 * n],
             &mut sums,
         );
     });

@@ -268,8 +268,9 @@ fn key_scores_body(
     }
 }
 
-/// `sums[r·groups·32 + g·32 + j] = Σ_t weights[t·lanes + r] · (Σ_s codeword of stage s named by
-/// key t's code of group g)[j]` for rows r < `rows` ≤ `lanes`: the weighted value sums of a few
+/// `sums[r·groups·32 + g·32 + j] = Σ_t weights[r·n + t] · (Σ_s codeword of stage s named by
+/// key t's code of group g)[j]` for the rows r of `sums` ([rows, n] weights, row-major, so a
+/// caller builds them with contiguous, vectorised loops): the weighted value sums of a few
 /// query rows ([rows, groups·32] in group order, as [`histograms_times_codebooks`] gives them)
 /// with each value's codewords summed in registers, stage 0 first, then multiplied by each
 /// row's weight and added, token by token. Per token it costs K·G codeword loads against the
@@ -279,7 +280,7 @@ pub fn fused_value_sums(
     rvq: &dyn Quantizer,
     groups: usize,
     codes: &[u16],
-    (weights, lanes, rows): rvq::codec::RowWeights,
+    weights: &[f32],
     sums: &mut [f32],
 ) {
     let k = rvq.stages();
@@ -288,22 +289,20 @@ pub fn fused_value_sums(
         rvq.dim() == 32 && codes.len() == n * groups * k,
         "codes: [n, groups·stages]"
     );
-    assert!(
-        rows <= lanes && weights.len() == n * lanes,
-        "weights: [n, lanes ≥ rows]"
-    );
+    let rows = sums.len() / (groups * 32).max(1);
     assert_eq!(sums.len(), rows * groups * 32, "sums: [rows, groups·32]");
+    assert_eq!(weights.len(), rows * n, "weights: [rows, n]");
     rvq::codec::assert_codes_below(codes, rvq.size());
     // Checked above: every code names a codeword inside its [C, 32] codebook.
     match rvq.codewords() {
-        Codewords::F16(books) => value_sums(books, groups, codes, weights, lanes, rows, sums),
-        Codewords::F32(books) => value_sums(books, groups, codes, weights, lanes, rows, sums),
-        Codewords::I8(books) => value_sums(books, groups, codes, weights, lanes, rows, sums),
+        Codewords::F16(books) => value_sums(books, groups, codes, weights, rows, sums),
+        Codewords::F32(books) => value_sums(books, groups, codes, weights, rows, sums),
+        Codewords::I8(books) => value_sums(books, groups, codes, weights, rows, sums),
     }
 }
 
 rvq::dispatch16! {
-    fn value_sums<B: GroupSum>(books: B, groups: usize, codes: &[u16], weights: &[f32], lanes: usize, rows: usize, sums: &mut [f32]) = value_sums_body;
+    fn value_sums<B: GroupSum>(books: B, groups: usize, codes: &[u16], weights: &[f32], rows: usize, sums: &mut [f32]) = value_sums_body;
 }
 
 /// See [`fused_value_sums`]: one group at a time, up to four rows' sums in registers.
@@ -315,13 +314,12 @@ unsafe fn value_sums_body<V: F32x16, B: GroupSum>(
     groups: usize,
     codes: &[u16],
     weights: &[f32],
-    lanes: usize,
     rows: usize,
     sums: &mut [f32],
 ) {
     for g in 0..groups {
         for r0 in (0..rows).step_by(4) {
-            let chunk = (books, groups, g, codes, weights, lanes, r0, &mut *sums);
+            let chunk = (books, groups, g, codes, weights, r0, &mut *sums);
             match (books.stages() == UNROLLED_STAGES, rows - r0) {
                 (true, 1) => value_sums_rows::<V, B, 1, UNROLLED_STAGES>(chunk),
                 (true, 2) => value_sums_rows::<V, B, 2, UNROLLED_STAGES>(chunk),
@@ -337,20 +335,11 @@ unsafe fn value_sums_body<V: F32x16, B: GroupSum>(
 }
 
 /// Group `g`, rows `r0..r0 + R` of [`fused_value_sums`].
-type ValueChunk<'a, B> = (
-    B,
-    usize,
-    usize,
-    &'a [u16],
-    &'a [f32],
-    usize,
-    usize,
-    &'a mut [f32],
-);
+type ValueChunk<'a, B> = (B, usize, usize, &'a [u16], &'a [f32], usize, &'a mut [f32]);
 
 #[inline(always)]
 unsafe fn value_sums_rows<V: F32x16, B: GroupSum, const R: usize, const K: usize>(
-    (books, groups, g, codes, weights, lanes, r0, sums): ValueChunk<B>,
+    (books, groups, g, codes, weights, r0, sums): ValueChunk<B>,
 ) {
     let k = stage_count::<B, K>(books);
     let row = groups * k;
@@ -363,9 +352,9 @@ unsafe fn value_sums_rows<V: F32x16, B: GroupSum, const R: usize, const K: usize
         }
         let c = std::slice::from_raw_parts(c, k);
         let (lo, hi) = books.sum_group_unscaled::<V>(c);
-        let w = weights.as_ptr().add(t * lanes + r0);
+        let w = weights.as_ptr().add(r0 * n + t);
         for (r, acc) in acc.iter_mut().enumerate() {
-            let wr = V::splat(*w.add(r));
+            let wr = V::splat(*w.add(r * n));
             acc[0] = wr.mul_add(lo, acc[0]);
             acc[1] = wr.mul_add(hi, acc[1]);
         }
@@ -635,14 +624,9 @@ mod tests {
             (2, 7),
             (1, 8),
         ] {
-            let lanes = rows.next_multiple_of(HIST_LANES);
             let codes: Vec<u16> = (0..n * groups * k).map(|_| rng.below(c) as u16).collect();
-            let mut weights = vec![0f32; n * lanes];
-            for t in 0..n {
-                for r in 0..rows {
-                    weights[t * lanes + r] = rng.unit() as f32;
-                }
-            }
+            // [rows, n]
+            let weights: Vec<f32> = (0..rows * n).map(|_| rng.unit() as f32).collect();
             // Σ_t weight · (Σ_s codeword) in f64, per row and group, from `books`' codewords.
             let weighted_sums = |books: &Rvq| {
                 let mut want = vec![0f64; rows * groups * 32];
@@ -653,7 +637,7 @@ mod tests {
                             for r in 0..rows {
                                 for (j, &x) in w.iter().enumerate() {
                                     want[(r * groups + g) * 32 + j] +=
-                                        weights[t * lanes + r] as f64 * x as f64;
+                                        weights[r * n + t] as f64 * x as f64;
                                 }
                             }
                         }
@@ -671,8 +655,7 @@ mod tests {
             ] {
                 let each = rvq::simd::at_each_level(|_| {
                     let mut sums = vec![0f32; rows * groups * 32];
-                    let w = (&weights[..], lanes, rows);
-                    fused_value_sums(quantizer, groups, &codes, w, &mut sums);
+                    fused_value_sums(quantizer, groups, &codes, &weights, &mut sums);
                     sums
                 });
                 for (level, got) in &each {

@@ -608,10 +608,12 @@ impl PartStore {
         }
         dense_span(first_key..coded.start, out);
         dense_span(coded.end..end, out);
+        if coded.is_empty() {
+            return;
+        }
         let (q, layout) = self.quant.as_ref().expect("codes imply a quantizer");
         let store = &self.heads[head];
         let (groups, d) = (layout.groups(), layout.group_dim);
-        let lanes = rows.next_multiple_of(rvq_attention::HIST_LANES);
         let (mut codes, mut scales) = (vec![], vec![]);
         store.unpack(
             coded.start - a - store.dropped,
@@ -619,23 +621,31 @@ impl PartStore {
             &mut codes,
             &mut scales,
         );
-        // [n, lanes]: p[r, t] · s_t, rows padded with zeros.
-        let mut weights = vec![0f32; coded.len() * lanes];
-        for ((t, &s), w) in coded
-            .clone()
-            .zip(&scales)
-            .zip(weights.chunks_exact_mut(lanes))
-        {
-            for (r, w) in w[..rows].iter_mut().enumerate() {
-                *w = probs[r * n + t - first_key] * s;
-            }
-        }
+        // This span's columns of `probs` [rows, n].
+        let probs_of = |r: usize| &probs[r * n + coded.start - first_key..][..coded.len()];
         // [rows, groups·d] in group order.
         let mut sums = vec![0f32; rows * groups * d];
         if method == ValueMethod::Fused {
-            let weights = (&weights[..], lanes, rows);
-            rvq_attention::fused_value_sums(q.as_ref(), groups, &codes, weights, &mut sums);
+            // [rows, coded]: p[r, t] · s_t, row after row (contiguous, so the loop vectorises).
+            let mut weights = Vec::with_capacity(rows * coded.len());
+            for r in 0..rows {
+                weights.extend(probs_of(r).iter().zip(&scales).map(|(p, s)| p * s));
+            }
+            rvq_attention::fused_value_sums(q.as_ref(), groups, &codes, &weights, &mut sums);
         } else {
+            // [coded, lanes]: p[r, t] · s_t, rows padded with zeros.
+            let lanes = rows.next_multiple_of(rvq_attention::HIST_LANES);
+            let mut weights = vec![0f32; coded.len() * lanes];
+            for r in 0..rows {
+                for ((w, p), s) in weights[r..]
+                    .iter_mut()
+                    .step_by(lanes)
+                    .zip(probs_of(r))
+                    .zip(&scales)
+                {
+                    *w = p * s;
+                }
+            }
             // hist[stage·groups + g][code][r] = Σ_t p[r, t] · s_t over tokens t with that code.
             let mut hist = vec![0f32; rvq_attention::histogram_len(q.as_ref(), groups, rows)];
             rvq_attention::value_histograms(q.as_ref(), groups, &codes, &weights, &mut hist);
