@@ -420,12 +420,12 @@ impl PartStore {
     /// Hints the CPU to read the packed codes of `head` at `positions` into its caches (the
     /// coded ones among them), ahead of the scoring or reducing that will unpack them.
     fn prefetch_codes(&self, head: usize, positions: Range<usize>, hd: usize) {
-        let (a, b) = self.spans(head, hd);
-        let store = &self.heads[head];
-        let kept = a + store.dropped;
+        let (kept, b) = (self.first_kept_code(head, hd), self.spans(head, hd).1);
         let (start, end) = (positions.start.max(kept), positions.end.min(b));
         if self.quant.is_some() && start < end {
-            store.codes.prefetch_rows(start - kept, end - start);
+            self.heads[head]
+                .codes
+                .prefetch_rows(start - kept, end - start);
         }
     }
 
@@ -473,7 +473,7 @@ impl PartStore {
         if !coded.is_empty() {
             let (q, layout) = self.quant.as_ref().expect("codes imply a quantizer");
             // Callers check that no dropped position is asked for.
-            let first = coded.start - a - store.dropped;
+            let first = coded.start - self.first_kept_code(head, hd);
             let (mut codes, mut scales) = (vec![], vec![]);
             store.unpack(first, coded.len(), &mut codes, &mut scales);
             layout.decode_rows(q.as_ref(), &scales, &codes, &mut out[dst(&coded)]);
@@ -530,7 +530,7 @@ impl PartStore {
         let store = &self.heads[head];
         let (mut codes, mut scales) = (vec![], vec![]);
         store.unpack(
-            coded.start - a - store.dropped,
+            coded.start - self.first_kept_code(head, hd),
             coded.len(),
             &mut codes,
             &mut scales,
@@ -616,7 +616,7 @@ impl PartStore {
         let (groups, d) = (layout.groups(), layout.group_dim);
         let (mut codes, mut scales) = (vec![], vec![]);
         store.unpack(
-            coded.start - a - store.dropped,
+            coded.start - self.first_kept_code(head, hd),
             coded.len(),
             &mut codes,
             &mut scales,
