@@ -23,10 +23,13 @@ pub mod pack;
 mod quantizer;
 pub mod rng;
 pub mod row_search;
-pub mod simd;
 pub mod train;
 pub mod vector;
 pub mod vnni_search;
+
+/// The instruction-set dispatch, re-exported so `rvq::simd` and `rvq::multiversion!` keep working.
+pub use simd;
+pub use simd::multiversion;
 
 pub use codec::{Codewords, GroupSum, HalfRvq, Quantizer, ScaledI8};
 pub use int8::I8Rvq;

@@ -1,8 +1,9 @@
-//! Run-time choice of instruction set for the hot loops.
+//! Run-time choice of instruction set for the hot loops, shared by the codec (`rvq`), the
+//! caches (`kvcache`) and the weight kernels (`quant`).
 //!
 //! The workspace builds for baseline x86-64 (SSE2), so that one binary runs anywhere. Hot loops
 //! are written once, as plain Rust that vectorizes well, and compiled three times by
-//! [`multiversion!`](crate::multiversion): for AVX-512, for AVX2 + FMA, and portable. The
+//! [`multiversion!`]: for AVX-512, for AVX2 + FMA, and portable. The
 //! version is chosen once per process from what the CPU reports, or from the `RVQ_KV_SIMD`
 //! environment variable (`avx512`, `avx2`, `portable`), or by [`force`] — which is how the tests
 //! run the portable build on a machine that has AVX-512.
@@ -101,7 +102,7 @@ fn requested() -> Option<Level> {
 }
 
 /// Defines `fn $name(args) -> ret` that runs `$body(args)` — an `#[inline(always)]` function of
-/// plain Rust — compiled for the level of [`level()`](crate::simd::level).
+/// plain Rust — compiled for the level of [`level()`](crate::level).
 ///
 /// ```
 /// #[inline(always)]
@@ -109,7 +110,7 @@ fn requested() -> Option<Level> {
 ///     xs.iter().sum()
 /// }
 ///
-/// rvq::multiversion! {
+/// simd::multiversion! {
 ///     /// Doc of the dispatched function.
 ///     pub fn sum(xs: &[f32]) -> f32 = sum_body;
 /// }
@@ -130,12 +131,12 @@ macro_rules! multiversion {
                 #[target_feature(enable = "avx2,fma,f16c")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
-                match $crate::simd::level() {
+                match $crate::level() {
                     // SAFETY: `level()` never exceeds what the CPU reports.
-                    $crate::simd::Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::Level::Avx512 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
-                    $crate::simd::Level::Avx2 => return unsafe { avx2($($arg),*) },
-                    $crate::simd::Level::Portable => {}
+                    $crate::Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::Level::Portable => {}
                 }
             }
             $body($($arg),*)

@@ -1,0 +1,125 @@
+//! Activations quantized per 32 values to signed bytes, as the integer kernels read them.
+
+use crate::format::{CHUNK, HALF};
+
+/// Rows of activations [rows, cols], each 32 values x ≈ d·q with |q| ≤ 127 (never −128, so the
+/// kernels' sign trick cannot overflow), and per 16 values d·Σq, which the kernels multiply by the
+/// weights' offsets.
+pub struct Q8Rows {
+    pub rows: usize,
+    pub cols: usize,
+    /// [rows, cols]
+    q: Vec<i8>,
+    /// [rows, cols / 32]
+    d: Vec<f32>,
+    /// [rows, cols / 16]: d·Σq over each 16 values.
+    dsums: Vec<f32>,
+}
+
+/// One row of [`Q8Rows`].
+#[derive(Clone, Copy)]
+pub(crate) struct Q8Row<'a> {
+    pub q: &'a [i8],
+    pub d: &'a [f32],
+    pub dsums: &'a [f32],
+}
+
+#[inline(always)]
+fn quantize_body(x: &[f32], q: &mut [i8], d: &mut [f32], dsums: &mut [f32]) {
+    for (((x, q), d), dsums) in x
+        .chunks_exact(CHUNK)
+        .zip(q.chunks_exact_mut(CHUNK))
+        .zip(d.iter_mut())
+        .zip(dsums.chunks_exact_mut(2))
+    {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        for (q, &v) in q.iter_mut().zip(x) {
+            *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        }
+        *d = scale;
+        for (s, half) in dsums.iter_mut().zip(q.chunks_exact(HALF)) {
+            *s = scale * half.iter().map(|&v| v as i32).sum::<i32>() as f32;
+        }
+    }
+}
+
+simd::multiversion! {
+    fn quantize_rows(x: &[f32], q: &mut [i8], d: &mut [f32], dsums: &mut [f32]) = quantize_body;
+}
+
+impl Q8Rows {
+    /// Quantizes `x` ([rows, cols], cols a multiple of 32).
+    pub fn quantize(x: &[f32], cols: usize) -> Self {
+        assert!(
+            cols > 0 && cols.is_multiple_of(CHUNK) && x.len().is_multiple_of(cols),
+            "activations of {} values in rows of {cols}",
+            x.len()
+        );
+        let rows = x.len() / cols;
+        let mut q = vec![0i8; x.len()];
+        let mut d = vec![0f32; x.len() / CHUNK];
+        let mut dsums = vec![0f32; x.len() / HALF];
+        quantize_rows(x, &mut q, &mut d, &mut dsums);
+        Self {
+            rows,
+            cols,
+            q,
+            d,
+            dsums,
+        }
+    }
+
+    pub(crate) fn row(&self, r: usize) -> Q8Row<'_> {
+        let n = self.cols;
+        Q8Row {
+            q: &self.q[r * n..(r + 1) * n],
+            d: &self.d[r * n / CHUNK..(r + 1) * n / CHUNK],
+            dsums: &self.dsums[r * n / HALF..(r + 1) * n / HALF],
+        }
+    }
+
+    /// The values the kernels multiply by: d·q ([rows, cols]).
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.q
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| self.d[i / CHUNK] * q as f32)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_value_is_within_half_a_step_and_sums_match() {
+        let x: Vec<f32> = (0..128)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let a = Q8Rows::quantize(&x, 64);
+        assert_eq!((a.rows, a.cols), (2, 64));
+        let back = a.dequantize();
+        for (i, (&v, &b)) in x.iter().zip(&back).enumerate() {
+            let step = a.d[i / CHUNK];
+            assert!(
+                (v - b).abs() <= 0.5 * step * (1.0 + 1e-6),
+                "value {i}: {v} vs {b}"
+            );
+        }
+        assert!(a.q.iter().all(|&q| q != -128));
+        for (k, &s) in a.dsums.iter().enumerate() {
+            let exact: f32 = back[k * HALF..(k + 1) * HALF].iter().sum();
+            assert!((s - exact).abs() <= 1e-5 * (1.0 + exact.abs()));
+        }
+    }
+
+    #[test]
+    fn a_zero_block_has_zero_scale_and_codes() {
+        let a = Q8Rows::quantize(&[0.0; 32], 32);
+        assert_eq!(a.d, vec![0.0]);
+        assert!(a.q.iter().all(|&q| q == 0));
+    }
+}
