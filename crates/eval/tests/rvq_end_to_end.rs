@@ -97,7 +97,8 @@ fn calibrated_cache_sits_between_f16_and_random_codebooks() {
     // values summed per token in registers, or through per-stage histograms) gives the logits
     // that decoding gives. (Two separate runs would not compare: a float-level difference in
     // one layer can flip a code of a later layer's key, and RVQ amplifies that — the recent
-    // window keeps the new token out of the codes here.)
+    // window keeps the new token out of the codes here.) With f32 weights: native weights
+    // requantize activations to 8 bits, which turns last-bit differences into rounding steps.
     let tokens = &eval_tokens()[..41];
     let books = std::sync::Arc::new(Codebooks::load(&trained).unwrap());
     for precision in [BookPrecision::F16, BookPrecision::I8] {
@@ -111,6 +112,8 @@ fn codes_give_the_logits_of_decoding(
     books: std::sync::Arc<Codebooks>,
     precision: BookPrecision,
 ) {
+    // f32 weights: 8-bit activations would turn the paths' last-bit differences into steps.
+    let model = common::model_f32;
     let config = model().cache_config(false).unwrap();
     let options = RvqOptions {
         sinks: 2,

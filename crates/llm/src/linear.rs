@@ -1,11 +1,49 @@
-//! A dense linear layer on candle's matmul.
+//! A linear layer: one or more weight matrices stacked on the output axis (q, k and v; gate and
+//! up), each in its GGUF block format ([`quant::QMatrix`]) or in f32 on candle's matmul.
 
 use crate::error::Result;
 use candle_core::Tensor;
+use quant::{Q8Rows, QMatrix};
+
+/// One weight matrix [out, in].
+#[derive(Clone)]
+pub enum Weight {
+    /// In its stored block format: integer dot products against 8-bit activations.
+    Quant(QMatrix),
+    /// f32 (the reference path, types without an integer kernel, finetuned tensors).
+    Dense(Tensor),
+}
+
+impl Weight {
+    /// [out, in]
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Self::Quant(m) => m.shape(),
+            Self::Dense(t) => t.dims2().expect("dense weights are 2-D"),
+        }
+    }
+
+    /// Bytes the weights take in memory.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            Self::Quant(m) => m.size_bytes(),
+            Self::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        }
+    }
+
+    /// Row `r` as f32: an embedding lookup.
+    pub fn row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            Self::Quant(m) => m.dequantize_row(r, out),
+            Self::Dense(t) => out.copy_from_slice(&t.get(r)?.to_vec1::<f32>()?),
+        }
+        Ok(())
+    }
+}
 
 pub struct Linear {
-    /// [out, in]
-    weight: Tensor,
+    /// Stacked on the output axis, each [out_i, in].
+    parts: Vec<Weight>,
     out_dim: usize,
     in_dim: usize,
 }
@@ -15,47 +53,101 @@ pub struct Linear {
 const MIN_SPLIT_OUT: usize = 128;
 
 impl Linear {
-    pub fn new(weight: Tensor) -> Self {
-        let (out_dim, in_dim) = weight.dims2().expect("linear weights are 2-D");
-        Self {
-            weight,
+    /// Stacks `parts` (all with the same input width; an f32 reference stacks them into one
+    /// tensor, so it runs as one product).
+    pub fn new(parts: Vec<Weight>) -> Result<Self> {
+        let in_dim = parts.first().map_or(0, |p| p.shape().1);
+        assert!(
+            parts.iter().all(|p| p.shape().1 == in_dim),
+            "stacked weights share their input width"
+        );
+        let out_dim = parts.iter().map(|p| p.shape().0).sum();
+        let parts = if parts.len() > 1 && parts.iter().all(|p| matches!(p, Weight::Dense(_))) {
+            let tensors: Vec<Tensor> = parts
+                .into_iter()
+                .map(|p| match p {
+                    Weight::Dense(t) => t,
+                    Weight::Quant(_) => unreachable!("all parts are dense"),
+                })
+                .collect();
+            vec![Weight::Dense(Tensor::cat(&tensors, 0)?)]
+        } else {
+            parts
+        };
+        Ok(Self {
+            parts,
             out_dim,
             in_dim,
-        }
+        })
     }
 
     pub fn out_dim(&self) -> usize {
         self.out_dim
     }
 
-    /// `x` [rows, in] → [rows, out]. A single row (a decode step) is a matrix-vector product,
-    /// which candle runs on one thread: the two halves of the output features run as two
-    /// products on rayon's threads instead (a split fixed by the shapes; outputs may differ from
-    /// one pass in the last bits, as the kernel's blocking follows the rows it is given).
+    /// Bytes the weights take in memory.
+    pub fn size_bytes(&self) -> usize {
+        self.parts.iter().map(Weight::size_bytes).sum()
+    }
+
+    /// `x` [rows, in] → [rows, out].
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         debug_assert_eq!(x.len(), rows * self.in_dim);
-        let x = Tensor::from_slice(x, (rows, self.in_dim), self.weight.device())?;
-        if rows == 1 && self.out_dim >= MIN_SPLIT_OUT {
-            let half = self.out_dim / 2;
-            // Row ranges of [out, in] are views, not copies.
-            let product = |first: usize, len: usize| -> Result<Vec<f32>> {
-                let w = self.weight.narrow(0, first, len)?;
-                Ok(x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?)
-            };
-            let (a, b) = rayon::join(|| product(0, half), || product(half, self.out_dim - half));
-            let mut y = a?;
-            y.extend(b?);
-            return Ok(y);
+        // Quantized once for every block-format part.
+        let mut q8: Option<Q8Rows> = None;
+        let mut outputs = Vec::with_capacity(self.parts.len());
+        for part in &self.parts {
+            outputs.push(match part {
+                Weight::Quant(m) => {
+                    m.matmul_q8(q8.get_or_insert_with(|| Q8Rows::quantize(x, self.in_dim)))
+                }
+                Weight::Dense(w) => dense_forward(w, x, rows, self.in_dim)?,
+            });
         }
-        let y = x.matmul(&self.weight.t()?)?; // [rows, out]
-        Ok(y.flatten_all()?.to_vec1::<f32>()?)
+        if outputs.len() == 1 {
+            return Ok(outputs.pop().expect("one part"));
+        }
+        // [rows, out]: each row the parts' outputs side by side.
+        let mut y = Vec::with_capacity(rows * self.out_dim);
+        for r in 0..rows {
+            for (part, out) in self.parts.iter().zip(&outputs) {
+                let n = part.shape().0;
+                y.extend_from_slice(&out[r * n..(r + 1) * n]);
+            }
+        }
+        Ok(y)
     }
+}
+
+/// `x` [rows, in] times f32 weights `w` [out, in]ᵀ. A single row (a decode step) is a
+/// matrix-vector product, which candle runs on one thread: the two halves of the output features
+/// run as two products on rayon's threads instead (a split fixed by the shapes; outputs may
+/// differ from one pass in the last bits, as the kernel's blocking follows the rows it is given).
+fn dense_forward(w: &Tensor, x: &[f32], rows: usize, in_dim: usize) -> Result<Vec<f32>> {
+    let x = Tensor::from_slice(x, (rows, in_dim), w.device())?;
+    let out_dim = w.dims2()?.0;
+    if rows == 1 && out_dim >= MIN_SPLIT_OUT {
+        let half = out_dim / 2;
+        // Row ranges of [out, in] are views, not copies.
+        let product = |first: usize, len: usize| -> Result<Vec<f32>> {
+            let w = w.narrow(0, first, len)?;
+            Ok(x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let (a, b) = rayon::join(|| product(0, half), || product(half, out_dim - half));
+        let mut y = a?;
+        y.extend(b?);
+        return Ok(y);
+    }
+    let y = x.matmul(&w.t()?)?; // [rows, out]
+    Ok(y.flatten_all()?.to_vec1::<f32>()?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+    use quant::WeightType;
+    use std::sync::Arc;
 
     #[test]
     fn a_split_row_is_the_product_within_rounding_and_the_same_every_call() {
@@ -65,7 +157,7 @@ mod tests {
             .collect();
         let x: Vec<f32> = (0..inp).map(|i| (i as f32 * 0.37).sin()).collect();
         let weight = Tensor::from_vec(w.clone(), (out, inp), &Device::Cpu).unwrap();
-        let linear = Linear::new(weight);
+        let linear = Linear::new(vec![Weight::Dense(weight)]).unwrap();
         let split = linear.forward(&x, 1).unwrap();
         assert_eq!(split.len(), out);
         for (j, &y) in split.iter().enumerate() {
@@ -85,5 +177,31 @@ mod tests {
         let again = linear.forward(&x, 1).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&split), bits(&again));
+    }
+
+    #[test]
+    fn stacked_parts_of_mixed_kinds_give_each_part_s_own_product() {
+        // Q8_0 blocks: d = 1/64 (f16 0x2400), codes i - 16.
+        let (rows_q, rows_d, inp) = (3, 2, 64);
+        let mut blocks = Vec::new();
+        for b in 0..rows_q * inp / 32 {
+            blocks.extend_from_slice(&0x2400u16.to_le_bytes());
+            blocks.extend((0..32).map(|i| ((i + b) as i8 - 16) as u8));
+        }
+        let bytes: quant::Bytes = Arc::new(blocks);
+        let q = QMatrix::new(WeightType::Q8_0, rows_q, inp, bytes, 0).unwrap();
+        let dense: Vec<f32> = (0..rows_d * inp).map(|i| (i as f32 * 0.1).sin()).collect();
+        let d = Tensor::from_vec(dense.clone(), (rows_d, inp), &Device::Cpu).unwrap();
+        let linear = Linear::new(vec![Weight::Quant(q.clone()), Weight::Dense(d.clone())]).unwrap();
+        assert_eq!(linear.out_dim(), rows_q + rows_d);
+        let x: Vec<f32> = (0..2 * inp).map(|i| (i as f32 * 0.05).cos()).collect();
+        let y = linear.forward(&x, 2).unwrap();
+        let yq = q.matmul(&x);
+        let yd = dense_forward(&d, &x, 2, inp).unwrap();
+        for r in 0..2 {
+            let row = &y[r * 5..(r + 1) * 5];
+            assert_eq!(row[..3], yq[r * 3..(r + 1) * 3]);
+            assert_eq!(row[3..], yd[r * 2..(r + 1) * 2]);
+        }
     }
 }

@@ -2,11 +2,12 @@
 
 use crate::delta::WeightsDelta;
 use crate::error::{LlmError, Result};
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, WeightsMode};
 use crate::tokenizer::Tokenizer;
 use crate::transformer::{ModelConfig, Transformer};
 use crate::{gemma3, llama, qwen2};
 use kvcache::{CacheConfig, CacheShape, KvCache, ModelIdentity};
+use quant::WeightType;
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,9 @@ pub struct Model {
     pub architecture: String,
     pub net: Transformer,
     pub tokenizer: Tokenizer,
+    pub weights_mode: WeightsMode,
+    /// Weight matrices held as f32 in native mode, their types having no integer kernel.
+    pub dequantized: Vec<(String, WeightType)>,
     sha256: OnceLock<String>,
 }
 
@@ -49,7 +53,18 @@ impl Model {
 
     /// Loads the model with finetuned tensors from a weights delta in place of the file's.
     pub fn load_with_delta(path: &Path, delta: Option<&WeightsDelta>) -> Result<Self> {
+        Self::load_with(path, delta, WeightsMode::default())
+    }
+
+    /// Loads the model with its weight matrices held as `weights` says, and finetuned tensors
+    /// from a weights delta (always f32) in place of the file's.
+    pub fn load_with(
+        path: &Path,
+        delta: Option<&WeightsDelta>,
+        weights: WeightsMode,
+    ) -> Result<Self> {
         let mut gguf = GgufFile::open(path)?;
+        gguf.set_weights_mode(weights);
         let sha256 = OnceLock::new();
         if let Some(d) = delta {
             let hash = file_sha256(path)?;
@@ -80,6 +95,8 @@ impl Model {
             architecture,
             net,
             tokenizer,
+            weights_mode: weights,
+            dequantized: gguf.dequantized,
             sha256,
         })
     }

@@ -7,7 +7,7 @@
 
 use crate::error::{LlmError, Result};
 use crate::gguf::GgufFile;
-use crate::linear::Linear;
+use crate::linear::{Linear, Weight};
 use crate::ops::{add_bias, gelu_tanh_mul, rms_norm, rms_norm_rows, silu_mul};
 use candle_core::Tensor;
 use kvcache::{KvCache, LayerRopes, Queries};
@@ -140,12 +140,13 @@ struct Layer {
 
 pub struct Transformer {
     pub config: ModelConfig,
-    /// [vocab, hidden]
-    embeddings: Tensor,
+    /// [vocab, hidden], read row by row.
+    embeddings: Weight,
     layers: Vec<Layer>,
     output_norm: Vec<f32>,
     /// [vocab, hidden]; the embeddings when tied.
     output: Linear,
+    tied: bool,
     ropes: Arc<LayerRopes>,
 }
 
@@ -164,18 +165,36 @@ impl Transformer {
         let c = &config;
         let (h, hd) = (c.hidden, c.head_dim);
         let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
-        let embeddings = g.tensor_f32("token_embd.weight", &[c.vocab, h])?;
+        let embeddings = g.weight("token_embd.weight", c.vocab, h)?;
         let mut layers = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
             let p = |n: &str| format!("blk.{i}.{n}");
             let norm = |g: &mut GgufFile, n: &str, len: usize| -> Result<Vec<f32>> {
                 vec1(g.tensor_f32(&p(n), &[len])?)
             };
-            let q = g.tensor_f32(&p("attn_q.weight"), &[q_dim, h])?;
-            let k = g.tensor_f32(&p("attn_k.weight"), &[kv_dim, h])?;
-            let v = g.tensor_f32(&p("attn_v.weight"), &[kv_dim, h])?;
-            let gate = g.tensor_f32(&p("ffn_gate.weight"), &[c.ffn, h])?;
-            let up = g.tensor_f32(&p("ffn_up.weight"), &[c.ffn, h])?;
+            let linear = |g: &mut GgufFile, parts: &[(&str, usize)], cols: usize| {
+                let weights = parts
+                    .iter()
+                    .map(|&(n, rows)| g.weight(&p(n), rows, cols))
+                    .collect::<Result<Vec<_>>>()?;
+                Linear::new(weights)
+            };
+            let qkv = linear(
+                g,
+                &[
+                    ("attn_q.weight", q_dim),
+                    ("attn_k.weight", kv_dim),
+                    ("attn_v.weight", kv_dim),
+                ],
+                h,
+            )?;
+            let attn_out = linear(g, &[("attn_output.weight", h)], q_dim)?;
+            let gate_up = linear(
+                g,
+                &[("ffn_gate.weight", c.ffn), ("ffn_up.weight", c.ffn)],
+                h,
+            )?;
+            let down = linear(g, &[("ffn_down.weight", h)], c.ffn)?;
             let qkv_bias = if weights.qkv_bias {
                 let mut b = norm(g, "attn_q.bias", q_dim)?;
                 b.extend(norm(g, "attn_k.bias", kv_dim)?);
@@ -202,23 +221,25 @@ impl Transformer {
             };
             layers.push(Layer {
                 attn_norm: norm(g, "attn_norm.weight", h)?,
-                qkv: Linear::new(Tensor::cat(&[q, k, v], 0)?),
+                qkv,
                 qkv_bias,
                 q_norm,
                 k_norm,
-                attn_out: Linear::new(g.tensor_f32(&p("attn_output.weight"), &[h, q_dim])?),
+                attn_out,
                 post_attn_norm,
                 ffn_norm: norm(g, "ffn_norm.weight", h)?,
-                gate_up: Linear::new(Tensor::cat(&[gate, up], 0)?),
-                down: Linear::new(g.tensor_f32(&p("ffn_down.weight"), &[h, c.ffn])?),
+                gate_up,
+                down,
                 post_ffn_norm,
             });
         }
         let output_norm = vec1(g.tensor_f32("output_norm.weight", &[h])?)?;
-        let output = if g.has_tensor("output.weight") {
-            Linear::new(g.tensor_f32("output.weight", &[c.vocab, h])?)
+        // A tied head multiplies by the embedding table as stored (quantized in native mode).
+        let tied = !g.has_tensor("output.weight");
+        let output = if !tied {
+            Linear::new(vec![g.weight("output.weight", c.vocab, h)?])?
         } else {
-            Linear::new(embeddings.clone())
+            Linear::new(vec![embeddings.clone()])?
         };
         Ok(Self {
             config,
@@ -226,8 +247,29 @@ impl Transformer {
             layers,
             output_norm,
             output,
+            tied,
             ropes: Arc::new(ropes),
         })
+    }
+
+    /// Bytes the weight matrices and embeddings take in memory (a tied head counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.size_bytes()
+                    + l.attn_out.size_bytes()
+                    + l.gate_up.size_bytes()
+                    + l.down.size_bytes()
+            })
+            .sum();
+        let head = if self.tied {
+            0
+        } else {
+            self.output.size_bytes()
+        };
+        layers + self.embeddings.size_bytes() + head
     }
 
     pub fn ropes(&self) -> &Arc<LayerRopes> {
@@ -295,8 +337,10 @@ impl Transformer {
         let n = tokens.len();
         let (h, hd) = (c.hidden, c.head_dim);
         let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
-        let ids = Tensor::new(tokens, self.embeddings.device())?;
-        let mut x = vec1(self.embeddings.index_select(&ids, 0)?)?; // [n, hidden]
+        let mut x = vec![0f32; n * h]; // [n, hidden]
+        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+            self.embeddings.row(t as usize, row)?;
+        }
         if c.embedding_scale != 1.0 {
             x.iter_mut().for_each(|v| *v *= c.embedding_scale);
         }

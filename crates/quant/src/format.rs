@@ -23,8 +23,9 @@ pub(crate) trait Format {
     const UNSIGNED: bool;
     const CHUNKS: usize = Self::ELEMS / CHUNK;
 
-    /// Scale and offset of each 16 weights of `block` ([ELEMS / 16] each).
-    fn params(block: &[u8], scale: &mut [f32], offset: &mut [f32]);
+    /// Scale and offset of each 16 weights of `block` ([ELEMS / 16] each); `F16C`: the caller
+    /// enables that instruction set, which converts the f16 scales in one instruction.
+    fn params<const F16C: bool>(block: &[u8], scale: &mut [f32], offset: &mut [f32]);
 
     /// Codes of weights `32c..32c + 32` of `block`.
     fn codes(block: &[u8], c: usize) -> [i8; CHUNK];
@@ -37,10 +38,18 @@ pub(crate) trait Format {
     unsafe fn codes_avx2(block: &[u8], c: usize) -> std::arch::x86_64::__m256i;
 }
 
-/// Little-endian f16 at `b[0..2]`.
+/// Little-endian f16 at `b[at..at + 2]`: with F16C's instruction when the caller enables it,
+/// else in inlined integer code (`half`'s `to_f32` checks the CPU on every call).
 #[inline(always)]
-pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+pub(crate) fn f16_at<const F16C: bool>(b: &[u8], at: usize) -> f32 {
+    let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+    #[cfg(target_arch = "x86_64")]
+    if F16C {
+        use std::arch::x86_64::*;
+        // SAFETY: F16C is enabled in every caller that passes `F16C = true`.
+        return unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) };
+    }
+    half::f16::from_bits(bits).to_f32_const()
 }
 
 /// 16 bytes at `p` as the low nibbles in bytes 0..16 and the high nibbles in bytes 16..32.

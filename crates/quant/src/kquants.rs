@@ -65,13 +65,15 @@ impl Format for Q2K {
     const ELEMS: usize = 256;
     const BYTES: usize = 84;
     const UNSIGNED: bool = true;
-    fn params(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
-        let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+    #[inline(always)]
+    fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+        let (d, dmin) = (f16_at::<F16C>(b, 80), f16_at::<F16C>(b, 82));
         for k in 0..16 {
             scale[k] = d * (b[k] & 15) as f32;
             offset[k] = -dmin * (b[k] >> 4) as f32;
         }
     }
+    #[inline(always)]
     fn codes(b: &[u8], c: usize) -> [i8; CHUNK] {
         crumbs(&b[16 + 32 * (c / 4)..], 2 * (c % 4)).map(|q| q as i8)
     }
@@ -96,13 +98,15 @@ impl Format for Q3K {
     const ELEMS: usize = 256;
     const BYTES: usize = 110;
     const UNSIGNED: bool = true;
-    fn params(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
-        let d = f16_at(b, 108);
+    #[inline(always)]
+    fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+        let d = f16_at::<F16C>(b, 108);
         for k in 0..16 {
             scale[k] = d * Self::scale(&b[96..108], k) as f32;
             offset[k] = -4.0 * scale[k];
         }
     }
+    #[inline(always)]
     fn codes(b: &[u8], c: usize) -> [i8; CHUNK] {
         let low = crumbs(&b[32 + 32 * (c / 4)..], 2 * (c % 4));
         std::array::from_fn(|l| (low[l] | (((b[l] >> c) & 1) << 2)) as i8)
@@ -117,6 +121,7 @@ impl Format for Q3K {
 }
 
 /// Scale and minimum of sub-block `j` (0..8) from Q4_K's and Q5_K's 12 packed bytes.
+#[inline(always)]
 fn scale_min_k4(s: &[u8], j: usize) -> (f32, f32) {
     let (sc, m) = if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
@@ -130,8 +135,9 @@ fn scale_min_k4(s: &[u8], j: usize) -> (f32, f32) {
 }
 
 /// Q4_K's and Q5_K's parameters: d, dmin and the scales at bytes 4..16.
-fn params_k4(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
-    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+#[inline(always)]
+fn params_k4<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+    let (d, dmin) = (f16_at::<F16C>(b, 0), f16_at::<F16C>(b, 2));
     for j in 0..8 {
         let (sc, m) = scale_min_k4(&b[4..16], j);
         scale[2 * j..2 * j + 2].fill(d * sc);
@@ -157,9 +163,11 @@ impl Format for Q4K {
     const ELEMS: usize = 256;
     const BYTES: usize = 144;
     const UNSIGNED: bool = true;
-    fn params(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
-        params_k4(b, scale, offset);
+    #[inline(always)]
+    fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+        params_k4::<F16C>(b, scale, offset);
     }
+    #[inline(always)]
     fn codes(b: &[u8], c: usize) -> [i8; CHUNK] {
         nibbles_k(&b[16..], c).map(|q| q as i8)
     }
@@ -175,9 +183,11 @@ impl Format for Q5K {
     const ELEMS: usize = 256;
     const BYTES: usize = 176;
     const UNSIGNED: bool = true;
-    fn params(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
-        params_k4(b, scale, offset);
+    #[inline(always)]
+    fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+        params_k4::<F16C>(b, scale, offset);
     }
+    #[inline(always)]
     fn codes(b: &[u8], c: usize) -> [i8; CHUNK] {
         let low = nibbles_k(&b[48..], c);
         std::array::from_fn(|l| (low[l] | (((b[16 + l] >> c) & 1) << 4)) as i8)
@@ -196,13 +206,15 @@ impl Format for Q6K {
     const ELEMS: usize = 256;
     const BYTES: usize = 210;
     const UNSIGNED: bool = true;
-    fn params(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
-        let d = f16_at(b, 208);
+    #[inline(always)]
+    fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+        let d = f16_at::<F16C>(b, 208);
         for k in 0..16 {
             scale[k] = d * (b[192 + k] as i8) as f32;
             offset[k] = -32.0 * scale[k];
         }
     }
+    #[inline(always)]
     fn codes(b: &[u8], c: usize) -> [i8; CHUNK] {
         let (h, j) = (c / 4, c % 4);
         let ql = &b[64 * h + 32 * (j % 2)..];
@@ -227,10 +239,12 @@ impl Format for Q8K {
     const ELEMS: usize = 256;
     const BYTES: usize = 292;
     const UNSIGNED: bool = false;
-    fn params(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+    #[inline(always)]
+    fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
         scale.fill(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
         offset.fill(0.0);
     }
+    #[inline(always)]
     fn codes(b: &[u8], c: usize) -> [i8; CHUNK] {
         std::array::from_fn(|l| b[4 + 32 * c + l] as i8)
     }

@@ -32,11 +32,13 @@ impl Format for Q4_0 {
     const ELEMS: usize = 32;
     const BYTES: usize = 18;
     const UNSIGNED: bool = true;
-    fn params(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
-        let d = f16_at(b, 0);
+    #[inline(always)]
+    fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+        let d = f16_at::<F16C>(b, 0);
         scale.fill(d);
         offset.fill(-8.0 * d);
     }
+    #[inline(always)]
     fn codes(b: &[u8], _: usize) -> [i8; CHUNK] {
         nibble_codes(&b[2..18], 0)
     }
@@ -52,10 +54,12 @@ impl Format for Q4_1 {
     const ELEMS: usize = 32;
     const BYTES: usize = 20;
     const UNSIGNED: bool = true;
-    fn params(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
-        scale.fill(f16_at(b, 0));
-        offset.fill(f16_at(b, 2));
+    #[inline(always)]
+    fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+        scale.fill(f16_at::<F16C>(b, 0));
+        offset.fill(f16_at::<F16C>(b, 2));
     }
+    #[inline(always)]
     fn codes(b: &[u8], _: usize) -> [i8; CHUNK] {
         nibble_codes(&b[4..20], 0)
     }
@@ -71,11 +75,13 @@ impl Format for Q5_0 {
     const ELEMS: usize = 32;
     const BYTES: usize = 22;
     const UNSIGNED: bool = true;
-    fn params(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
-        let d = f16_at(b, 0);
+    #[inline(always)]
+    fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+        let d = f16_at::<F16C>(b, 0);
         scale.fill(d);
         offset.fill(-16.0 * d);
     }
+    #[inline(always)]
     fn codes(b: &[u8], _: usize) -> [i8; CHUNK] {
         nibble_codes(&b[6..22], u32_at(b, 2))
     }
@@ -95,10 +101,12 @@ impl Format for Q5_1 {
     const ELEMS: usize = 32;
     const BYTES: usize = 24;
     const UNSIGNED: bool = true;
-    fn params(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
-        scale.fill(f16_at(b, 0));
-        offset.fill(f16_at(b, 2));
+    #[inline(always)]
+    fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+        scale.fill(f16_at::<F16C>(b, 0));
+        offset.fill(f16_at::<F16C>(b, 2));
     }
+    #[inline(always)]
     fn codes(b: &[u8], _: usize) -> [i8; CHUNK] {
         nibble_codes(&b[8..24], u32_at(b, 4))
     }
@@ -118,10 +126,12 @@ impl Format for Q8_0 {
     const ELEMS: usize = 32;
     const BYTES: usize = 34;
     const UNSIGNED: bool = false;
-    fn params(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
-        scale.fill(f16_at(b, 0));
+    #[inline(always)]
+    fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+        scale.fill(f16_at::<F16C>(b, 0));
         offset.fill(0.0);
     }
+    #[inline(always)]
     fn codes(b: &[u8], _: usize) -> [i8; CHUNK] {
         std::array::from_fn(|j| b[2 + j] as i8)
     }

@@ -32,7 +32,7 @@ pub enum QuantError {
         cols: usize,
         block: usize,
     },
-    #[error("{ty:?} matrix [{rows}, {cols}] needs {needed} bytes from offset {start}, the data holds {len}")]
+    #[error("{ty:?} matrix [{rows}, {cols}] needs {needed} bytes at offset {start}, the data holds {len} (cut short?)")]
     OutOfData {
         ty: WeightType,
         rows: usize,
@@ -78,7 +78,7 @@ fn dequantize<F: Format>(blocks: &[u8], out: &mut [f32]) {
         .chunks_exact(F::BYTES)
         .zip(out.chunks_exact_mut(F::ELEMS))
     {
-        F::params(block, &mut scale[..halves], &mut offset[..halves]);
+        F::params::<false>(block, &mut scale[..halves], &mut offset[..halves]);
         for (c, out) in out.chunks_exact_mut(format::CHUNK).enumerate() {
             for (l, (o, q)) in out.iter_mut().zip(F::codes(block, c)).enumerate() {
                 let k = 2 * c + l / format::HALF;

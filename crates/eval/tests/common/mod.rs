@@ -42,6 +42,25 @@ pub fn gemma3() -> &'static Model {
     })
 }
 
+/// The default model with its weights dequantized to f32 (`--weights f32`): the reference path,
+/// whose products are plain f32 sums, for tests whose bounds follow f32 rounding alone.
+pub fn model_f32() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = eval::assets::ensure_model(&home()).expect("fetching the default model");
+        Model::load_with(&path, None, llm::gguf::WeightsMode::F32).expect("loading f32 weights")
+    })
+}
+
+/// Gemma 3 270M with f32 weights, as [`model_f32`].
+pub fn gemma3_f32() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = eval::assets::ensure_gemma3(&home()).expect("fetching gemma3-270m");
+        Model::load_with(&path, None, llm::gguf::WeightsMode::F32).expect("loading f32 weights")
+    })
+}
+
 /// sotu-eval in gemma3's tokens.
 pub fn gemma3_eval_tokens() -> &'static [u32] {
     static TOKENS: OnceLock<Vec<u32>> = OnceLock::new();
