@@ -24,6 +24,16 @@ pub enum WeightsMode {
     F32,
 }
 
+impl WeightsMode {
+    /// The name `--weights` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::F32 => "f32",
+        }
+    }
+}
+
 impl std::str::FromStr for WeightsMode {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

@@ -98,6 +98,7 @@ impl Linear {
         let mut outputs = Vec::with_capacity(self.parts.len());
         for part in &self.parts {
             outputs.push(match part {
+                Weight::Quant(m) if rows >= DEQUANTIZED_ROWS => dequantized_forward(m, x, rows)?,
                 Weight::Quant(m) => {
                     m.matmul_q8(q8.get_or_insert_with(|| Q8Rows::quantize(x, self.in_dim)))
                 }
@@ -117,6 +118,32 @@ impl Linear {
         }
         Ok(y)
     }
+}
+
+/// Activation rows from which block-format weights are dequantized to f32 tiles and multiplied
+/// by candle's f32 matmul (faster than the integer kernels once a tile serves this many rows).
+const DEQUANTIZED_ROWS: usize = 64;
+/// Weight rows dequantized at a time: bounds the f32 copy (4096 × 576 × 4 B ≈ 9 MB for SmolLM2).
+const TILE_ROWS: usize = 4096;
+
+/// `x` [rows, in] times block-format weights `m` [out, in]ᵀ, dequantized tile by tile.
+fn dequantized_forward(m: &QMatrix, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+    let (out_dim, in_dim) = m.shape();
+    let x = Tensor::from_slice(x, (rows, in_dim), &candle_core::Device::Cpu)?;
+    let mut y = vec![0f32; rows * out_dim]; // [rows, out]
+    for first in (0..out_dim).step_by(TILE_ROWS) {
+        let last = (first + TILE_ROWS).min(out_dim);
+        let w = Tensor::from_vec(
+            m.dequantize_rows(first..last),
+            (last - first, in_dim),
+            x.device(),
+        )?;
+        let part = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?; // [rows, last - first]
+        for (r, p) in part.chunks_exact(last - first).enumerate() {
+            y[r * out_dim + first..r * out_dim + last].copy_from_slice(p);
+        }
+    }
+    Ok(y)
 }
 
 /// `x` [rows, in] times f32 weights `w` [out, in]ᵀ. A single row (a decode step) is a

@@ -272,8 +272,17 @@ impl QMatrix {
 
     /// The whole matrix as f32 ([rows, cols]).
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        (self.kernel.dequantize)(self.data(), &mut out);
+        self.dequantize_rows(0..self.rows)
+    }
+
+    /// Rows `rows` as f32 ([rows.len(), cols]), dequantized in parallel.
+    pub fn dequantize_rows(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
+        let rb = self.row_bytes();
+        let mut out = vec![0f32; rows.len() * self.cols];
+        let data = &self.data()[rows.start * rb..rows.end * rb];
+        out.par_chunks_mut(MIN_TASK_ROWS * self.cols)
+            .zip(data.par_chunks(MIN_TASK_ROWS * rb))
+            .for_each(|(out, blocks)| (self.kernel.dequantize)(blocks, out));
         out
     }
 

@@ -126,6 +126,13 @@ fn isolated(a: &Args, caches: &[String]) -> Result<eval::bench::BenchReport> {
         for spec in caches {
             let out = std::process::Command::new(&exe)
                 .args(["bench", "model", "--model", &a.model.model, "--cache", spec])
+                .args(["--weights", a.model.weights.name()])
+                .args(
+                    a.model
+                        .weights_delta
+                        .iter()
+                        .flat_map(|d| [std::ffi::OsStr::new("--weights-delta"), d.as_os_str()]),
+                )
                 .args(["--ctx", &ctx.to_string()])
                 .args(["--decode-steps", &a.decode_steps.to_string(), "--json"])
                 .args(a.beyond_context.then_some("--beyond-context"))
