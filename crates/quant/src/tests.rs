@@ -103,36 +103,23 @@ fn dequantization_matches_candle_for_every_type() {
     }
 }
 
-/// x·Wᵀ in f64 from the dequantized weights and the activations the kernel multiplies.
-fn reference(m: &QMatrix, x: &Q8Rows) -> Vec<f64> {
-    let w = m.dequantize();
-    let xs = x.dequantize();
-    let (rows, cols) = m.shape();
-    let mut y = vec![0f64; x.rows * rows];
-    for r in 0..x.rows {
-        for j in 0..rows {
-            y[r * rows + j] = (0..cols)
-                .map(|i| w[j * cols + i] as f64 * xs[r * cols + i] as f64)
-                .sum();
-        }
-    }
-    y
-}
-
+/// x·Wᵀ in f64 from the dequantized weights and the activations the kernel multiplies, and
 /// Σ|w·x| of each product: the size its f32 rounding scales with.
-fn magnitudes(m: &QMatrix, x: &Q8Rows) -> Vec<f64> {
+fn reference(m: &QMatrix, x: &Q8Rows) -> (Vec<f64>, Vec<f64>) {
     let w = m.dequantize();
     let xs = x.dequantize();
     let (rows, cols) = m.shape();
-    let mut y = vec![0f64; x.rows * rows];
+    let (mut exact, mut size) = (vec![0f64; x.rows * rows], vec![0f64; x.rows * rows]);
     for r in 0..x.rows {
         for j in 0..rows {
-            y[r * rows + j] = (0..cols)
-                .map(|i| (w[j * cols + i] as f64 * xs[r * cols + i] as f64).abs())
-                .sum();
+            for i in 0..cols {
+                let p = w[j * cols + i] as f64 * xs[r * cols + i] as f64;
+                exact[r * rows + j] += p;
+                size[r * rows + j] += p.abs();
+            }
         }
     }
-    y
+    (exact, size)
 }
 
 fn check_products(ty: WeightType, rows: usize, cols: usize, n: usize, seed: u64) {
@@ -141,8 +128,7 @@ fn check_products(ty: WeightType, rows: usize, cols: usize, n: usize, seed: u64)
         .map(|i| ((i as u64 * 2654435761 + seed) % 2001) as f32 / 1000.0 - 1.0)
         .collect();
     let xq = Q8Rows::quantize(&x, cols);
-    let exact = reference(&m, &xq);
-    let size = magnitudes(&m, &xq);
+    let (exact, size) = reference(&m, &xq);
     for (level, y) in simd::at_each_level(|_| m.matmul(&x)) {
         for (i, ((&y, e), s)) in y.iter().zip(&exact).zip(&size).enumerate() {
             // f32 sums of a few hundred terms of mixed sign: relative error ≤ ~n·2⁻²⁴ of Σ|w·x|.
