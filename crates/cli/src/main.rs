@@ -64,6 +64,9 @@ enum Command {
     Bench(commands::bench::Args),
     /// The main job: fetch, calibrate paper-config codebooks (cached), perplexity table, generation
     Demo(commands::demo::Args),
+    /// Write a GGUF of a real architecture's shapes (1B, 3B, 8B) with random weights, for speed and
+    /// memory at sizes no package ships
+    Synth(commands::synth::Args),
 }
 
 fn main() {
@@ -76,6 +79,7 @@ fn main() {
         Command::Calibrate(a) => commands::calibrate::run(a),
         Command::Finetune(a) => commands::finetune::run(a),
         Command::Ppl(a) => commands::ppl::run(a),
+        Command::Synth(a) => commands::synth::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Mc(a) => commands::mc::run(a),
         Command::Compare(a) => commands::compare::run(a),

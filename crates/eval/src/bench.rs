@@ -115,6 +115,10 @@ pub struct BenchRow {
     /// outputs there are meaningless, the speeds and bytes are not.
     #[serde(default)]
     pub past_trained_context: bool,
+    /// The context was random K/V appended to the cache, not a prefill (`--fill random`): the
+    /// prefill column is then the append rate.
+    #[serde(default)]
+    pub filled_random: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -149,6 +153,11 @@ impl BenchReport {
                     .map_or("-".into(), |b| format!("{:.0}", b as f64 / 1e6))
             );
         }
+        if self.rows.iter().any(|r| r.filled_random) {
+            s += "\nContexts filled with random K/V appended to the caches (`--fill random`), not \
+                  a prefill: the prefill column is the append rate; decode speed and bytes are \
+                  real.\n";
+        }
         if self.interleaved {
             s += "\nThe caches' prefill chunks and decode steps were measured in turn, one of \
                   each, in one process: the ratios share the machine's state, peak RSS is not \
@@ -176,6 +185,25 @@ pub struct BenchOptions {
     /// next), so that their ratios see the same state of the machine; otherwise each cache is
     /// measured to the end before the next starts.
     pub interleave: bool,
+    /// Fill the context with random K/V appended straight to the caches instead of a prefill
+    /// (for models too large to prefill tens of thousands of tokens on a CPU): decode speed and
+    /// bytes are real, the "prefill" speed is then the caches' append rate.
+    pub fill_random: bool,
+}
+
+/// K/V of standard-normal-like values (a sum of four uniforms, rescaled): the statistics the
+/// caches see from a real model's pre-RoPE keys and values, up to per-channel scales.
+fn random_kv(len: usize, seed: &mut u64) -> Vec<f32> {
+    let mut uniform = || {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        (*seed >> 40) as f32 / (1u64 << 24) as f32
+    };
+    // Four uniforms: mean 2, variance 1/3.
+    (0..len)
+        .map(|_| ((uniform() + uniform() + uniform() + uniform()) - 2.0) * 3f32.sqrt())
+        .collect()
 }
 
 /// One cache's measurement: its clocks and what it held at the end (the cache itself is dropped
@@ -205,6 +233,7 @@ fn measure(
     specs: &[String],
     tokens: &[u32],
     decode_steps: usize,
+    fill_random: bool,
 ) -> Result<Vec<Measured>> {
     let mut runs = specs
         .iter()
@@ -218,11 +247,28 @@ fn measure(
         })
         .collect::<Result<Vec<_>>>()?;
     let n = runs.len();
+    let shape = model.cache_shape();
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
     for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+        // [chunk, kv_heads, head_dim] per layer, the same for every cache.
+        let kv: Vec<(Vec<f32>, Vec<f32>)> = if fill_random {
+            let len = chunk.len() * shape.kv_heads * shape.head_dim;
+            (0..shape.layers)
+                .map(|_| (random_kv(len, &mut seed), random_kv(len, &mut seed)))
+                .collect()
+        } else {
+            vec![]
+        };
         for j in 0..n {
             let run = &mut runs[(i + j) % n];
             let t = Instant::now();
-            run.logits = model.forward(chunk, i * PREFILL_CHUNK, &mut run.cache, Some(1))?;
+            if fill_random {
+                for (l, (k, v)) in kv.iter().enumerate() {
+                    run.cache.append(l, k, v)?;
+                }
+            } else {
+                run.logits = model.forward(chunk, i * PREFILL_CHUNK, &mut run.cache, Some(1))?;
+            }
             run.prefill_s += t.elapsed().as_secs_f64();
         }
     }
@@ -230,7 +276,12 @@ fn measure(
     for step in 0..decode_steps {
         for j in 0..n {
             let run = &mut runs[(step + j) % n];
-            let next = crate::generate::argmax(&run.logits);
+            // After a random fill there are no logits yet: the last prompt token goes next.
+            let next = if run.logits.is_empty() {
+                tokens[tokens.len() - 1]
+            } else {
+                crate::generate::argmax(&run.logits)
+            };
             let t = Instant::now();
             run.logits = model.forward(&[next], tokens.len() + step, &mut run.cache, Some(1))?;
             run.decode_s += t.elapsed().as_secs_f64();
@@ -261,6 +312,7 @@ pub fn run(
         decode_steps,
         trained_context,
         interleave,
+        fill_random,
     } = options;
     if caches.is_empty() || contexts.is_empty() {
         bail!("bench needs at least one cache and one context length");
@@ -285,7 +337,7 @@ pub fn run(
             .collect();
         let runs = if interleave {
             eprintln!("bench: {} caches in turn at ctx {ctx}", caches.len());
-            measure(model, caches, &tokens, decode_steps)?
+            measure(model, caches, &tokens, decode_steps, fill_random)?
         } else {
             let mut runs = vec![];
             for spec in caches {
@@ -295,6 +347,7 @@ pub fn run(
                     std::slice::from_ref(spec),
                     &tokens,
                     decode_steps,
+                    fill_random,
                 )?);
             }
             runs
@@ -327,6 +380,7 @@ pub fn run(
                 prefill_ratio: prefill / bp,
                 decode_ratio: decode / bd,
                 past_trained_context: ctx > trained_context,
+                filled_random: fill_random,
             });
         }
     }

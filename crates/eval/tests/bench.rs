@@ -13,6 +13,7 @@ fn interleaved_bench_fills_each_cache_as_a_sequential_one_does() {
         decode_steps,
         trained_context: model.context_len(),
         interleave,
+        fill_random: false,
     };
     let together = run(model, &caches, &[ctx], options(true)).unwrap();
     let apart = run(model, &caches, &[ctx], options(false)).unwrap();
@@ -47,6 +48,7 @@ fn bench_rejects_contexts_the_decode_steps_do_not_fit() {
         decode_steps: 16,
         trained_context: model.context_len(),
         interleave: true,
+        fill_random: false,
     };
     let err = run(model, &["f16".into()], &[16], options).unwrap_err();
     assert!(
@@ -55,4 +57,26 @@ fn bench_rejects_contexts_the_decode_steps_do_not_fit() {
     );
     let err = run(model, &[], &[64], options).unwrap_err();
     assert!(err.to_string().contains("at least one cache"), "{err}");
+}
+
+/// A context filled with random K/V holds the bytes a prefill of the same length leaves, and
+/// decoding after it runs; the rows say they were filled.
+#[test]
+fn random_fill_holds_what_a_prefill_holds() {
+    let model = common::model();
+    let caches: Vec<String> = vec!["f16".into(), "q4_0".into()];
+    let options = |fill_random| BenchOptions {
+        decode_steps: 4,
+        trained_context: model.context_len(),
+        interleave: true,
+        fill_random,
+    };
+    let filled = run(model, &caches, &[300], options(true)).unwrap();
+    let prefilled = run(model, &caches, &[300], options(false)).unwrap();
+    for (a, b) in filled.rows.iter().zip(&prefilled.rows) {
+        assert!(a.filled_random && !b.filled_random);
+        assert_eq!(a.cache_bytes, b.cache_bytes, "{}", a.cache);
+        assert!(a.decode_tokens_per_s.is_finite() && a.decode_tokens_per_s > 0.0);
+    }
+    assert!(filled.table().contains("--fill random"));
 }

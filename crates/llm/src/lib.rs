@@ -9,6 +9,7 @@ pub mod llama;
 pub mod model;
 pub mod ops;
 pub mod qwen2;
+pub mod synth;
 pub mod threads;
 pub mod tiny;
 pub mod tokenizer;

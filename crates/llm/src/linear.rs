@@ -93,12 +93,15 @@ impl Linear {
     /// `x` [rows, in] → [rows, out].
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         debug_assert_eq!(x.len(), rows * self.in_dim);
+        let quantized = self.parts.iter().any(|p| matches!(p, Weight::Quant(_)));
+        if quantized && rows >= DEQUANTIZED_ROWS {
+            return self.dequantized_forward(x, rows);
+        }
         // Quantized once for every block-format part.
         let mut q8: Option<Q8Rows> = None;
         let mut outputs = Vec::with_capacity(self.parts.len());
         for part in &self.parts {
             outputs.push(match part {
-                Weight::Quant(m) if rows >= DEQUANTIZED_ROWS => dequantized_forward(m, x, rows)?,
                 Weight::Quant(m) => {
                     m.matmul_q8(q8.get_or_insert_with(|| Q8Rows::quantize(x, self.in_dim)))
                 }
@@ -118,33 +121,60 @@ impl Linear {
         }
         Ok(y)
     }
+
+    /// Output features `range` of the stacked weights as f32 ([range.len(), in]).
+    fn f32_rows(&self, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let mut w = Vec::with_capacity(range.len() * self.in_dim);
+        let mut first = 0;
+        for part in &self.parts {
+            let n = part.shape().0;
+            let (a, b) = (range.start.max(first), range.end.min(first + n));
+            if a < b {
+                match part {
+                    Weight::Quant(m) => w.extend(m.dequantize_rows(a - first..b - first)),
+                    Weight::Dense(t) => w.extend(
+                        t.narrow(0, a - first, b - a)?
+                            .flatten_all()?
+                            .to_vec1::<f32>()?,
+                    ),
+                }
+            }
+            first += n;
+        }
+        Ok(w)
+    }
+
+    /// `x` [rows, in] → [rows, out] by candle's f32 matmul on the stacked weights dequantized
+    /// tile by tile: many rows amortise the dequantization, and the f32 product is faster there
+    /// than the integer kernels.
+    fn dequantized_forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let x = Tensor::from_slice(x, (rows, self.in_dim), &candle_core::Device::Cpu)?;
+        let product = |range: std::ops::Range<usize>| -> Result<Vec<f32>> {
+            let (n, w) = (range.len(), self.f32_rows(range)?);
+            let w = Tensor::from_vec(w, (n, self.in_dim), x.device())?;
+            Ok(x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?) // [rows, n]
+        };
+        if self.out_dim <= TILE_ROWS {
+            return product(0..self.out_dim);
+        }
+        let mut y = vec![0f32; rows * self.out_dim]; // [rows, out]
+        for first in (0..self.out_dim).step_by(TILE_ROWS) {
+            let last = (first + TILE_ROWS).min(self.out_dim);
+            let tile = product(first..last)?;
+            for (r, p) in tile.chunks_exact(last - first).enumerate() {
+                y[r * self.out_dim + first..r * self.out_dim + last].copy_from_slice(p);
+            }
+        }
+        Ok(y)
+    }
 }
 
 /// Activation rows from which block-format weights are dequantized to f32 tiles and multiplied
 /// by candle's f32 matmul (faster than the integer kernels once a tile serves this many rows).
 const DEQUANTIZED_ROWS: usize = 64;
-/// Weight rows dequantized at a time: bounds the f32 copy (4096 × 576 × 4 B ≈ 9 MB for SmolLM2).
-const TILE_ROWS: usize = 4096;
-
-/// `x` [rows, in] times block-format weights `m` [out, in]ᵀ, dequantized tile by tile.
-fn dequantized_forward(m: &QMatrix, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-    let (out_dim, in_dim) = m.shape();
-    let x = Tensor::from_slice(x, (rows, in_dim), &candle_core::Device::Cpu)?;
-    let mut y = vec![0f32; rows * out_dim]; // [rows, out]
-    for first in (0..out_dim).step_by(TILE_ROWS) {
-        let last = (first + TILE_ROWS).min(out_dim);
-        let w = Tensor::from_vec(
-            m.dequantize_rows(first..last),
-            (last - first, in_dim),
-            x.device(),
-        )?;
-        let part = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?; // [rows, last - first]
-        for (r, p) in part.chunks_exact(last - first).enumerate() {
-            y[r * out_dim + first..r * out_dim + last].copy_from_slice(p);
-        }
-    }
-    Ok(y)
-}
+/// Output features dequantized at a time: bounds the f32 copy (8192 × 576 × 4 B ≈ 19 MB for
+/// SmolLM2's tied head) while each layer's stacked matrices stay one product.
+const TILE_ROWS: usize = 8192;
 
 /// `x` [rows, in] times f32 weights `w` [out, in]ᵀ. A single row (a decode step) is a
 /// matrix-vector product, which candle runs on one thread: the two halves of the output features
@@ -229,6 +259,34 @@ mod tests {
             let row = &y[r * 5..(r + 1) * 5];
             assert_eq!(row[..3], yq[r * 3..(r + 1) * 3]);
             assert_eq!(row[3..], yd[r * 2..(r + 1) * 2]);
+        }
+    }
+
+    #[test]
+    fn many_rows_multiply_the_dequantized_stack_in_f32() {
+        // Rows at and past DEQUANTIZED_ROWS: the product of the f32 weights, parts side by side.
+        let (rows_q, rows_d, inp, n) = (3, 2, 64, DEQUANTIZED_ROWS + 3);
+        let mut blocks = Vec::new();
+        for b in 0..rows_q * inp / 32 {
+            blocks.extend_from_slice(&0x2400u16.to_le_bytes());
+            blocks.extend((0..32).map(|i| ((i * 3 + b) as i8 - 40) as u8));
+        }
+        let q = QMatrix::new(WeightType::Q8_0, rows_q, inp, Arc::new(blocks), 0).unwrap();
+        let dense: Vec<f32> = (0..rows_d * inp).map(|i| (i as f32 * 0.1).sin()).collect();
+        let d = Tensor::from_vec(dense.clone(), (rows_d, inp), &Device::Cpu).unwrap();
+        let linear = Linear::new(vec![Weight::Quant(q.clone()), Weight::Dense(d)]).unwrap();
+        let x: Vec<f32> = (0..n * inp).map(|i| (i as f32 * 0.05).cos()).collect();
+        let y = linear.forward(&x, n).unwrap();
+        let mut w = q.dequantize();
+        w.extend(&dense);
+        for r in 0..n {
+            for j in 0..rows_q + rows_d {
+                let terms = (0..inp).map(|i| w[j * inp + i] as f64 * x[r * inp + i] as f64);
+                let exact: f64 = terms.clone().sum();
+                let size: f64 = terms.map(f64::abs).sum();
+                let got = y[r * (rows_q + rows_d) + j] as f64;
+                assert!((got - exact).abs() <= 1e-5 * size, "row {r}, output {j}");
+            }
         }
     }
 }

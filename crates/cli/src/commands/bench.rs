@@ -37,6 +37,11 @@ pub struct Args {
     /// of percent between runs a minute apart); peak RSS is then no row's own
     #[arg(long)]
     interleave: bool,
+    /// How each context is filled before the timed decode steps: prefill (the model runs the
+    /// tokens) or random (random K/V of unit variance appended straight to the caches, for models
+    /// too large to prefill 32K tokens on a CPU; decode speed and bytes stay real)
+    #[arg(long, value_enum, default_value = "prefill")]
+    fill: Fill,
     /// Decode steps timed after each prefill
     #[arg(long, default_value_t = 16)]
     decode_steps: usize,
@@ -83,6 +88,7 @@ fn run_model(a: Args) -> Result<()> {
             decode_steps: a.decode_steps,
             trained_context: trained,
             interleave: a.interleave,
+            fill_random: a.fill == Fill::Random,
         };
         eval::bench::run(&model, &caches, &a.contexts, options)?
     } else {
@@ -135,6 +141,7 @@ fn isolated(a: &Args, caches: &[String]) -> Result<eval::bench::BenchReport> {
                 )
                 .args(["--ctx", &ctx.to_string()])
                 .args(["--decode-steps", &a.decode_steps.to_string(), "--json"])
+                .args(["--fill", a.fill.name()])
                 .args(a.beyond_context.then_some("--beyond-context"))
                 .stderr(std::process::Stdio::inherit())
                 .output()?;
@@ -198,4 +205,20 @@ fn run_codec(a: Args) -> Result<()> {
     }
     print!("{}", report.table());
     Ok(())
+}
+
+/// How `bench` fills a context before its decode steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Fill {
+    Prefill,
+    Random,
+}
+
+impl Fill {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Prefill => "prefill",
+            Self::Random => "random",
+        }
+    }
 }

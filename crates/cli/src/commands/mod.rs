@@ -8,3 +8,4 @@ pub mod finetune;
 pub mod generate;
 pub mod mc;
 pub mod ppl;
+pub mod synth;

@@ -1,0 +1,339 @@
+//! GGUF files with a real architecture's shapes and random weights: load time, memory and speed
+//! at sizes no package ships (the outputs are meaningless). The tokenizer is the default model's,
+//! its vocabulary padded with control tokens to the preset's size.
+
+use crate::error::{LlmError, Result};
+use candle_core::quantized::gguf_file::{self, Content, Value};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::Device;
+use quant::WeightType;
+use std::path::Path;
+
+/// The shapes of a llama-architecture model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Preset {
+    pub name: &'static str,
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub tied: bool,
+}
+
+/// Llama 3.2 1B and 3B, Llama 3.1 8B, and two tiny models for tests (head_dim 64 and 128).
+pub const PRESETS: [Preset; 5] = [
+    Preset {
+        name: "tiny",
+        layers: 2,
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        ffn: 512,
+        vocab: 49152,
+        tied: true,
+    },
+    Preset {
+        name: "tiny128",
+        layers: 2,
+        hidden: 256,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 128,
+        ffn: 512,
+        vocab: 49152,
+        tied: false,
+    },
+    Preset {
+        name: "1b",
+        layers: 16,
+        hidden: 2048,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 64,
+        ffn: 8192,
+        vocab: 128256,
+        tied: true,
+    },
+    Preset {
+        name: "3b",
+        layers: 28,
+        hidden: 3072,
+        heads: 24,
+        kv_heads: 8,
+        head_dim: 128,
+        ffn: 8192,
+        vocab: 128256,
+        tied: true,
+    },
+    Preset {
+        name: "8b",
+        layers: 32,
+        hidden: 4096,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        ffn: 14336,
+        vocab: 128256,
+        tied: false,
+    },
+];
+
+impl Preset {
+    pub fn by_name(name: &str) -> Result<Self> {
+        PRESETS
+            .iter()
+            .find(|p| p.name == name)
+            .copied()
+            .ok_or_else(|| {
+                let names: Vec<_> = PRESETS.iter().map(|p| p.name).collect();
+                LlmError::Input(format!(
+                    "preset '{name}': expected one of {}",
+                    names.join(", ")
+                ))
+            })
+    }
+
+    /// Parameters in the weight matrices and embeddings.
+    pub fn parameters(&self) -> usize {
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let layer = self.hidden * (q + 2 * kv) + q * self.hidden + 3 * self.hidden * self.ffn;
+        let head = if self.tied {
+            0
+        } else {
+            self.vocab * self.hidden
+        };
+        self.layers * layer + self.vocab * self.hidden + head
+    }
+}
+
+/// The block types `synth` writes.
+pub fn weight_type(name: &str) -> Result<(WeightType, GgmlDType)> {
+    Ok(match name {
+        "q4_0" => (WeightType::Q4_0, GgmlDType::Q4_0),
+        "q4_1" => (WeightType::Q4_1, GgmlDType::Q4_1),
+        "q8_0" => (WeightType::Q8_0, GgmlDType::Q8_0),
+        "q4_k" => (WeightType::Q4K, GgmlDType::Q4K),
+        "q6_k" => (WeightType::Q6K, GgmlDType::Q6K),
+        _ => {
+            return Err(LlmError::Input(format!(
+                "weight type '{name}': expected q4_0, q4_1, q8_0, q4_k or q6_k"
+            )))
+        }
+    })
+}
+
+/// xorshift64: fast, seeded, the same bytes on every machine.
+struct Bytes(u64);
+impl Bytes {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn fill(&mut self, out: &mut [u8]) {
+        for chunk in out.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Sets a random block's scales so that its weights lie within about ±`scale`.
+fn tame(ty: WeightType, block: &mut [u8], scale: f32) {
+    let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
+    match ty {
+        // w = d·(q − 8), q < 16.
+        WeightType::Q4_0 => block[..2].copy_from_slice(&f16(scale / 8.0)),
+        // w = d·q + m.
+        WeightType::Q4_1 => {
+            block[..2].copy_from_slice(&f16(scale / 8.0));
+            block[2..4].copy_from_slice(&f16(-scale));
+        }
+        // w = d·q, |q| ≤ 127.
+        WeightType::Q8_0 => block[..2].copy_from_slice(&f16(scale / 128.0)),
+        // w = d·8·q − dmin·8 with every sub-block's scale and minimum 8.
+        WeightType::Q4K => {
+            block[..2].copy_from_slice(&f16(scale / 64.0));
+            block[2..4].copy_from_slice(&f16(scale * 15.0 / 128.0));
+            block[4..12].fill(8);
+            block[12..16].fill(0x88);
+        }
+        // w = d·sc·(q − 32) with every scale 1.
+        WeightType::Q6K => {
+            block[192..208].fill(1);
+            block[208..210].copy_from_slice(&f16(scale / 32.0));
+        }
+        _ => unreachable!("synth writes only the types of `weight_type`"),
+    }
+}
+
+/// A [rows, cols] tensor of random blocks whose weights are of order `scale`.
+fn random_tensor(
+    ty: (WeightType, GgmlDType),
+    rows: usize,
+    cols: usize,
+    scale: f32,
+    rng: &mut Bytes,
+) -> Result<QTensor> {
+    let (wt, dt) = ty;
+    let (elems, bytes) = wt.block();
+    let n = wt.bytes_for(rows * cols).ok_or_else(|| {
+        LlmError::Input(format!(
+            "a [{rows}, {cols}] matrix is not whole {wt:?} blocks of {elems}"
+        ))
+    })?;
+    let mut data = vec![0u8; n];
+    rng.fill(&mut data);
+    for block in data.chunks_exact_mut(bytes) {
+        tame(wt, block, scale);
+    }
+    Ok(qtensor_from_ggml(
+        dt,
+        &data,
+        vec![rows, cols],
+        &Device::Cpu,
+    )?)
+}
+
+fn ones(n: usize) -> Result<QTensor> {
+    let data: Vec<u8> = (0..n).flat_map(|_| 1f32.to_le_bytes()).collect();
+    Ok(qtensor_from_ggml(
+        GgmlDType::F32,
+        &data,
+        vec![n],
+        &Device::Cpu,
+    )?)
+}
+
+/// Writes a llama-architecture GGUF of `preset`'s shapes with random `ty` weights to `out`,
+/// with `tokenizer_from`'s tokenizer (a GGUF with a byte-level BPE vocabulary no larger than the
+/// preset's). Written to a temporary file and renamed into place.
+pub fn write(
+    preset: &Preset,
+    ty: &str,
+    tokenizer_from: &Path,
+    out: &Path,
+    seed: u64,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<()> {
+    let ty = weight_type(ty)?;
+    let p = preset;
+    let mut f = std::fs::File::open(tokenizer_from).map_err(|source| LlmError::Open {
+        path: tokenizer_from.into(),
+        source,
+    })?;
+    let source = Content::read(&mut f).map_err(|e| LlmError::NotGguf {
+        path: tokenizer_from.into(),
+        reason: e.to_string(),
+    })?;
+    let mut metadata: Vec<(String, Value)> = source
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (key, value) in metadata.iter_mut() {
+        let pad = |v: &mut Value, item: &dyn Fn(usize) -> Value| -> Result<()> {
+            if let Value::Array(items) = v {
+                if items.len() > p.vocab {
+                    return Err(LlmError::Input(format!(
+                        "the tokenizer has {} tokens, more than the preset's {}",
+                        items.len(),
+                        p.vocab
+                    )));
+                }
+                let start = items.len();
+                items.extend((start..p.vocab).map(item));
+            }
+            Ok(())
+        };
+        match key.as_str() {
+            "tokenizer.ggml.tokens" => pad(value, &|i| Value::String(format!("<|synth_{i}|>")))?,
+            // Control tokens: never produced by the pre-tokenizer's splits.
+            "tokenizer.ggml.token_type" => pad(value, &|_| Value::I32(3))?,
+            "tokenizer.ggml.scores" => pad(value, &|_| Value::F32(0.0))?,
+            _ => {}
+        }
+    }
+    let arch = |k: &str| format!("llama.{k}");
+    let u32v = |v: usize| Value::U32(v as u32);
+    metadata.extend([
+        ("general.architecture".into(), Value::String("llama".into())),
+        (
+            "general.name".into(),
+            Value::String(format!("synthetic llama {}", p.name)),
+        ),
+        (arch("context_length"), u32v(131072)),
+        (arch("embedding_length"), u32v(p.hidden)),
+        (arch("block_count"), u32v(p.layers)),
+        (arch("feed_forward_length"), u32v(p.ffn)),
+        (arch("attention.head_count"), u32v(p.heads)),
+        (arch("attention.head_count_kv"), u32v(p.kv_heads)),
+        (arch("attention.key_length"), u32v(p.head_dim)),
+        (arch("attention.value_length"), u32v(p.head_dim)),
+        (arch("rope.dimension_count"), u32v(p.head_dim)),
+        (arch("rope.freq_base"), Value::F32(500_000.0)),
+        (arch("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        (arch("vocab_size"), u32v(p.vocab)),
+    ]);
+
+    let mut rng = Bytes(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let (q, kv) = (p.heads * p.head_dim, p.kv_heads * p.head_dim);
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let total = p.layers + 2;
+    tensors.push((
+        "token_embd.weight".into(),
+        random_tensor(ty, p.vocab, p.hidden, 0.05, &mut rng)?,
+    ));
+    progress(1, total);
+    // Weights of order 1/√fan-in keep each layer's output of the order of its input.
+    let w = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+    for l in 0..p.layers {
+        let name = |n: &str| format!("blk.{l}.{n}");
+        for (n, rows, cols) in [
+            ("attn_q.weight", q, p.hidden),
+            ("attn_k.weight", kv, p.hidden),
+            ("attn_v.weight", kv, p.hidden),
+            ("attn_output.weight", p.hidden, q),
+            ("ffn_gate.weight", p.ffn, p.hidden),
+            ("ffn_up.weight", p.ffn, p.hidden),
+            ("ffn_down.weight", p.hidden, p.ffn),
+        ] {
+            tensors.push((name(n), random_tensor(ty, rows, cols, w(cols), &mut rng)?));
+        }
+        tensors.push((name("attn_norm.weight"), ones(p.hidden)?));
+        tensors.push((name("ffn_norm.weight"), ones(p.hidden)?));
+        progress(l + 2, total);
+    }
+    tensors.push(("output_norm.weight".into(), ones(p.hidden)?));
+    if !p.tied {
+        tensors.push((
+            "output.weight".into(),
+            random_tensor(ty, p.vocab, p.hidden, w(p.hidden), &mut rng)?,
+        ));
+    }
+    progress(total, total);
+
+    let tmp = out.with_extension("gguf.tmp");
+    let write_err = |e: std::io::Error| LlmError::Input(format!("writing {}: {e}", out.display()));
+    let file = std::fs::File::create(&tmp).map_err(write_err)?;
+    let mut w = std::io::BufWriter::new(file);
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let written = gguf_file::write(&mut w, &md, &ts)
+        .map_err(LlmError::from)
+        .and_then(|()| {
+            use std::io::Write;
+            w.flush().map_err(write_err)
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, out).map_err(write_err)
+}
