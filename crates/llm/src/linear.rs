@@ -122,18 +122,18 @@ impl Linear {
         Ok(y)
     }
 
-    /// Output features `range` of the stacked weights as f32 ([range.len(), in]).
-    fn f32_rows(&self, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
-        let mut w = Vec::with_capacity(range.len() * self.in_dim);
+    /// Output features `range` of the stacked weights as f32, into `w` ([range.len(), in]).
+    fn f32_rows_into(&self, range: std::ops::Range<usize>, w: &mut [f32]) -> Result<()> {
         let mut first = 0;
         for part in &self.parts {
             let n = part.shape().0;
             let (a, b) = (range.start.max(first), range.end.min(first + n));
             if a < b {
+                let dst = &mut w[(a - range.start) * self.in_dim..(b - range.start) * self.in_dim];
                 match part {
-                    Weight::Quant(m) => w.extend(m.dequantize_rows(a - first..b - first)),
-                    Weight::Dense(t) => w.extend(
-                        t.narrow(0, a - first, b - a)?
+                    Weight::Quant(m) => m.dequantize_rows_into(a - first..b - first, dst),
+                    Weight::Dense(t) => dst.copy_from_slice(
+                        &t.narrow(0, a - first, b - a)?
                             .flatten_all()?
                             .to_vec1::<f32>()?,
                     ),
@@ -141,30 +141,57 @@ impl Linear {
             }
             first += n;
         }
-        Ok(w)
+        Ok(())
     }
 
-    /// `x` [rows, in] → [rows, out] by candle's f32 matmul on the stacked weights dequantized
-    /// tile by tile: many rows amortise the dequantization, and the f32 product is faster there
-    /// than the integer kernels.
+    /// `x` [rows, in] → [rows, out] by an f32 matrix product (`gemm`, as candle's matmul) on the
+    /// stacked weights dequantized tile by tile into a buffer this thread reuses: many rows
+    /// amortise the dequantization, and the f32 product is faster there than the integer
+    /// kernels. Each tile's products go straight to their columns of the output.
     fn dequantized_forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let x = Tensor::from_slice(x, (rows, self.in_dim), &candle_core::Device::Cpu)?;
-        let product = |range: std::ops::Range<usize>| -> Result<Vec<f32>> {
-            let (n, w) = (range.len(), self.f32_rows(range)?);
-            let w = Tensor::from_vec(w, (n, self.in_dim), x.device())?;
-            Ok(x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?) // [rows, n]
-        };
-        if self.out_dim <= TILE_ROWS {
-            return product(0..self.out_dim);
+        thread_local! {
+            static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let mut y = vec![0f32; rows * self.out_dim]; // [rows, out]
-        for first in (0..self.out_dim).step_by(TILE_ROWS) {
-            let last = (first + TILE_ROWS).min(self.out_dim);
-            let tile = product(first..last)?;
-            for (r, p) in tile.chunks_exact(last - first).enumerate() {
-                y[r * self.out_dim + first..r * self.out_dim + last].copy_from_slice(p);
+        let (out_dim, in_dim) = (self.out_dim, self.in_dim);
+        let mut y = vec![0f32; rows * out_dim]; // [rows, out]
+        let threads = rayon::current_num_threads();
+        TILE.with(|tile| -> Result<()> {
+            let mut tile = tile.borrow_mut();
+            for first in (0..out_dim).step_by(TILE_ROWS) {
+                let n = TILE_ROWS.min(out_dim - first);
+                if tile.len() < n * in_dim {
+                    tile.resize(n * in_dim, 0.0);
+                }
+                let w = &mut tile[..n * in_dim]; // [n, in]
+                self.f32_rows_into(first..first + n, w)?;
+                // SAFETY: y is [rows, out_dim] and the tile's n columns start at `first`; x is
+                // [rows, in]; w is [n, in], read as its transpose [in, n].
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        n,
+                        in_dim,
+                        y.as_mut_ptr().add(first),
+                        1,
+                        out_dim as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        in_dim as isize,
+                        w.as_ptr(),
+                        in_dim as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(threads),
+                    );
+                }
             }
-        }
+            Ok(())
+        })?;
         Ok(y)
     }
 }

@@ -70,19 +70,41 @@ struct Kernel {
     dequantize: fn(&[u8], &mut [f32]),
 }
 
-/// Weights `w = scale·code + offset` of whole blocks of `F`, into `out`.
+/// Weights `w = scale·code + offset` of whole blocks of `F`, into `out`: compiled for AVX2 (F16C
+/// scales, vectorised codes) where the level allows, else portable.
 fn dequantize<F: Format>(blocks: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::level() >= simd::Level::Avx2 {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn avx2<F: Format>(blocks: &[u8], out: &mut [f32]) {
+            dequantize_body::<F, true>(blocks, out)
+        }
+        // SAFETY: the level never exceeds what the CPU reports.
+        return unsafe { avx2::<F>(blocks, out) };
+    }
+    dequantize_body::<F, false>(blocks, out)
+}
+
+#[inline(always)]
+fn dequantize_body<F: Format, const F16C: bool>(blocks: &[u8], out: &mut [f32]) {
     let halves = F::ELEMS / format::HALF;
     let (mut scale, mut offset) = ([0f32; 16], [0f32; 16]);
     for (block, out) in blocks
         .chunks_exact(F::BYTES)
         .zip(out.chunks_exact_mut(F::ELEMS))
     {
-        F::params::<false>(block, &mut scale[..halves], &mut offset[..halves]);
+        F::params::<F16C>(block, &mut scale[..halves], &mut offset[..halves]);
         for (c, out) in out.chunks_exact_mut(format::CHUNK).enumerate() {
-            for (l, (o, q)) in out.iter_mut().zip(F::codes(block, c)).enumerate() {
-                let k = 2 * c + l / format::HALF;
-                *o = scale[k] * q as f32 + offset[k];
+            let codes = F::codes(block, c);
+            for (h, (out, codes)) in out
+                .chunks_exact_mut(format::HALF)
+                .zip(codes.chunks_exact(format::HALF))
+                .enumerate()
+            {
+                let (s, o) = (scale[2 * c + h], offset[2 * c + h]);
+                for (o_, &q) in out.iter_mut().zip(codes) {
+                    *o_ = s * q as f32 + o;
+                }
             }
         }
     }
@@ -277,13 +299,18 @@ impl QMatrix {
 
     /// Rows `rows` as f32 ([rows.len(), cols]), dequantized in parallel.
     pub fn dequantize_rows(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
-        let rb = self.row_bytes();
         let mut out = vec![0f32; rows.len() * self.cols];
+        self.dequantize_rows_into(rows, &mut out);
+        out
+    }
+
+    /// [`dequantize_rows`](Self::dequantize_rows) into `out` ([rows.len(), cols]).
+    pub fn dequantize_rows_into(&self, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        let rb = self.row_bytes();
         let data = &self.data()[rows.start * rb..rows.end * rb];
         out.par_chunks_mut(MIN_TASK_ROWS * self.cols)
             .zip(data.par_chunks(MIN_TASK_ROWS * rb))
             .for_each(|(out, blocks)| (self.kernel.dequantize)(blocks, out));
-        out
     }
 
     /// `x` [n, cols] → x·Wᵀ [n, rows], the activations quantized per 32 values to bytes.
