@@ -64,7 +64,7 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 echo "vs_llama_cpp: llama-bench -t $THREADS -fa 1 -p $PROMPT -n 32 -d 0,$DEPTHS (f16 and q4_0 caches)" >&2
 for kv in f16 q4_0; do
-  "$BENCH_BIN" -m "$GGUF" -t "$THREADS" -fa 1 -p "$PROMPT" -n 32 -d "0,$DEPTHS" -ctk $kv -ctv $kv \
+  "$BENCH_BIN" -m "$GGUF" -t "$THREADS" -fa 1 -p "$PROMPT" -n 32 -r 3 -d "0,$DEPTHS" -ctk $kv -ctv $kv \
     -o json > "$OUT/llama-$kv.json"
 done
 CACHE_ARGS=()

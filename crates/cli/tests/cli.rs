@@ -56,6 +56,51 @@ fn bad_inputs_give_clear_errors() {
         &["ppl", "--cache", "q3_z", "--max-tokens", "64"],
         "unknown cache type 'q3_z'",
     );
+    // Used to print "PPL = NaN (0 tokens scored)" and exit 0.
+    fails_with(
+        &[
+            "ppl",
+            "--protocol",
+            "llama.cpp",
+            "--ctx",
+            "2",
+            "--max-tokens",
+            "64",
+        ],
+        "no token scored",
+    );
+    // Used to panic ("chunk size must be non-zero").
+    let out = dir.path().join("books.safetensors");
+    fails_with(
+        &[
+            "calibrate",
+            "--ctx",
+            "0",
+            "--tokens",
+            "2048",
+            "-C",
+            "256",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "--ctx 0",
+    );
+    assert!(!out.exists());
+    // Used to print NaN columns.
+    fails_with(
+        &[
+            "bench",
+            "--cache",
+            "f16",
+            "--ctx",
+            "64",
+            "--decode-steps",
+            "0",
+            "--in-process",
+        ],
+        "--decode-steps must be at least 1",
+    );
+    fails_with(&["synth", "--preset", "70b"], "preset '70b'");
     fails_with(
         &["ppl", "--ctx", "100000"],
         "exceeds the model's context length 8192",

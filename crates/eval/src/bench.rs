@@ -317,6 +317,9 @@ pub fn run(
     if caches.is_empty() || contexts.is_empty() {
         bail!("bench needs at least one cache and one context length");
     }
+    if decode_steps == 0 {
+        bail!("--decode-steps must be at least 1 (decode speed is measured over them)");
+    }
     // Each context is filled by a prefill of `ctx - decode_steps` tokens, then `decode_steps`
     // single-token steps that end exactly at `ctx`.
     for &ctx in contexts {

@@ -129,6 +129,12 @@ impl KvCache for CaptureCache {
 
 /// Pre-RoPE K and V of every layer over `tokens`, run in windows of `ctx`.
 pub fn capture(model: &Model, tokens: &[u32], ctx: usize, quiet: bool) -> Result<Captured> {
+    if ctx == 0 || ctx > model.context_len() {
+        bail!(
+            "--ctx {ctx}: capture windows take 1 to {} tokens (the model's context)",
+            model.context_len()
+        );
+    }
     let shape = model.cache_shape();
     let captured = Arc::new(Mutex::new(vec![(Vec::new(), Vec::new()); shape.layers]));
     let pb = progress::bar(tokens.len() as u64, "tok", quiet);

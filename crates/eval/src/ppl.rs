@@ -133,6 +133,12 @@ pub fn perplexity(
     }
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
+    if nlls.is_empty() {
+        bail!("no token scored: --ctx {ctx} leaves no predicted token in a window under this protocol");
+    }
+    if let Some(bad) = nlls.iter().position(|x| !x.is_finite()) {
+        bail!("token {bad} scored a non-finite log-likelihood (NaN or infinite logits)");
+    }
     let count = nlls.len() as f64;
     let mean = nlls.iter().sum::<f64>() / count;
     let var = nlls.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (count - 1.0).max(1.0);

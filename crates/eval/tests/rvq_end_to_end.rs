@@ -174,6 +174,21 @@ fn codebooks_of_another_model_or_corrupted_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (mut books, _) =
         calibrate(model(), &calib_tokens(), &small_calib_config(512), true).unwrap();
+    // A beam wider than the C = 64 codewords per stage is refused before it allocates (a beam
+    // of 2⁶⁴ − 1 used to overflow a capacity, 10¹² to abort on a 24 TB allocation).
+    let valid = dir.path().join("valid.safetensors");
+    books.save(&valid).unwrap();
+    assert!(model()
+        .new_cache(&format!("rvq:{},beam=64", valid.display()))
+        .is_ok());
+    for beam in ["65", "1000000000000", "18446744073709551615"] {
+        let e = model()
+            .new_cache(&format!("rvq:{},beam={beam}", valid.display()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("exceeds the 64 codewords per stage"), "{e}");
+    }
     books.meta.model.file_sha256 = "0".repeat(64);
     let path = dir.path().join("other.safetensors");
     books.save(&path).unwrap();

@@ -287,6 +287,19 @@ impl RvqCache {
                 m.layers
             )));
         }
+        // A beam keeps `beam` candidates of C codewords each: wider than C searches nothing more
+        // and only allocates (a huge beam would abort on its allocation).
+        let codewords = layers
+            .iter()
+            .flat_map(|(k, v)| k.iter().chain(v))
+            .map(|q| q.size())
+            .min();
+        if let Some(c) = codewords.filter(|&c| options.beam > c) {
+            return Err(CacheError::Codebooks(format!(
+                "beam={} exceeds the {c} codewords per stage (1 ≤ beam ≤ {c})",
+                options.beam
+            )));
+        }
         let part = |q: Option<Arc<dyn Quantizer>>, layout: Option<VectorLayout>, on: bool| {
             let quant = match (q, layout, on) {
                 (Some(q), Some(l), true) => Some((q, l)),

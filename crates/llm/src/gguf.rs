@@ -86,11 +86,15 @@ impl GgufFile {
             source,
         })?;
         // SAFETY: the map is only read; a file truncated while mapped would fault (as in
-        // llama.cpp, which maps model files the same way).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| LlmError::Open {
-            path: path.into(),
-            source,
-        })?;
+        // llama.cpp, which maps model files the same way). Populated at load: otherwise the
+        // first decode steps fault the weights in page by page (seconds for an 8B model).
+        let map =
+            unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(|source| {
+                LlmError::Open {
+                    path: path.into(),
+                    source,
+                }
+            })?;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| LlmError::NotGguf {
             path: path.into(),
