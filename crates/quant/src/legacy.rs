@@ -27,97 +27,51 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-pub(crate) struct Q4_0;
-impl Format for Q4_0 {
+/// Q4_0, Q4_1, Q5_0 and Q5_1: one layout with or without a minimum (`MIN`) and a fifth bit per
+/// weight (`HIGH`): d f16, [m f16], [32 high bits], 16 bytes of nibbles. Without a minimum the
+/// codes are centred: w = d·(q − 8) or d·(q − 16).
+pub(crate) struct Nibbles<const MIN: bool, const HIGH: bool>;
+pub(crate) type Q4_0 = Nibbles<false, false>;
+pub(crate) type Q4_1 = Nibbles<true, false>;
+pub(crate) type Q5_0 = Nibbles<false, true>;
+pub(crate) type Q5_1 = Nibbles<true, true>;
+
+impl<const MIN: bool, const HIGH: bool> Nibbles<MIN, HIGH> {
+    /// Where the high bits start (after d and the minimum).
+    const HIGH_AT: usize = 2 + 2 * MIN as usize;
+    /// Where the nibbles start.
+    const NIBBLES_AT: usize = Self::HIGH_AT + 4 * HIGH as usize;
+}
+
+impl<const MIN: bool, const HIGH: bool> Format for Nibbles<MIN, HIGH> {
     const ELEMS: usize = 32;
-    const BYTES: usize = 18;
+    const BYTES: usize = Self::NIBBLES_AT + 16;
     const UNSIGNED: bool = true;
     #[inline(always)]
     fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
         let d = f16_at::<F16C>(b, 0);
         scale.fill(d);
-        offset.fill(-8.0 * d);
+        offset.fill(if MIN {
+            f16_at::<F16C>(b, 2)
+        } else {
+            -(if HIGH { 16.0 } else { 8.0 }) * d
+        });
     }
     #[inline(always)]
     fn codes(b: &[u8], _: usize) -> [i8; CHUNK] {
-        nibble_codes(&b[2..18], 0)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn codes_avx2(b: &[u8], _: usize) -> __m256i {
-        nibbles_avx2(b.as_ptr().add(2))
-    }
-}
-
-pub(crate) struct Q4_1;
-impl Format for Q4_1 {
-    const ELEMS: usize = 32;
-    const BYTES: usize = 20;
-    const UNSIGNED: bool = true;
-    #[inline(always)]
-    fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
-        scale.fill(f16_at::<F16C>(b, 0));
-        offset.fill(f16_at::<F16C>(b, 2));
-    }
-    #[inline(always)]
-    fn codes(b: &[u8], _: usize) -> [i8; CHUNK] {
-        nibble_codes(&b[4..20], 0)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn codes_avx2(b: &[u8], _: usize) -> __m256i {
-        nibbles_avx2(b.as_ptr().add(4))
-    }
-}
-
-pub(crate) struct Q5_0;
-impl Format for Q5_0 {
-    const ELEMS: usize = 32;
-    const BYTES: usize = 22;
-    const UNSIGNED: bool = true;
-    #[inline(always)]
-    fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
-        let d = f16_at::<F16C>(b, 0);
-        scale.fill(d);
-        offset.fill(-16.0 * d);
-    }
-    #[inline(always)]
-    fn codes(b: &[u8], _: usize) -> [i8; CHUNK] {
-        nibble_codes(&b[6..22], u32_at(b, 2))
+        let high = if HIGH { u32_at(b, Self::HIGH_AT) } else { 0 };
+        nibble_codes(&b[Self::NIBBLES_AT..Self::NIBBLES_AT + 16], high)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn codes_avx2(b: &[u8], _: usize) -> __m256i {
         use std::arch::x86_64::*;
-        _mm256_or_si256(
-            nibbles_avx2(b.as_ptr().add(6)),
-            bits_avx2(b.as_ptr().add(2), 16),
-        )
-    }
-}
-
-pub(crate) struct Q5_1;
-impl Format for Q5_1 {
-    const ELEMS: usize = 32;
-    const BYTES: usize = 24;
-    const UNSIGNED: bool = true;
-    #[inline(always)]
-    fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
-        scale.fill(f16_at::<F16C>(b, 0));
-        offset.fill(f16_at::<F16C>(b, 2));
-    }
-    #[inline(always)]
-    fn codes(b: &[u8], _: usize) -> [i8; CHUNK] {
-        nibble_codes(&b[8..24], u32_at(b, 4))
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn codes_avx2(b: &[u8], _: usize) -> __m256i {
-        use std::arch::x86_64::*;
-        _mm256_or_si256(
-            nibbles_avx2(b.as_ptr().add(8)),
-            bits_avx2(b.as_ptr().add(4), 16),
-        )
+        let low = nibbles_avx2(b.as_ptr().add(Self::NIBBLES_AT));
+        if HIGH {
+            _mm256_or_si256(low, bits_avx2(b.as_ptr().add(Self::HIGH_AT), 16))
+        } else {
+            low
+        }
     }
 }
 
