@@ -74,7 +74,7 @@ pub fn run(a: Args) -> Result<()> {
 
 fn run_model(a: Args) -> Result<()> {
     let caches = if a.caches.is_empty() {
-        default_caches()
+        default_caches(&a.model)
     } else {
         a.caches.clone()
     };
@@ -102,11 +102,11 @@ fn run_model(a: Args) -> Result<()> {
 }
 
 /// f16, the scalar formats llama.cpp and KIVI users know, and the paper-config RVQ cache (its
-/// codebooks held in i8, the default, and in f16) when `rvq-kv demo` (or calibrate) has
-/// written its codebooks.
-fn default_caches() -> Vec<String> {
+/// codebooks held in i8, the default, and in f16) when `rvq-kv demo` has written this model's
+/// codebooks.
+fn default_caches(model: &super::common::ModelArgs) -> Vec<String> {
     let mut caches: Vec<String> = ["f16", "q8_0", "q4_0", "kivi2"].map(String::from).into();
-    let books = eval::assets::home().join("codebooks/smollm2-paper.safetensors");
+    let books = model.paper_codebooks();
     if books.is_file() {
         caches.push(format!("rvq:{}", books.display()));
         caches.push(format!("rvq:{},books=f16", books.display()));

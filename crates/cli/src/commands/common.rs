@@ -30,6 +30,21 @@ impl ModelArgs {
         }
     }
 
+    /// Where the demo keeps this model's paper-config codebooks: named after the model, so
+    /// that models never share (or overwrite) each other's.
+    pub fn paper_codebooks(&self) -> PathBuf {
+        let name = match self.model.as_str() {
+            "smollm2" => "smollm2".to_string(),
+            "gemma3-270m" | "gemma3" => "gemma3-270m".to_string(),
+            path => std::path::Path::new(path)
+                .file_stem()
+                .map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+        };
+        assets::home()
+            .join("codebooks")
+            .join(format!("{name}-paper.safetensors"))
+    }
+
     pub fn load(&self) -> Result<Model> {
         let path = self.path()?;
         let t = std::time::Instant::now();
@@ -76,5 +91,32 @@ pub fn eval_text(path: &Option<PathBuf>) -> Result<PathBuf> {
     match path {
         Some(p) => Ok(p.clone()),
         None => assets::ensure_eval_text(&assets::home()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_model_has_its_own_paper_codebooks() {
+        let path = |model: &str| {
+            let args = ModelArgs {
+                model: model.into(),
+                weights_delta: None,
+                weights: llm::gguf::WeightsMode::Native,
+            };
+            args.paper_codebooks()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        };
+        assert_eq!(path("smollm2"), "smollm2-paper.safetensors");
+        assert_eq!(path("gemma3-270m"), "gemma3-270m-paper.safetensors");
+        assert_eq!(
+            path("/models/qwen2-0.5b.gguf"),
+            "qwen2-0.5b-paper.safetensors"
+        );
     }
 }

@@ -1,5 +1,5 @@
 use super::common::ModelArgs;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use eval::assets;
 use eval::calibrate::{calibrate, CalibConfig};
 use eval::generate::{generate, Sampling};
@@ -17,13 +17,20 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // Checked before the minutes of calibration.
+    if a.max_tokens < 2 {
+        bail!(
+            "--max-tokens {}: at least 2 tokens are needed to score one",
+            a.max_tokens
+        );
+    }
     let home = assets::home();
     let model = a.model.load()?;
     let eval_text = eval::text::read_text(&assets::ensure_eval_text(&home)?)?;
     let tokens = model.tokenizer.encode(&eval_text, true)?;
 
     // Paper-config codebooks, calibrated once and cached beside the assets.
-    let books_path = home.join("codebooks").join("smollm2-paper.safetensors");
+    let books_path = a.model.paper_codebooks();
     let identity = model.identity()?;
     let cached = Codebooks::load(&books_path).is_ok_and(|b| b.check_model(&identity).is_ok());
     if !cached {
