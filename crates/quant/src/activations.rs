@@ -38,6 +38,13 @@ fn quantize_body(x: &[f32], q: &mut [i8], d: &mut [f32], dsums: &mut [f32]) {
         for (q, &v) in q.iter_mut().zip(x) {
             *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
         }
+        // A NaN or infinity would vanish in the bytes (`max` skips NaN, the cast saturates):
+        // a NaN scale carries it into every product of the block instead.
+        let scale = if x.iter().all(|v| v.is_finite()) {
+            scale
+        } else {
+            f32::NAN
+        };
         *d = scale;
         for (s, half) in dsums.iter_mut().zip(q.chunks_exact(HALF)) {
             *s = scale * half.iter().map(|&v| v as i32).sum::<i32>() as f32;
@@ -114,6 +121,16 @@ mod tests {
             let exact: f32 = back[k * HALF..(k + 1) * HALF].iter().sum();
             assert!((s - exact).abs() <= 1e-5 * (1.0 + exact.abs()));
         }
+    }
+
+    #[test]
+    fn a_non_finite_value_makes_its_block_s_scale_nan() {
+        let mut x = vec![0.5f32; 64];
+        x[40] = f32::NAN;
+        let a = Q8Rows::quantize(&x, 64);
+        assert!(a.d[0].is_finite() && a.d[1].is_nan());
+        x[40] = f32::INFINITY;
+        assert!(Q8Rows::quantize(&x, 64).d[1].is_nan());
     }
 
     #[test]

@@ -185,6 +185,17 @@ fn a_product_row_does_not_depend_on_the_batch_it_is_in() {
 }
 
 #[test]
+fn a_nan_activation_makes_its_row_s_products_nan_at_every_level() {
+    let m = matrix(WeightType::Q4_1, 8, 64, 2);
+    let mut x = vec![0.25f32; 2 * 64];
+    x[64 + 5] = f32::NAN;
+    for (level, y) in simd::at_each_level(|_| m.matmul(&x)) {
+        assert!(y[..8].iter().all(|v| v.is_finite()), "{level:?}");
+        assert!(y[8..].iter().all(|v| v.is_nan()), "{level:?}");
+    }
+}
+
+#[test]
 fn bad_shapes_and_short_data_are_errors() {
     let data: Bytes = Arc::new(vec![0u8; 100]);
     assert!(matches!(
