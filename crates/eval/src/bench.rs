@@ -191,19 +191,10 @@ pub struct BenchOptions {
     pub fill_random: bool,
 }
 
-/// K/V of standard-normal-like values (a sum of four uniforms, rescaled): the statistics the
-/// caches see from a real model's pre-RoPE keys and values, up to per-channel scales.
-fn random_kv(len: usize, seed: &mut u64) -> Vec<f32> {
-    let mut uniform = || {
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
-        (*seed >> 40) as f32 / (1u64 << 24) as f32
-    };
-    // Four uniforms: mean 2, variance 1/3.
-    (0..len)
-        .map(|_| ((uniform() + uniform() + uniform() + uniform()) - 2.0) * 3f32.sqrt())
-        .collect()
+/// K/V of standard normal values: the statistics the caches see from a real model's pre-RoPE
+/// keys and values, up to per-channel scales.
+fn random_kv(len: usize, rng: &mut rvq::rng::SplitMix64) -> Vec<f32> {
+    (0..len).map(|_| rng.normal()).collect()
 }
 
 /// One cache's measurement: its clocks and what it held at the end (the cache itself is dropped
@@ -248,13 +239,13 @@ fn measure(
         .collect::<Result<Vec<_>>>()?;
     let n = runs.len();
     let shape = model.cache_shape();
-    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut rng = rvq::rng::SplitMix64::new(0);
     for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
         // [chunk, kv_heads, head_dim] per layer, the same for every cache.
         let kv: Vec<(Vec<f32>, Vec<f32>)> = if fill_random {
             let len = chunk.len() * shape.kv_heads * shape.head_dim;
             (0..shape.layers)
-                .map(|_| (random_kv(len, &mut seed), random_kv(len, &mut seed)))
+                .map(|_| (random_kv(len, &mut rng), random_kv(len, &mut rng)))
                 .collect()
         } else {
             vec![]

@@ -7,6 +7,7 @@ use candle_core::quantized::gguf_file::{self, Content, Value};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::Device;
 use quant::WeightType;
+use rvq::rng::SplitMix64;
 use std::path::Path;
 
 /// The shapes of a llama-architecture model.
@@ -126,20 +127,11 @@ pub fn weight_type(name: &str) -> Result<(WeightType, GgmlDType)> {
     })
 }
 
-/// xorshift64: fast, seeded, the same bytes on every machine.
-struct Bytes(u64);
-impl Bytes {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn fill(&mut self, out: &mut [u8]) {
-        for chunk in out.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
+/// `out` filled with seeded random bytes (the same on every machine).
+fn fill_random(rng: &mut SplitMix64, out: &mut [u8]) {
+    for chunk in out.chunks_mut(8) {
+        let v = rng.next_u64().to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
     }
 }
 
@@ -178,7 +170,7 @@ fn random_tensor(
     rows: usize,
     cols: usize,
     scale: f32,
-    rng: &mut Bytes,
+    rng: &mut SplitMix64,
 ) -> Result<QTensor> {
     let (wt, dt) = ty;
     let (elems, bytes) = wt.block();
@@ -188,7 +180,7 @@ fn random_tensor(
         ))
     })?;
     let mut data = vec![0u8; n];
-    rng.fill(&mut data);
+    fill_random(rng, &mut data);
     for block in data.chunks_exact_mut(bytes) {
         tame(wt, block, scale);
     }
@@ -282,7 +274,7 @@ pub fn write(
         (arch("vocab_size"), u32v(p.vocab)),
     ]);
 
-    let mut rng = Bytes(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = SplitMix64::new(seed);
     let (q, kv) = (p.heads * p.head_dim, p.kv_heads * p.head_dim);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let total = p.layers + 2;
