@@ -49,8 +49,9 @@ pub struct GgufFile {
     pub path: PathBuf,
     pub content: Content,
     reader: BufReader<File>,
-    /// The whole file, mapped: native weight matrices read their blocks from it.
-    map: Arc<memmap2::Mmap>,
+    /// The whole file, mapped when the first native weight matrix is read (f32 weights never
+    /// map it): native matrices read their blocks from it.
+    map: Option<Arc<memmap2::Mmap>>,
     mode: WeightsMode,
     /// Tensors that replace the file's (finetuned weights), by name; taken when read.
     overrides: HashMap<String, Tensor>,
@@ -85,16 +86,6 @@ impl GgufFile {
             path: path.into(),
             source,
         })?;
-        // SAFETY: the map is only read; a file truncated while mapped would fault (as in
-        // llama.cpp, which maps model files the same way). Populated at load: otherwise the
-        // first decode steps fault the weights in page by page (seconds for an 8B model).
-        let map =
-            unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(|source| {
-                LlmError::Open {
-                    path: path.into(),
-                    source,
-                }
-            })?;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| LlmError::NotGguf {
             path: path.into(),
@@ -104,11 +95,31 @@ impl GgufFile {
             path: path.into(),
             content,
             reader,
-            map: Arc::new(map),
+            map: None,
             mode: WeightsMode::default(),
             overrides: HashMap::new(),
             dequantized: Vec::new(),
         })
+    }
+
+    /// The file mapped, populated at once: otherwise the first decode steps fault the weights
+    /// in page by page (seconds for an 8B model).
+    fn map(&mut self) -> Result<Arc<memmap2::Mmap>> {
+        if let Some(map) = &self.map {
+            return Ok(map.clone());
+        }
+        // SAFETY: the map is only read; a file truncated while mapped would fault (as in
+        // llama.cpp, which maps model files the same way).
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .populate()
+                .map(self.reader.get_ref())
+        }
+        .map_err(|source| LlmError::Open {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(self.map.insert(Arc::new(map)).clone())
     }
 
     /// How [`weight`](Self::weight) holds matrices from now on.
@@ -159,7 +170,7 @@ impl GgufFile {
             .checked_add(info.offset)
             .and_then(|s| usize::try_from(s).ok())
             .ok_or_else(|| err("data offset out of range".into()))?;
-        let bytes: quant::Bytes = self.map.clone();
+        let bytes: quant::Bytes = self.map()?;
         let m = QMatrix::new(ty, rows, cols, bytes, start).map_err(|e| err(e.to_string()))?;
         Ok(Weight::Quant(m))
     }
