@@ -116,6 +116,9 @@ impl KvCache for CaptureCache {
     fn memory(&self) -> MemoryReport {
         self.inner.memory()
     }
+    fn bytes_at(&self, tokens: usize) -> u64 {
+        self.inner.bytes_at(tokens)
+    }
     fn truncate(&mut self, len: usize) {
         self.inner.truncate(len)
     }

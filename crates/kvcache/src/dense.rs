@@ -185,6 +185,11 @@ impl<E: DenseElement> KvCache for DenseCache<E> {
         }
     }
 
+    fn bytes_at(&self, tokens: usize) -> u64 {
+        let s = &self.shape;
+        (s.layers * s.kv_heads * s.head_dim * 2 * tokens * std::mem::size_of::<E>()) as u64
+    }
+
     fn truncate(&mut self, len: usize) {
         let (heads, hd) = (self.shape.kv_heads, self.shape.head_dim);
         for layer in 0..self.shape.layers {

@@ -193,6 +193,10 @@ pub trait KvCache: Send + Sync {
         attention::dense_attention(self, layer, queries, out)
     }
     fn memory(&self) -> MemoryReport;
+    /// The bytes [`MemoryReport::bytes`] would report with `tokens` positions in every layer and
+    /// none freed by a sliding window (an upper bound for windowed layers): what admitting a
+    /// sequence of that length costs, known before any of it is computed.
+    fn bytes_at(&self, tokens: usize) -> u64;
     /// Keeps the first `len` positions of every layer (used to score several continuations of
     /// one shared context).
     fn truncate(&mut self, len: usize);

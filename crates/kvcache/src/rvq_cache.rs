@@ -695,6 +695,20 @@ impl PartStore {
             .sum()
     }
 
+    /// [`Self::bytes`] of one head holding `tokens` positions: f16 sinks, codes and a scale per
+    /// encoded position, the f16 recent window.
+    fn bytes_at(&self, tokens: usize, hd: usize, opt: &RvqOptions) -> u64 {
+        let f16_bytes = std::mem::size_of::<f16>();
+        if self.quant.is_none() {
+            return (tokens * hd * f16_bytes) as u64;
+        }
+        let sinks = tokens.min(opt.sinks);
+        let recent = (tokens - sinks).min(opt.recent);
+        let coded = tokens - sinks - recent;
+        let code_row = self.heads.first().map_or(0, |h| h.codes.row_bytes());
+        ((sinks + recent) * hd * f16_bytes + coded * (code_row + f16_bytes)) as u64
+    }
+
     /// Bytes held whatever the context: the codebooks and any lane copy of them.
     fn fixed_bytes(&self) -> u64 {
         let books = self.quant.as_ref().map_or(0, |(q, _)| q.bytes());
@@ -871,6 +885,15 @@ impl KvCache for RvqCache {
                 .map(PartStore::fixed_bytes)
                 .sum(),
         }
+    }
+
+    fn bytes_at(&self, tokens: usize) -> u64 {
+        let hd = self.shape.head_dim;
+        self.parts
+            .iter()
+            .flatten()
+            .map(|p| p.bytes_at(tokens, hd, &self.options) * p.heads.len() as u64)
+            .sum()
     }
 
     fn truncate(&mut self, len: usize) {
@@ -1566,6 +1589,35 @@ mod tests {
             assert_eq!(forgets.memory().bytes, 2 * 2 * 16);
             forgets.truncate(0);
             assert_eq!(forgets.memory().bytes, 0);
+        }
+    }
+
+    #[test]
+    fn bytes_at_predicts_the_memory_of_every_length() {
+        let b = Arc::new(books(2));
+        for (sinks, recent, quantize_values) in [(0, 0, true), (1, 2, true), (3, 0, false)] {
+            let o = RvqOptions {
+                sinks,
+                recent,
+                quantize_values,
+                ..RvqOptions::default()
+            };
+            let mut c = RvqCache::new(SHAPE, rope(), b.clone(), o, "x".into()).unwrap();
+            assert_eq!(c.bytes_at(0), 0);
+            let mut len = 0;
+            for (i, step) in [1, 2, 1, 3, 5, 1].into_iter().enumerate() {
+                for layer in 0..SHAPE.layers {
+                    let seed = (i * 2 + layer) as u64;
+                    c.append(layer, &data(step * 16, seed), &data(step * 16, seed + 50))
+                        .unwrap();
+                }
+                len += step;
+                assert_eq!(
+                    c.bytes_at(len),
+                    c.memory().bytes,
+                    "{sinks} {recent} at {len}"
+                );
+            }
         }
     }
 

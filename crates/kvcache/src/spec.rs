@@ -187,6 +187,43 @@ mod tests {
     }
 
     #[test]
+    fn bytes_at_predicts_the_memory_of_every_length() {
+        let shape = CacheShape {
+            layers: 2,
+            kv_heads: 2,
+            head_dim: 64,
+        };
+        let config = CacheConfig {
+            shape,
+            rope: Arc::new(Rope::new(64, 10000.0, 256, RopeLayout::Interleaved).into()),
+            model_id: None,
+        };
+        let row = shape.kv_heads * shape.head_dim;
+        for spec in [
+            "f32",
+            "f16",
+            "q8_0",
+            "q4_0,rot",
+            "int8",
+            "fp8",
+            "kivi2",
+            "kivi4,group=32,residual=64",
+        ] {
+            let mut c = build(spec, &config).unwrap();
+            assert_eq!(c.bytes_at(0), 0, "{spec}");
+            let mut len = 0;
+            for step in [1, 7, 30, 1, 33, 64, 5] {
+                let x: Vec<f32> = (0..step * row).map(|i| (i as f32 * 0.37).sin()).collect();
+                for layer in 0..shape.layers {
+                    c.append(layer, &x, &x).unwrap();
+                }
+                len += step;
+                assert_eq!(c.bytes_at(len), c.memory().bytes, "{spec} at {len}");
+            }
+        }
+    }
+
+    #[test]
     fn scalar_specs_round_trip_and_bad_options_are_named() {
         let config = CacheConfig {
             shape: CacheShape {

@@ -109,6 +109,10 @@ impl KvCache for BlockCache {
         }
     }
 
+    fn bytes_at(&self, tokens: usize) -> u64 {
+        (self.shape.layers * self.shape.kv_heads * 2 * tokens * self.row_bytes) as u64
+    }
+
     fn truncate(&mut self, len: usize) {
         for run in self.rows.iter_mut().flatten() {
             run.truncate(len * self.row_bytes);

@@ -312,6 +312,18 @@ impl KvCache for KiviCache {
         }
     }
 
+    fn bytes_at(&self, tokens: usize) -> u64 {
+        let (o, hd) = (&self.options, self.shape.head_dim);
+        // Keys leave the f16 tail `residual` tokens at a time, values one by one.
+        let keys_coded = tokens / o.residual * o.residual;
+        let values_coded = tokens.saturating_sub(o.residual);
+        let codes = (keys_coded + values_coded) * rvq::pack::row_bytes(hd, o.bits);
+        let params = (keys_coded / o.group * hd + values_coded * (hd / o.group)) * 2;
+        let tail = (tokens - keys_coded) * hd + tokens.min(o.residual) * hd;
+        let per_head = codes + (params + tail) * std::mem::size_of::<f16>();
+        (self.shape.layers * self.shape.kv_heads * per_head) as u64
+    }
+
     fn truncate(&mut self, len: usize) {
         let hd = self.shape.head_dim;
         for (layer, l) in self.lens.iter_mut().enumerate() {
