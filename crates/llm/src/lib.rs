@@ -18,3 +18,4 @@ pub mod transformer;
 pub use error::{LlmError, Result};
 pub use model::Model;
 pub use tokenizer::Tokenizer;
+pub use transformer::Sequence;

@@ -198,7 +198,7 @@ impl Linear {
 
 /// Activation rows from which block-format weights are dequantized to f32 tiles and multiplied
 /// by candle's f32 matmul (faster than the integer kernels once a tile serves this many rows).
-const DEQUANTIZED_ROWS: usize = 64;
+pub const DEQUANTIZED_ROWS: usize = 64;
 /// Output features dequantized at a time: bounds the f32 copy (8192 × 576 × 4 B ≈ 19 MB for
 /// SmolLM2's tied head) while each layer's stacked matrices stay one product.
 const TILE_ROWS: usize = 8192;

@@ -172,6 +172,12 @@ impl Model {
         self.net.forward(tokens, first_pos, cache, logit_rows)
     }
 
+    /// See [`Transformer::forward_batch`]: one step of several sequences, the logits of each
+    /// one's last token.
+    pub fn forward_batch(&self, batch: &mut [crate::Sequence<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.net.forward_batch(batch)
+    }
+
     pub fn vocab(&self) -> usize {
         self.net.config.vocab
     }

@@ -332,13 +332,43 @@ impl Transformer {
         cache: &mut dyn KvCache,
         logit_rows: Option<usize>,
     ) -> Result<Vec<f32>> {
-        self.check_inputs(tokens, first_pos, cache)?;
+        let rows = logit_rows.unwrap_or(tokens.len()).min(tokens.len());
+        let mut item = [Sequence {
+            tokens,
+            first_pos,
+            cache,
+        }];
+        let mut logits = self.forward_rows(&mut item, &[rows])?;
+        Ok(logits.pop().unwrap_or_default())
+    }
+
+    /// One step of several sequences together (continuous batching): their rows are stacked for
+    /// every weight product, so the weights are read once for all of them, while each attends
+    /// through its own cache. Returns the logits of each sequence's last token ([vocab] each).
+    /// With block-format weights, a row's products do not depend on the rows beside it below
+    /// [`crate::linear::DEQUANTIZED_ROWS`] stacked rows, so a batch of decode steps gives each
+    /// sequence the logits it would get alone, to the bit.
+    pub fn forward_batch(&self, batch: &mut [Sequence<'_>]) -> Result<Vec<Vec<f32>>> {
+        let rows = vec![1; batch.len()];
+        self.forward_rows(batch, &rows)
+    }
+
+    /// Logits [logit_rows[i], vocab] of the last `logit_rows[i]` tokens of each sequence.
+    fn forward_rows(
+        &self,
+        batch: &mut [Sequence<'_>],
+        logit_rows: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        for s in batch.iter() {
+            self.check_inputs(s.tokens, s.first_pos, &*s.cache)?;
+        }
         let c = &self.config;
-        let n = tokens.len();
+        let n: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let (h, hd) = (c.hidden, c.head_dim);
         let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
-        let mut x = vec![0f32; n * h]; // [n, hidden]
-        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+        let mut x = vec![0f32; n * h]; // [n, hidden], the sequences' rows one after another
+        let all_tokens = batch.iter().flat_map(|s| s.tokens);
+        for (row, &t) in x.chunks_exact_mut(h).zip(all_tokens) {
             self.embeddings.row(t as usize, row)?;
         }
         if c.embedding_scale != 1.0 {
@@ -352,39 +382,17 @@ impl Transformer {
                 add_bias(&mut qkv, b);
             }
             let row = q_dim + 2 * kv_dim;
-            let mut q = Vec::with_capacity(n * q_dim); // [n, heads, hd]
-            let mut k = Vec::with_capacity(n * kv_dim); // [n, kv_heads, hd], pre-RoPE
-            let mut v = Vec::with_capacity(n * kv_dim); // [n, kv_heads, hd]
-            for r in qkv.chunks_exact(row) {
-                q.extend_from_slice(&r[..q_dim]);
-                k.extend_from_slice(&r[q_dim..q_dim + kv_dim]);
-                v.extend_from_slice(&r[q_dim + kv_dim..]);
-            }
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                rms_norm_rows(&mut q, qn, c.rms_eps);
-                rms_norm_rows(&mut k, kn, c.rms_eps);
-            }
-            // Queries are rotated now; keys only when attention reads them from the cache.
-            let rope = self.ropes.layer(l);
-            for (i, qi) in q.chunks_exact_mut(q_dim).enumerate() {
-                for head in qi.chunks_exact_mut(hd) {
-                    rope.rotate(head, first_pos + i);
-                }
-            }
-            cache.append(l, &k, &v)?;
-            let window = c.windows[l];
-            let queries = Queries {
-                q: &q,
-                tokens: n,
-                q_heads: c.heads,
-                first_pos,
-                scale: c.attention_scale,
-                window,
-            };
-            cache.attend(l, &queries, &mut attn)?;
-            if let Some(w) = window {
-                // The next query (position first_pos + n) sees keys > first_pos + n - w.
-                cache.forget_before(l, (first_pos + n + 1).saturating_sub(w));
+            let mut first_row = 0;
+            for s in batch.iter_mut() {
+                let rows = s.tokens.len();
+                self.attention(
+                    l,
+                    layer,
+                    &qkv[first_row * row..(first_row + rows) * row],
+                    s,
+                    &mut attn[first_row * q_dim..(first_row + rows) * q_dim],
+                )?;
+                first_row += rows;
             }
             let mut o = layer.attn_out.forward(&attn, n)?; // [n, hidden]
             if let Some(w) = &layer.post_attn_norm {
@@ -407,9 +415,83 @@ impl Transformer {
                 *xi += di;
             }
         }
-        let rows = logit_rows.unwrap_or(n).min(n);
-        let last = &x[(n - rows) * h..];
-        let normed = rms_norm(last, &self.output_norm, c.rms_eps);
-        self.output.forward(&normed, rows)
+        // The rows whose logits are asked for, stacked: [sum of logit_rows, hidden].
+        let mut last = Vec::with_capacity(logit_rows.iter().sum::<usize>() * h);
+        let mut end = 0;
+        for (s, &rows) in batch.iter().zip(logit_rows) {
+            end += s.tokens.len();
+            last.extend_from_slice(&x[(end - rows) * h..end * h]);
+        }
+        let normed = rms_norm(&last, &self.output_norm, c.rms_eps);
+        let logits = self.output.forward(&normed, last.len() / h)?;
+        let mut split = logit_rows.iter().scan(0, |at, &rows| {
+            let part = logits[*at * c.vocab..(*at + rows) * c.vocab].to_vec();
+            *at += rows;
+            Some(part)
+        });
+        Ok(batch
+            .iter()
+            .map(|_| split.next().unwrap_or_default())
+            .collect())
     }
+
+    /// Attention of layer `l` for one sequence: splits its `qkv` rows ([rows, q_dim +
+    /// 2*kv_dim]), stores the keys (before RoPE) and values, and writes [rows, heads, hd] to
+    /// `out`.
+    fn attention(
+        &self,
+        l: usize,
+        layer: &Layer,
+        qkv: &[f32],
+        s: &mut Sequence<'_>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let c = &self.config;
+        let (n, hd) = (s.tokens.len(), c.head_dim);
+        let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
+        let mut q = Vec::with_capacity(n * q_dim); // [n, heads, hd]
+        let mut k = Vec::with_capacity(n * kv_dim); // [n, kv_heads, hd], pre-RoPE
+        let mut v = Vec::with_capacity(n * kv_dim); // [n, kv_heads, hd]
+        for r in qkv.chunks_exact(q_dim + 2 * kv_dim) {
+            q.extend_from_slice(&r[..q_dim]);
+            k.extend_from_slice(&r[q_dim..q_dim + kv_dim]);
+            v.extend_from_slice(&r[q_dim + kv_dim..]);
+        }
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            rms_norm_rows(&mut q, qn, c.rms_eps);
+            rms_norm_rows(&mut k, kn, c.rms_eps);
+        }
+        // Queries are rotated now; keys only when attention reads them from the cache.
+        let rope = self.ropes.layer(l);
+        for (i, qi) in q.chunks_exact_mut(q_dim).enumerate() {
+            for head in qi.chunks_exact_mut(hd) {
+                rope.rotate(head, s.first_pos + i);
+            }
+        }
+        s.cache.append(l, &k, &v)?;
+        let window = c.windows[l];
+        let queries = Queries {
+            q: &q,
+            tokens: n,
+            q_heads: c.heads,
+            first_pos: s.first_pos,
+            scale: c.attention_scale,
+            window,
+        };
+        s.cache.attend(l, &queries, out)?;
+        if let Some(w) = window {
+            // The next query (position first_pos + n) sees keys > first_pos + n - w.
+            s.cache
+                .forget_before(l, (s.first_pos + n + 1).saturating_sub(w));
+        }
+        Ok(())
+    }
+}
+
+/// One sequence's part of a (batched) forward pass: its new tokens, the position of the first,
+/// and the cache holding its earlier positions.
+pub struct Sequence<'a> {
+    pub tokens: &'a [u32],
+    pub first_pos: usize,
+    pub cache: &'a mut dyn KvCache,
 }
