@@ -105,7 +105,7 @@ pub fn generate(
     let max_new = max_new.min(limit - prompt.len());
     let mut cache = model.new_cache(spec)?;
     let mut rng = StdRng::seed_from_u64(sampling.seed);
-    let mut stream = model.tokenizer.stream();
+    let mut stream = llm::tokenizer::TokenStream::new();
     let t0 = Instant::now();
     let mut logits = model.forward(prompt, 0, cache.as_mut(), Some(1))?;
     let prefill_s = t0.elapsed().as_secs_f64();
@@ -121,7 +121,7 @@ pub fn generate(
             stopped = true;
             break;
         }
-        let piece = stream.push(next)?;
+        let piece = stream.push(&model.tokenizer, next)?;
         on_text(&piece);
         text.push_str(&piece);
         if generated == max_new {

@@ -55,6 +55,56 @@ fn tokenizer_round_trips() {
     assert_eq!(tok.encode("<|im_start|>", false).unwrap(), vec![1]);
 }
 
+/// The pieces a token stream yields add up to the decoded text, for SmolLM2's byte-level BPE and
+/// Gemma's SentencePiece (leading-space stripping, byte fallback), over a stretch of prose.
+#[test]
+fn token_stream_pieces_add_up_to_the_decoded_text() {
+    let text = "Plain words, numbers 12,345, emoji 🦀🎉, accents déjà vu, Ελληνικά, 中文字符.\n\nNew paragraph.";
+    let prose = [
+        &common::eval_tokens()[..400],
+        &common::gemma3_eval_tokens()[..400],
+    ];
+    for (model, prose) in [model(), common::gemma3()].into_iter().zip(prose) {
+        let tok = &model.tokenizer;
+        let mut ids = tok.encode(text, false).unwrap();
+        ids.extend(prose);
+        let mut stream = llm::tokenizer::TokenStream::new();
+        let streamed: String = ids.iter().map(|&i| stream.push(tok, i).unwrap()).collect();
+        assert_eq!(
+            streamed,
+            tok.decode(&ids).unwrap(),
+            "{}",
+            model.architecture
+        );
+    }
+}
+
+/// A lone byte that never completes a character does not hold back the text after it.
+#[test]
+fn token_stream_moves_past_an_invalid_byte() {
+    for model in [model(), common::gemma3()] {
+        let tok = &model.tokenizer;
+        let lone = tok.encode("é", false).unwrap()[0..1].to_vec();
+        let mut ids = lone.clone();
+        if tok.decode(&ids).unwrap() == "é" {
+            // "é" is one token here: take a byte of a rarer character instead.
+            ids = tok.encode("𝔘", false).unwrap()[..1].to_vec();
+        }
+        assert!(
+            tok.decode(&ids).unwrap().contains('\u{FFFD}'),
+            "{ids:?} is a whole character"
+        );
+        ids.extend(tok.encode(" and then plain words follow", false).unwrap());
+        let mut stream = llm::tokenizer::TokenStream::new();
+        let streamed: String = ids.iter().map(|&i| stream.push(tok, i).unwrap()).collect();
+        assert!(
+            streamed.ends_with("plain words follow"),
+            "{}: {streamed:?}",
+            model.architecture
+        );
+    }
+}
+
 #[test]
 fn chat_template_renders_chatml() {
     let p = model().tokenizer.chat_prompt("Hi there").unwrap();

@@ -337,17 +337,16 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
-    /// Decodes a stream of ids piece by piece, holding back incomplete UTF-8.
-    pub fn stream(&self) -> TokenStream<'_> {
-        TokenStream {
-            tokenizer: self,
-            ids: Vec::new(),
-            emitted: 0,
-        }
-    }
-
     /// Renders the model's chat template for one user message, ready for the reply.
     pub fn chat_prompt(&self, user: &str) -> Result<String> {
+        self.chat(&[ChatMessage {
+            role: "user".into(),
+            content: user.into(),
+        }])
+    }
+
+    /// Renders the model's chat template for a conversation, ready for the assistant's reply.
+    pub fn chat(&self, messages: &[ChatMessage]) -> Result<String> {
         let template = self
             .chat_template
             .as_deref()
@@ -366,7 +365,7 @@ impl Tokenizer {
         env.get_template("chat")
             .and_then(|t| {
                 t.render(minijinja::context! {
-                    messages => vec![minijinja::context! { role => "user", content => user }],
+                    messages => messages,
                     add_generation_prompt => true,
                     bos_token => bos,
                     eos_token => eos,
@@ -376,23 +375,51 @@ impl Tokenizer {
     }
 }
 
-/// Incremental detokenizer: yields text as soon as it forms whole characters.
-pub struct TokenStream<'a> {
-    tokenizer: &'a Tokenizer,
-    ids: Vec<u32>,
-    emitted: usize,
+/// One turn of a conversation, as chat templates read it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
 }
 
-impl TokenStream<'_> {
-    pub fn push(&mut self, id: u32) -> Result<String> {
+/// Incremental detokenizer: yields text as soon as it forms whole characters. Each step decodes
+/// only the ids since the last piece (and the one before, for context), as Hugging Face's
+/// text-generation-inference does, so a long generation costs linear, not quadratic, time.
+#[derive(Clone, Debug, Default)]
+pub struct TokenStream {
+    ids: Vec<u32>,
+    /// Decoding restarts here (the token before the last piece: keeps its leading space).
+    prefix: usize,
+    /// Ids up to here have been emitted.
+    read: usize,
+}
+
+impl TokenStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The text `id` adds, or "" while a multi-byte character is still incomplete.
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids)?;
-        // A trailing U+FFFD means a multi-byte character is still incomplete: wait for more.
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted {
+        let before = tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let now = tokenizer.decode(&self.ids[self.prefix..])?;
+        // A trailing U+FFFD means a multi-byte character is still incomplete: wait for more, up
+        // to the 4 bytes a character can take (past that the bytes are invalid and stay so).
+        let waiting = self.ids.len() - self.read;
+        if now.len() <= before.len() || (now.ends_with('\u{FFFD}') && waiting < 4) {
             return Ok(String::new());
         }
-        let piece = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        Ok(piece)
+        // Invalid bytes already emitted as U+FFFD can decode differently once more bytes follow:
+        // what was emitted stays, and the new text starts where the two decodings part.
+        let same = now
+            .char_indices()
+            .zip(before.chars())
+            .take_while(|((_, a), b)| a == b)
+            .last()
+            .map_or(0, |((i, c), _)| i + c.len_utf8());
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(now[same..].to_string())
     }
 }
