@@ -64,6 +64,8 @@ enum Command {
     Bench(commands::bench::Args),
     /// The main job: fetch, calibrate paper-config codebooks (cached), perplexity table, generation
     Demo(commands::demo::Args),
+    /// OpenAI-compatible HTTP server: continuous batching, admission by a KV-cache memory budget
+    Serve(commands::serve::Args),
     /// Write a GGUF of a real architecture's shapes (1B, 3B, 8B) with random weights, for speed and
     /// memory at sizes no package ships
     Synth(commands::synth::Args),
@@ -85,6 +87,7 @@ fn main() {
         Command::Compare(a) => commands::compare::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Demo(a) => commands::demo::run(a),
+        Command::Serve(a) => commands::serve::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -241,3 +241,54 @@ fn fetch_without_the_package_client_is_a_clear_error_and_leaves_nothing() {
         "no model file may be left behind"
     );
 }
+
+/// SIGTERM: the server stops accepting, finishes the stream in flight, and exits 0.
+#[cfg(unix)]
+#[test]
+fn serve_finishes_the_stream_in_flight_on_sigterm_and_exits_0() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut server = Command::new(env!("CARGO_BIN_EXE_rvq-kv"))
+        .args(["serve", "--port", "0", "--kv-budget", "64MiB"])
+        .env("RVQ_KV_HOME", home())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(server.stderr.take().unwrap());
+    let mut address = None;
+    let mut line = String::new();
+    while address.is_none() && stderr.read_line(&mut line).unwrap() > 0 {
+        address = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .map(str::to_string);
+        line.clear();
+    }
+    let address = address.expect("the server prints its address");
+    let body = r#"{"prompt": "Counting to a thousand: 1, 2, 3, 4, 5,", "max_tokens": 60, "temperature": 0, "stream": true}"#;
+    let mut conn = std::net::TcpStream::connect(&address).unwrap();
+    write!(
+        conn,
+        "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 64];
+    let n = conn.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut rest = String::new();
+    conn.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("data: [DONE]"), "the stream was cut: {rest}");
+    assert!(rest.contains(r#""finish_reason":"length""#), "{rest}");
+    let status = server.wait().unwrap();
+    let mut log = String::new();
+    stderr.read_to_string(&mut log).unwrap();
+    assert!(status.success(), "exit status {status:?}: {log}");
+    assert!(log.contains("shutting down"), "{log}");
+}

@@ -30,19 +30,23 @@ impl ModelArgs {
         }
     }
 
-    /// Where the demo keeps this model's paper-config codebooks: named after the model, so
-    /// that models never share (or overwrite) each other's.
-    pub fn paper_codebooks(&self) -> PathBuf {
-        let name = match self.model.as_str() {
+    /// The model's short name: `smollm2`, `gemma3-270m`, or a GGUF's file stem.
+    pub fn name(&self) -> String {
+        match self.model.as_str() {
             "smollm2" => "smollm2".to_string(),
             "gemma3-270m" | "gemma3" => "gemma3-270m".to_string(),
             path => std::path::Path::new(path)
                 .file_stem()
                 .map_or("model".into(), |s| s.to_string_lossy().into_owned()),
-        };
+        }
+    }
+
+    /// Where the demo keeps this model's paper-config codebooks: named after the model, so
+    /// that models never share (or overwrite) each other's.
+    pub fn paper_codebooks(&self) -> PathBuf {
         assets::home()
             .join("codebooks")
-            .join(format!("{name}-paper.safetensors"))
+            .join(format!("{}-paper.safetensors", self.name()))
     }
 
     pub fn load(&self) -> Result<Model> {
@@ -81,6 +85,38 @@ impl ModelArgs {
 }
 
 /// Prints `value` as the one JSON object on stdout.
+/// A byte count: a whole number with an optional unit (`1GiB`, `512MiB`, `2GB`, `800M`, `4096`).
+/// Binary units are powers of 1024, decimal ones of 1000.
+pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (e.g. 1GiB, 512MiB, 2GB, 4096)"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "'{other}' is not a size unit (B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let bytes = number * scale as f64;
+    if !(bytes >= 1.0 && bytes < 2f64.powi(63)) {
+        return Err(format!("'{text}': a size must be at least 1 byte"));
+    }
+    Ok(bytes as u64)
+}
+
 pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -97,6 +133,20 @@ pub fn eval_text(path: &Option<PathBuf>) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units_and_bad_ones_are_named() {
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("1.5 GiB"), Ok(3 << 29));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("0").unwrap_err().contains("at least 1 byte"));
+        assert!(parse_bytes("1TiB")
+            .unwrap_err()
+            .contains("'tib' is not a size unit"));
+        assert!(parse_bytes("lots").unwrap_err().contains("not a size"));
+    }
 
     #[test]
     fn each_model_has_its_own_paper_codebooks() {

@@ -8,4 +8,5 @@ pub mod finetune;
 pub mod generate;
 pub mod mc;
 pub mod ppl;
+pub mod serve;
 pub mod synth;
