@@ -21,9 +21,9 @@ fn main() {
         // Small scales everywhere (the bytes' content does not change the speed).
         let bytes: Bytes = Arc::new(vec![0x11u8; n]);
         let m = QMatrix::new(ty, rows, cols, bytes, 0).expect("matrix");
-        for batch in [1usize, 64] {
+        for batch in [1usize, 4, 8, 16, 64] {
             let x: Vec<f32> = (0..batch * cols).map(|i| (i as f32 * 0.01).sin()).collect();
-            let reps = if batch == 1 { 2000 } else { 40 };
+            let reps = if batch < 64 { 400 } else { 40 };
             let _ = m.matmul(&x);
             let t = Instant::now();
             for _ in 0..reps {

@@ -53,6 +53,8 @@ pub struct Request {
     pub sampling: Sampling,
     pub stop: Vec<String>,
     pub stream: bool,
+    /// Not in OpenAI's API (vLLM's name): generate past end-of-sequence tokens, for benchmarks.
+    pub ignore_eos: bool,
     /// `stream_options.include_usage`: a last chunk with the token counts.
     pub include_usage: bool,
 }
@@ -146,6 +148,7 @@ pub fn parse(
     };
     let stop = stop_strings(&f)?;
     let stream = f.boolean("stream")?.unwrap_or(false);
+    let ignore_eos = f.boolean("ignore_eos")?.unwrap_or(false);
     let include_usage = match fields.get("stream_options") {
         None | Some(Value::Null) => false,
         Some(Value::Object(o)) => match o.get("include_usage") {
@@ -175,6 +178,7 @@ pub fn parse(
         },
         stop,
         stream,
+        ignore_eos,
         include_usage,
     })
 }

@@ -41,6 +41,8 @@ pub struct Job {
     pub max_tokens: usize,
     pub sampling: Sampling,
     pub stop: Vec<String>,
+    /// Generate past end-of-sequence tokens, up to max_tokens (benchmarks).
+    pub ignore_eos: bool,
     /// Where the output goes; dropping the receiver cancels the request at the next step.
     pub events: UnboundedSender<Event>,
 }
@@ -137,9 +139,24 @@ impl Engine {
         });
         let (tx, rx) = mpsc::channel();
         let scheduler = Scheduler::new(shared.clone());
+        let threads = rayon::current_num_threads();
         let thread = std::thread::Builder::new()
             .name("rvq-kv scheduler".into())
-            .spawn(move || scheduler.run(rx))?;
+            .spawn(move || {
+                // The scheduler is a worker of its own pool (as `main` is of the global one in
+                // the CLI): parallel work it starts is then stolen by the other workers, instead
+                // of being handed over while it sleeps, which cost a thread wake-up per matrix
+                // product (about half of a SmolLM2 decode step).
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .use_current_thread()
+                    .thread_name(|i| format!("rvq-kv worker {i}"))
+                    .build();
+                match pool {
+                    Ok(pool) => pool.install(|| scheduler.run(rx)),
+                    Err(_) => scheduler.run(rx),
+                }
+            })?;
         Ok(Self {
             shared,
             jobs: Mutex::new(Some(tx)),
@@ -469,7 +486,7 @@ impl Scheduler {
         Metrics::add(&self.shared.metrics.generated_tokens, 1);
         let mut finish = None;
         let mut at_stop_string = false;
-        if tokenizer.stop_tokens.contains(&token) {
+        if !a.job.ignore_eos && tokenizer.stop_tokens.contains(&token) {
             finish = Some(FinishReason::Stop);
         } else {
             let piece = a.text.push(tokenizer, token).unwrap_or_default();

@@ -125,6 +125,7 @@ async fn respond(s: Arc<AppState>, body: Bytes, endpoint: Endpoint) -> Response 
         max_tokens: request.max_tokens,
         sampling: request.sampling.clone(),
         stop: request.stop.clone(),
+        ignore_eos: request.ignore_eos,
         events: tx,
     };
     if let Err(e) = s.engine.submit(job) {

@@ -11,7 +11,8 @@ use std::path::PathBuf;
     rvq-kv bench codec                  # the RVQ codec alone (Gaussian, correlated, real K/V)\n  \
     scripts/bench_codec.sh              # the same against faiss (installs faiss-cpu into a venv)")]
 pub struct Args {
-    /// What to measure: model (prefill/decode with each cache) or codec (RVQ train/encode/MSE)
+    /// What to measure: model (prefill/decode with each cache), codec (RVQ train/encode/MSE) or
+    /// serve (each cache behind the HTTP server, under concurrent streaming clients)
     #[arg(default_value = "model")]
     what: String,
     #[command(flatten)]
@@ -60,6 +61,8 @@ pub struct Args {
     /// codec: a Python with faiss-cpu and numpy, to run faiss's ResidualQuantizer on the same data
     #[arg(long)]
     faiss_python: Option<PathBuf>,
+    #[command(flatten)]
+    serve: super::bench_serve::ServeArgs,
     #[arg(long)]
     json: bool,
 }
@@ -68,7 +71,15 @@ pub fn run(a: Args) -> Result<()> {
     match a.what.as_str() {
         "model" => run_model(a),
         "codec" => run_codec(a),
-        other => bail!("bench {other}: expected model or codec"),
+        "serve" => {
+            let caches = if a.caches.is_empty() {
+                vec!["f16".to_string()]
+            } else {
+                a.caches.clone()
+            };
+            super::bench_serve::run(&a.model, &caches, &a.serve, a.json)
+        }
+        other => bail!("bench {other}: expected model, codec or serve"),
     }
 }
 
