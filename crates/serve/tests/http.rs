@@ -419,9 +419,10 @@ async fn a_full_queue_answers_503_and_a_client_that_leaves_frees_its_cache() {
     server
         .wait_for("rvq_kv_cache_bytes_in_use", |b| b > 0.0)
         .await;
+    // As large as the first: it cannot fit beside it.
     let waiting = {
-        let server = server.clone();
-        tokio::spawn(async move { server.post("/v1/completions", &greedy(prompt, 5)).await })
+        let (server, long) = (server.clone(), long.clone());
+        tokio::spawn(async move { server.post("/v1/completions", &long).await })
     };
     server
         .wait_for("rvq_kv_sequences_queued", |q| q == 1.0)
