@@ -205,6 +205,9 @@ async fn request(
             // Each event is one piece of text (or the end).
             while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
                 let event: Vec<u8> = buffer.drain(..end + 2).collect();
+                if !event.starts_with(b"data: ") {
+                    continue; // a keep-alive comment
+                }
                 if event.starts_with(b"data: [DONE]") {
                     return Ok(());
                 }
