@@ -139,8 +139,7 @@ impl Codebooks {
             ("meta".to_string(), to_json(&self.meta)?),
             ("stages".to_string(), to_json(&stages)?),
         ]);
-        io::write_safetensors(path, &tensors, meta)
-            .map_err(|e| CacheError::Codebooks(e.to_string()))
+        io::write_safetensors(path, &tensors, meta).map_err(|e| CacheError::Write(e.to_string()))
     }
 
     pub fn load(path: &Path) -> Result<Self, CacheError> {
@@ -162,6 +161,9 @@ impl Codebooks {
         let p = path.display().to_string();
         let err = |reason: String| CacheError::Codebooks(format!("{p}: {reason}"));
         let file = std::fs::File::open(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        if file.metadata().is_ok_and(|m| m.is_dir()) {
+            return Err(err("is a folder, not a codebook file".into()));
+        }
         // Mapped instead of read: the f32 codebooks are built from the file's pages one layer at
         // a time and the pages are released as we go, so loading never holds the file's bytes
         // and the codebooks at once (126 MB more at peak for the paper config on SmolLM2).
@@ -185,6 +187,31 @@ impl Codebooks {
                 stages.len(),
                 meta.model.layers
             )));
+        }
+        if let Some(&bad) = meta
+            .skipped_layers
+            .iter()
+            .find(|&&l| l >= meta.model.layers)
+        {
+            return Err(err(format!(
+                "skipped layer {bad} does not exist in a {}-layer model",
+                meta.model.layers
+            )));
+        }
+        for (l, &(ks, vs)) in stages.iter().enumerate() {
+            let skipped = meta.skipped_layers.contains(&l);
+            for (part, n, settings) in [("key", ks, &meta.keys), ("value", vs, &meta.values)] {
+                if skipped && n > 0 {
+                    return Err(err(format!(
+                        "layer {l} is listed as skipped but has {n} {part} stages"
+                    )));
+                }
+                if !skipped && settings.is_some() && n == 0 {
+                    return Err(err(format!(
+                        "layer {l} has 0 {part} stages but is not listed as skipped"
+                    )));
+                }
+            }
         }
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| err(format!("truncated or corrupted: {e}")))?;
@@ -213,9 +240,15 @@ impl Codebooks {
                         )));
                     }
                 }
-                if q.dim() != s.group_dim || !meta.model.head_dim.is_multiple_of(s.group_dim) {
+                if s.group_dim == 0 || !meta.model.head_dim.is_multiple_of(s.group_dim) {
                     return Err(err(format!(
-                        "layer {l} {part}: codeword dim {} vs group dim {}",
+                        "{part} group dim {} does not divide head_dim {}",
+                        s.group_dim, meta.model.head_dim
+                    )));
+                }
+                if q.dim() != s.group_dim {
+                    return Err(err(format!(
+                        "layer {l} {part}: codewords of {} channels, groups of {}",
                         q.dim(),
                         s.group_dim
                     )));

@@ -33,6 +33,8 @@ pub enum CacheError {
     Spec { spec: String, reason: String },
     #[error("cache codebooks: {0}")]
     Codebooks(String),
+    #[error("writing {0}")]
+    Write(String),
 }
 
 /// Geometry of a model's cache.

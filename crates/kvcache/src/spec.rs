@@ -24,6 +24,12 @@ pub fn build(spec: &str, config: &CacheConfig) -> Result<Box<dyn KvCache>, Cache
         reason,
     };
     if let Some(path) = kind.strip_prefix("rvq:") {
+        if path.trim().is_empty() {
+            return Err(err(
+                "rvq: needs its codebook file, as rvq:FILE.safetensors (from `rvq-kv calibrate`)"
+                    .into(),
+            ));
+        }
         return build_rvq(path, options, config).map_err(|e| match e {
             CacheError::Spec { reason, .. } => err(reason),
             other => other,

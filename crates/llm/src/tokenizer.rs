@@ -289,13 +289,23 @@ impl Tokenizer {
         } else {
             None
         };
-        let eos = id("tokenizer.ggml.eos_token_id")?;
+        let vocab = inner.get_vocab_size(true);
+        let special = |key: &str| -> Result<Option<u32>> {
+            match id(key)? {
+                Some(t) if t as usize >= vocab => Err(LlmError::Metadata(format!(
+                    "{key} is {t}, outside the vocabulary of {vocab} tokens"
+                ))),
+                other => Ok(other),
+            }
+        };
+        let eos = special("tokenizer.ggml.eos_token_id")?;
+        let bos = special("tokenizer.ggml.bos_token_id")?;
         let mut stop_tokens: Vec<u32> = eos.into_iter().collect();
         stop_tokens.extend(END_OF_TURN.iter().filter_map(|t| inner.token_to_id(t)));
         stop_tokens.dedup();
         Ok(Self {
             inner,
-            bos: id("tokenizer.ggml.bos_token_id")?,
+            bos,
             eos,
             stop_tokens,
             add_bos,

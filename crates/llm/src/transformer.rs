@@ -82,15 +82,41 @@ impl ModelConfig {
             activation: Activation::Silu,
             windows: vec![None; layers],
         };
-        if cfg.heads == 0
-            || cfg.kv_heads == 0
-            || !cfg.heads.is_multiple_of(cfg.kv_heads)
-            || !cfg.head_dim.is_multiple_of(2)
-            || cfg.layers == 0
-            || cfg.hidden == 0
-        {
+        let problem = if cfg.layers == 0 {
+            Some(format!("{arch}.block_count is 0"))
+        } else if cfg.hidden == 0 {
+            Some(format!("{arch}.embedding_length is 0"))
+        } else if cfg.heads == 0 || cfg.kv_heads == 0 {
+            Some(format!(
+                "{arch}.attention.head_count {} / head_count_kv {}: both must be at least 1",
+                cfg.heads, cfg.kv_heads
+            ))
+        } else if !cfg.heads.is_multiple_of(cfg.kv_heads) {
+            Some(format!(
+                "{arch}.attention.head_count {} is not a multiple of head_count_kv {}",
+                cfg.heads, cfg.kv_heads
+            ))
+        } else if cfg.head_dim == 0 || !cfg.head_dim.is_multiple_of(2) {
+            Some(format!(
+                "head dimension {} (key_length, or embedding_length / head_count) must be even and positive",
+                cfg.head_dim
+            ))
+        } else if cfg.ffn == 0 || cfg.context_len == 0 {
+            Some(format!(
+                "{arch}.feed_forward_length {} and context_length {} must be positive",
+                cfg.ffn, cfg.context_len
+            ))
+        } else if !(cfg.rms_eps.is_finite() && cfg.rms_eps >= 0.0) {
+            Some(format!(
+                "{arch}.attention.layer_norm_rms_epsilon is {}",
+                cfg.rms_eps
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
             return Err(LlmError::Metadata(format!(
-                "inconsistent {arch} shape: {cfg:?}"
+                "inconsistent {arch} shape: {problem}"
             )));
         }
         Ok(cfg)

@@ -64,7 +64,7 @@ pub fn from_safetensors(st: &SafeTensors, prefix: &str, stages: usize, path: &st
         codebooks.push(f32_from_le_bytes(t.data()));
     }
     let (size, dim) = shape.ok_or_else(|| err("no stages".into()))?;
-    Rvq::from_codebooks(dim, size, codebooks).map_err(|e| err(e.to_string()))
+    Rvq::from_codebooks(dim, size, codebooks).map_err(|e| err(format!("{prefix}*: {e}")))
 }
 
 /// Serializes named tensors with `metadata` and writes them atomically to `path`.
