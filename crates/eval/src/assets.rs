@@ -132,6 +132,12 @@ pub fn ensure(home: &Path, asset: Asset) -> Result<bool> {
     if is_present(home, asset) {
         return Ok(false);
     }
+    if home.exists() && !home.is_dir() {
+        bail!(
+            "the asset folder {} (RVQ_KV_HOME) is a file, not a folder",
+            home.display()
+        );
+    }
     eprintln!("rvq-kv: fetching {} into {}", asset.label(), home.display());
     std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
     let work = tempdir_in(home)?;

@@ -23,6 +23,9 @@ pub struct Generation {
     pub text: String,
     /// Stopped at EOS or an end-of-turn token.
     pub stopped_at_eos: bool,
+    /// Why generation ended: `eos` (an end-of-sequence or end-of-turn token), `length`
+    /// (the requested tokens), or `context` (the model's context was full first).
+    pub finish_reason: &'static str,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
     pub cache_bytes: u64,
@@ -102,7 +105,8 @@ pub fn generate(
             prompt.len()
         );
     }
-    let max_new = max_new.min(limit - prompt.len());
+    let room = limit - prompt.len();
+    let max_new = max_new.min(room);
     let mut cache = model.new_cache(spec)?;
     let mut rng = StdRng::seed_from_u64(sampling.seed);
     let mut stream = llm::tokenizer::TokenStream::new();
@@ -115,6 +119,12 @@ pub fn generate(
     let mut stopped = false;
     let mut pos = prompt.len();
     while generated < max_new {
+        if let Some(bad) = logits.iter().find(|v| !v.is_finite()) {
+            bail!(
+                "the model's logits hold {bad} at position {}: its weights or the cache are corrupt",
+                pos - 1
+            );
+        }
         let next = sample(&logits, sampling, &mut rng);
         generated += 1;
         if model.tokenizer.stop_tokens.contains(&next) {
@@ -137,6 +147,13 @@ pub fn generate(
         generated_tokens: generated,
         text,
         stopped_at_eos: stopped,
+        finish_reason: if stopped {
+            "eos"
+        } else if generated == room {
+            "context"
+        } else {
+            "length"
+        },
         prefill_tokens_per_s: prompt.len() as f64 / prefill_s,
         decode_tokens_per_s: generated as f64 / decode_s.max(1e-9),
         cache_bytes: cache.memory().bytes,

@@ -131,6 +131,13 @@ pub fn load_items(path: &Path) -> Result<Vec<Item>> {
     docs.into_iter()
         .map(|(doc_id, (gold, mut choices))| {
             choices.sort_by_key(|c| c.0);
+            if choices.len() < 2 {
+                bail!(
+                    "{}: doc {doc_id} has {} choice: an item needs at least two to score",
+                    path.display(),
+                    choices.len()
+                );
+            }
             if gold >= choices.len() {
                 bail!(
                     "{}: doc {doc_id} has gold {gold} but {} choice(s)",
@@ -380,6 +387,22 @@ mod tests {
                 })
                 .collect())
         }
+    }
+
+    #[test]
+    fn an_item_with_a_single_choice_is_refused() {
+        // It used to count as answered right: one choice is always the best.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("requests.jsonl.gz");
+        let lines = [
+            line(0, 0, 0, "Q", " a"),
+            line(0, 1, 0, "Q", " b"),
+            line(1, 0, 0, "Q", " c"),
+        ];
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        write_gz(&path, &refs);
+        let e = load_items(&path).unwrap_err().to_string();
+        assert!(e.contains("doc 1 has 1 choice"), "{e}");
     }
 
     #[test]

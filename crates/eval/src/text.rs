@@ -3,11 +3,36 @@
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
-/// Reads a UTF-8 text file; calibration files in `<doc …>` blocks are stripped of the markup.
+/// The largest text read (a guard against `/dev/zero` or a wrong path, not a limit of the tools:
+/// the calibration and evaluation texts are a few MB).
+pub const MAX_TEXT_BYTES: u64 = 256 << 20;
+
+/// The UTF-8 text of a file, refusing folders and files over [`MAX_TEXT_BYTES`].
+pub fn read_utf8(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("reading text {}", path.display()))?;
+    if file.metadata().is_ok_and(|m| m.is_dir()) {
+        bail!("{} is a folder, not a text file", path.display());
+    }
+    let mut raw = Vec::new();
+    file.take(MAX_TEXT_BYTES + 1)
+        .read_to_end(&mut raw)
+        .with_context(|| format!("reading text {}", path.display()))?;
+    if raw.len() as u64 > MAX_TEXT_BYTES {
+        bail!(
+            "{} holds more than {} MiB: not a text this tool reads",
+            path.display(),
+            MAX_TEXT_BYTES >> 20
+        );
+    }
+    String::from_utf8(raw).with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// A text for perplexity, calibration or training: UTF-8, not empty; calibration files in
+/// `<doc …>` blocks are stripped of the markup.
 pub fn read_text(path: &Path) -> Result<String> {
-    let raw = std::fs::read(path).with_context(|| format!("reading text {}", path.display()))?;
-    let text =
-        String::from_utf8(raw).with_context(|| format!("{} is not UTF-8", path.display()))?;
+    let text = read_utf8(path)?;
     let text = strip_doc_markup(&text);
     if text.trim().is_empty() {
         bail!("text {} is empty", path.display());

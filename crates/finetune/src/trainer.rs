@@ -70,6 +70,10 @@ impl FinetuneConfig {
         if !(self.commitment_weight.is_finite() && self.commitment_weight >= 0.0) {
             bail!("the commitment weight must be ≥ 0");
         }
+        let wd = self.adamw.weight_decay;
+        if !(wd.is_finite() && wd >= 0.0) {
+            bail!("--weight-decay {wd}: must be a finite number ≥ 0");
+        }
         Ok(())
     }
 }

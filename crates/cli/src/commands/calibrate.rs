@@ -112,6 +112,7 @@ pub fn run(a: Args) -> Result<()> {
         seed: a.seed,
     };
     train.validate()?;
+    super::common::check_writable(&a.out, "--out")?;
     let model = a.model.load()?;
     let text = eval::text::read_text(&text_path)?;
     let tokens = model.tokenizer.encode(&text, true)?;

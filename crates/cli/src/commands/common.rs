@@ -1,9 +1,9 @@
 //! Options and helpers shared by the commands.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use eval::assets;
 use llm::Model;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
@@ -85,6 +85,29 @@ impl ModelArgs {
 }
 
 /// Prints `value` as the one JSON object on stdout.
+/// Fails unless a file can be written at `path` (named by `flag` in the message): checked
+/// before long work, so that a typo costs seconds, not the minutes of a calibration. Makes the
+/// missing folders on the way.
+pub fn check_writable(path: &Path, flag: &str) -> Result<()> {
+    let shown = path.display();
+    if path.is_dir() {
+        bail!("{flag} {shown} is a folder; give a file path");
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if let Some(file) = dir.ancestors().find(|a| a.is_file()) {
+        bail!("{flag} {shown}: {} is a file, not a folder", file.display());
+    }
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("{flag} {shown}: cannot create its folder"))?;
+    let probe = dir.join(format!(".rvq-kv-write-probe-{}", std::process::id()));
+    std::fs::File::create(&probe).with_context(|| format!("{flag} {shown}: cannot write there"))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// A byte count: a whole number with an optional unit (`1GiB`, `512MiB`, `2GB`, `800M`, `4096`).
 /// Binary units are powers of 1024, decimal ones of 1000.
 pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {

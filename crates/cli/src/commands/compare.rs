@@ -67,6 +67,12 @@ pub fn run(a: Args) -> Result<()> {
         a.caches.clone()
     };
     specs.extend(a.rvq.iter().map(|f| format!("rvq:{f}")));
+    if let Some(p) = &a.report {
+        super::common::check_writable(p, "--report")?;
+    }
+    if let Some(p) = &a.plot {
+        super::common::check_writable(p, "--plot")?;
+    }
     let model = a.model.load()?;
     let text_path = eval_text(&a.text)?;
     let text = eval::text::read_text(&text_path)?;
@@ -109,6 +115,9 @@ pub fn run(a: Args) -> Result<()> {
         rows,
     };
     let markdown = report.markdown();
+    if !a.json {
+        print!("{markdown}");
+    }
     if let Some(path) = &a.report {
         rvq::io::write_atomic(path, markdown.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
@@ -121,7 +130,6 @@ pub fn run(a: Args) -> Result<()> {
     if a.json {
         print_json(&report)
     } else {
-        print!("{markdown}");
         Ok(())
     }
 }

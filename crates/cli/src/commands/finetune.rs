@@ -71,6 +71,31 @@ fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Writes the finetuned weights and codebooks so that both appear or neither: each to a
+/// temporary name, then both renamed.
+fn save_together(trainer: &Trainer, weights: &Path, books: &Path) -> Result<()> {
+    let (weights_tmp, books_tmp) = (
+        with_suffix(weights, ".partial"),
+        with_suffix(books, ".partial"),
+    );
+    let written = trainer
+        .delta()
+        .and_then(|d| Ok(d.save(&weights_tmp)?))
+        .and_then(|_| Ok(trainer.codebooks().save(&books_tmp)?))
+        .and_then(|_| Ok(std::fs::rename(&weights_tmp, weights)?))
+        .and_then(|_| {
+            std::fs::rename(&books_tmp, books).inspect_err(|_| {
+                let _ = std::fs::remove_file(weights);
+            })?;
+            Ok(())
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&weights_tmp);
+        let _ = std::fs::remove_file(&books_tmp);
+    }
+    written.with_context(|| format!("writing {} and {}", weights.display(), books.display()))
+}
+
 pub fn run(a: Args) -> Result<()> {
     if a.model.weights_delta.is_some() {
         bail!("finetune starts from the GGUF's own weights; --weights-delta is not supported here");
@@ -93,6 +118,13 @@ pub fn run(a: Args) -> Result<()> {
         update_codebooks: !a.freeze_codebooks,
     };
     config.validate()?;
+    let (weights, books) = (
+        with_suffix(&a.out, ".weights.safetensors"),
+        with_suffix(&a.out, ".codebooks.safetensors"),
+    );
+    for path in [&weights, &books] {
+        super::common::check_writable(path, "--out")?;
+    }
     let text_path = match &a.text {
         Some(p) => p.clone(),
         None => assets::ensure_calib(&assets::home(), "wiki.utf8")?,
@@ -151,12 +183,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     bar.finish_and_clear();
     trainer.save_checkpoint(&checkpoints)?;
-    let (weights, books) = (
-        with_suffix(&a.out, ".weights.safetensors"),
-        with_suffix(&a.out, ".codebooks.safetensors"),
-    );
-    trainer.delta()?.save(&weights)?;
-    trainer.codebooks().save(&books)?;
+    save_together(&trainer, &weights, &books)?;
     let seconds = t0.elapsed().as_secs_f64();
     let summary = serde_json::json!({
         "weights": weights.display().to_string(),

@@ -1,5 +1,5 @@
 use super::common::{print_json, ModelArgs};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use eval::generate::{generate, Sampling};
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,9 +39,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let prompt = match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => {
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
-        }
+        (None, Some(f)) => eval::text::read_utf8(f)?,
         (None, None) => bail!("give --prompt TEXT or --prompt-file PATH"),
     };
     if prompt.is_empty() {
@@ -74,7 +72,11 @@ pub fn run(a: Args) -> Result<()> {
         "rvq-kv: {} prompt + {} new tokens{}; prefill {:.1} tok/s, decode {:.1} tok/s, cache {} bytes ({})",
         g.prompt_tokens,
         g.generated_tokens,
-        if g.stopped_at_eos { " (EOS)" } else { "" },
+        match g.finish_reason {
+            "eos" => " (EOS)",
+            "context" => " (stopped: the model's context is full)",
+            _ => "",
+        },
         g.prefill_tokens_per_s,
         g.decode_tokens_per_s,
         g.cache_bytes,

@@ -33,6 +33,8 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let model = a.model.load()?;
+    // The spec is checked before the text is read and tokenized (a second or two).
+    model.new_cache(&a.cache)?;
     let text = eval::text::read_text(&eval_text(&a.text)?)?;
     let tokens = model.tokenizer.encode(&text, true)?;
     let opts = PplOptions {
