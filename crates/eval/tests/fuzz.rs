@@ -1,0 +1,280 @@
+//! Structure-aware fuzzing of the parsers that read untrusted bytes: the GGUF reader (a whole
+//! model load), the codebook loader and the packed-code unpacker. Files are valid ones with a few
+//! bytes overwritten (often with extreme integers) or cut short; the property is an error or a
+//! valid result, never a panic.
+//!
+//! `cargo test` runs a bounded number of cases; the long mode runs each fuzzer for
+//! `RVQ_KV_FUZZ_SECONDS` (default 600) and prints the cases it ran:
+//! `cargo test --release -p eval --test fuzz -- --ignored --nocapture`.
+
+mod common;
+
+use kvcache::codebooks::{CodebookMeta, Codebooks, LayerBooks, PartSettings};
+use kvcache::ModelIdentity;
+use proptest::prelude::*;
+use rvq::rng::SplitMix64;
+use rvq::{Grouping, Rvq};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A valid file and the part of it worth mutating most (headers and metadata).
+struct Seed {
+    bytes: Vec<u8>,
+    header: usize,
+    dir: tempfile::TempDir,
+}
+
+/// The tiny llama from `rvq-kv synth`: 2 layers, SmolLM2's tokenizer.
+fn gguf_seed() -> &'static Seed {
+    static SEED: OnceLock<Seed> = OnceLock::new();
+    SEED.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        let tokenizer = eval::assets::ensure_model(&common::home()).unwrap();
+        let preset = llm::synth::Preset::by_name("tiny").unwrap();
+        llm::synth::write(&preset, "q8_0", &tokenizer, &path, 0, |_, _| {}).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let mut file = std::fs::File::open(&path).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+        Seed {
+            header: content.tensor_data_offset as usize,
+            bytes,
+            dir,
+        }
+    })
+}
+
+/// Random codebooks of two layers (no model needed to load them).
+fn codebook_seed() -> &'static Seed {
+    static SEED: OnceLock<Seed> = OnceLock::new();
+    SEED.get_or_init(|| {
+        let mut rng = SplitMix64::new(7);
+        let mut rvq = || {
+            let cbs = (0..2)
+                .map(|_| (0..8 * 16).map(|_| rng.unit() as f32 - 0.5).collect())
+                .collect();
+            Some(Arc::new(Rvq::from_codebooks(16, 8, cbs).unwrap()))
+        };
+        let settings = |grouping| PartSettings {
+            group_dim: 16,
+            grouping,
+            scaled: true,
+            rotation: None,
+        };
+        let books = Codebooks {
+            meta: CodebookMeta {
+                model: ModelIdentity {
+                    architecture: "llama".into(),
+                    layers: 2,
+                    kv_heads: 1,
+                    head_dim: 32,
+                    file_sha256: "ab".repeat(32),
+                },
+                keys: Some(settings(Grouping::Strided)),
+                values: Some(settings(Grouping::Contiguous)),
+                skipped_layers: vec![],
+                calibration: serde_json::Value::Null,
+                reports: vec![(None, None), (None, None)],
+            },
+            layers: (0..2)
+                .map(|_| LayerBooks {
+                    keys: rvq(),
+                    values: rvq(),
+                })
+                .collect(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("books.safetensors");
+        books.save(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        Seed { bytes, header, dir }
+    })
+}
+
+/// Integers that break naive size arithmetic.
+const EXTREMES: [u64; 8] = [
+    0,
+    1,
+    255,
+    0xFFFF_FFFF,
+    1 << 31,
+    1 << 62,
+    u64::MAX,
+    u64::MAX - 7,
+];
+
+/// One to four changes to `seed`: overwrite a byte, write an extreme or random integer (u32 or
+/// u64, little-endian), or cut the file short; positions fall in the header nine times in ten.
+fn mutate(seed: &Seed, rng: &mut SplitMix64) -> Vec<u8> {
+    let mut b = seed.bytes.clone();
+    let changes = 1 + rng.below(4);
+    for _ in 0..changes {
+        let len = b.len();
+        if len < 16 {
+            break;
+        }
+        let at = if rng.below(10) < 9 {
+            rng.below(seed.header.min(len))
+        } else {
+            rng.below(len)
+        };
+        match rng.below(4) {
+            0 => b[at] = rng.below(256) as u8,
+            1 | 2 => {
+                let value = if rng.below(2) == 0 {
+                    EXTREMES[rng.below(EXTREMES.len())]
+                } else {
+                    rng.next_u64()
+                };
+                let width = if rng.below(2) == 0 { 4 } else { 8 };
+                let end = (at + width).min(len);
+                b[at..end].copy_from_slice(&value.to_le_bytes()[..end - at]);
+            }
+            _ => b.truncate(at.max(1)),
+        }
+    }
+    b
+}
+
+/// Writes `bytes` to a file in the seed's folder and runs `load` on it: Ok or an error, never a
+/// panic. Returns whether it loaded.
+fn survives(seed: &Seed, bytes: &[u8], load: impl Fn(&Path) -> bool) -> Result<bool, String> {
+    let path: PathBuf = seed.dir.path().join("mutant");
+    std::fs::write(&path, bytes).unwrap();
+    catch_unwind(AssertUnwindSafe(|| load(&path))).map_err(|p| {
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
+    })
+}
+
+fn load_model(path: &Path) -> bool {
+    let Ok(model) = llm::Model::load(path) else {
+        return false;
+    };
+    // A model that loads must also run.
+    let mut cache = model.new_cache("f16").unwrap();
+    let _ = model.forward(&[1, 2, 3], 0, cache.as_mut(), Some(1));
+    true
+}
+
+fn load_codebooks(path: &Path) -> bool {
+    Codebooks::load(path).is_ok()
+}
+
+/// The reference unpacking: bit by bit.
+fn unpack_slowly(bytes: &[u8], bits: u32, n: usize) -> Vec<u16> {
+    (0..n)
+        .map(|i| {
+            (0..bits as usize).fold(0u16, |code, b| {
+                let bit = i * bits as usize + b;
+                code | ((((bytes[bit / 8] >> (bit % 8)) & 1) as u16) << b)
+            })
+        })
+        .collect()
+}
+
+/// Every unpacker, at every SIMD level, against the reference, on arbitrary bytes.
+fn unpackers_agree(bytes: &[u8], bits: u32) -> Result<(), String> {
+    let n = bytes.len() * 8 / bits as usize;
+    let expected = unpack_slowly(bytes, bits, n);
+    let mut row = vec![0u16; n];
+    rvq::pack::unpack_row(bytes, bits, &mut row);
+    if row != expected {
+        return Err(format!("unpack_row differs at {bits} bits"));
+    }
+    for (level, stream) in rvq::simd::at_each_level(|_| {
+        let mut out = vec![0u16; n];
+        rvq::pack::unpack_stream(bytes, bits, &mut out);
+        out
+    }) {
+        if stream != expected {
+            return Err(format!("unpack_stream differs at {bits} bits, {level:?}"));
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_mutated_gguf_loads_or_fails_cleanly(seed in any::<u64>()) {
+        let s = gguf_seed();
+        let bytes = mutate(s, &mut SplitMix64::new(seed));
+        prop_assert!(survives(s, &bytes, load_model).is_ok(), "seed {seed} panicked");
+    }
+
+    #[test]
+    fn a_mutated_codebook_file_loads_or_fails_cleanly(seed in any::<u64>()) {
+        let s = codebook_seed();
+        let bytes = mutate(s, &mut SplitMix64::new(seed));
+        prop_assert!(survives(s, &bytes, load_codebooks).is_ok(), "seed {seed} panicked");
+    }
+
+    #[test]
+    fn unpacking_arbitrary_bytes_matches_the_bit_by_bit_reference(
+        bytes in proptest::collection::vec(any::<u8>(), 0..200),
+        bits in 1u32..=16,
+    ) {
+        prop_assert_eq!(unpackers_agree(&bytes, bits), Ok(()));
+    }
+}
+
+/// Runs `case` on fresh seeds for `RVQ_KV_FUZZ_SECONDS`; prints how many ran.
+fn fuzz_for_a_while(name: &str, case: impl Fn(u64) -> Result<(), String>) {
+    let seconds: u64 = std::env::var("RVQ_KV_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    let t = Instant::now();
+    let mut seeds = SplitMix64::new(t.elapsed().as_nanos() as u64 ^ 0x5EED);
+    let mut runs = 0u64;
+    let mut failures = Vec::new();
+    while t.elapsed() < Duration::from_secs(seconds) {
+        let seed = seeds.next_u64();
+        if let Err(e) = case(seed) {
+            failures.push(format!("seed {seed}: {e}"));
+        }
+        runs += 1;
+    }
+    println!(
+        "fuzz {name}: {runs} cases in {seconds} s, {} failures",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+#[ignore = "long mode: minutes per parser"]
+fn fuzz_gguf_long() {
+    let s = gguf_seed();
+    fuzz_for_a_while("gguf", |seed| {
+        let bytes = mutate(s, &mut SplitMix64::new(seed));
+        survives(s, &bytes, load_model).map(|_| ())
+    });
+}
+
+#[test]
+#[ignore = "long mode: minutes per parser"]
+fn fuzz_codebooks_long() {
+    let s = codebook_seed();
+    fuzz_for_a_while("codebooks", |seed| {
+        let bytes = mutate(s, &mut SplitMix64::new(seed));
+        survives(s, &bytes, load_codebooks).map(|_| ())
+    });
+}
+
+#[test]
+#[ignore = "long mode: minutes per parser"]
+fn fuzz_unpacker_long() {
+    fuzz_for_a_while("unpacker", |seed| {
+        let mut rng = SplitMix64::new(seed);
+        let bytes: Vec<u8> = (0..rng.below(300)).map(|_| rng.below(256) as u8).collect();
+        unpackers_agree(&bytes, 1 + rng.below(16) as u32)
+    });
+}
