@@ -95,6 +95,16 @@ impl Fixtures {
             &(1u64 << 62).to_le_bytes(),
         );
         write("trunc.gguf", &bytes[..bytes.len() / 2]);
+        // NaN in a weight: the final norm's first element (an f32 tensor).
+        let content = candle_core::quantized::gguf_file::Content::read(
+            &mut std::fs::File::open(&tiny).unwrap(),
+        )
+        .unwrap();
+        let norm = content.tensor_infos["output_norm.weight"].offset as usize
+            + content.tensor_data_offset as usize;
+        let mut nan = bytes.clone();
+        nan[norm..norm + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        write("nanweights.gguf", &nan);
 
         // Small codebooks for the default model, then copies with one field made hostile.
         let books = f.path("books.safetensors");
@@ -220,6 +230,16 @@ const CATALOGUE: &[Row] = &[
         "block_count is 0",
     ),
     row("ppl --model gemma4 --max-tokens 64", 1, "gemma4"),
+    row(
+        "ppl --model {nanweights.gguf} --max-tokens 64",
+        1,
+        "non-finite log-likelihood",
+    ),
+    row(
+        "generate --model {nanweights.gguf} --prompt hello -n 4",
+        1,
+        "logits hold NaN",
+    ),
     // Codebook files.
     row(
         "ppl --max-tokens 64 --cache rvq:",

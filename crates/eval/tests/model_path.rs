@@ -346,3 +346,21 @@ fn native_products_do_not_depend_on_the_batch() {
     let first = m.forward(&tokens[..1], 0, cache.as_mut(), None).unwrap();
     assert_eq!(first, batch[..vocab]);
 }
+
+/// Generation that the model's context cuts short says so, and is not mistaken for max_tokens.
+#[test]
+fn generation_says_when_the_context_ended_it() {
+    let path = eval::assets::ensure_model(&home()).unwrap();
+    let mut model = llm::Model::load(&path).unwrap();
+    model.net.config.context_len = 40;
+    let prompt = &eval_tokens()[..35];
+    let greedy = eval::generate::Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+    };
+    let g = eval::generate::generate(&model, prompt, "f16", 20, &greedy, |_| {}).unwrap();
+    assert_eq!((g.finish_reason, g.generated_tokens), ("context", 5));
+    let g = eval::generate::generate(&model, prompt, "f16", 3, &greedy, |_| {}).unwrap();
+    assert_eq!((g.finish_reason, g.generated_tokens), ("length", 3));
+}
