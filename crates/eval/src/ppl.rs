@@ -1,6 +1,6 @@
 //! Perplexity of a model on a token stream, with any cache.
 //!
-//! Two protocols (DESIGN.md): `windows` scores every token after the first of each
+//! Two protocols: `windows` scores every token after the first of each
 //! non-overlapping window of `ctx` tokens; `llama.cpp` reproduces `llama-perplexity` (chunks of
 //! `ctx` tokens, BOS in front when the model adds one, only the second half of each chunk scored).
 

@@ -52,7 +52,7 @@ fn chat_template_is_gemmas_and_end_of_turn_stops() {
 
 /// Our forward against candle-transformers' `quantized_gemma3` on a prompt shorter than the
 /// sliding window (its one-token decoding does not mask the window and its chunked prefill
-/// fails: DATA.md). Where it diverges: its feed-forward uses SiLU where Gemma (and llama.cpp)
+/// fails). Where it diverges: its feed-forward uses SiLU where Gemma (and llama.cpp)
 /// use tanh-GELU, which moves the logits by up to 17% of their range. So the comparison runs on
 /// a copy of our model with the activation switched to SiLU: every other piece (embedding
 /// scale, q/k norms, per-layer RoPE bases, post-norms, tied output) must then agree. That our

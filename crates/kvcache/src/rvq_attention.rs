@@ -33,7 +33,7 @@ const PREFETCH_KEYS: usize = 8;
 /// codeword loops then unroll, every address a base plus an offset. With i8 books in one
 /// allocation this took `kernel_speed` from 26.3 to 19.8 ns per key and 20.1 to 15.8 ns per
 /// value, against the loop over a run-time count and per-stage allocations (unchecked
-/// prefetch slices then 14.1 and 9.2 ns: docs/RESULTS.md, session 14).
+/// prefetch slices then 14.1 and 9.2 ns).
 const UNROLLED_STAGES: usize = 8;
 
 /// `K`, or the books' stage count where `K` is 0.
