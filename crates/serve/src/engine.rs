@@ -25,7 +25,8 @@ use tokio::sync::mpsc::UnboundedSender;
 pub struct EngineConfig {
     /// The cache spec every sequence gets (`f16`, `rvq:FILE,…`).
     pub cache: String,
-    /// Bytes all sequences' caches may hold together; codebooks are shared and not counted here.
+    /// Bytes the caches may hold together: the shared codebooks (counted once) and every
+    /// admitted sequence's cache at its full length.
     pub kv_budget: u64,
     /// Requests that may wait for memory; past that, new requests are refused.
     pub max_queue: usize,
@@ -72,7 +73,7 @@ pub struct Finish {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
-    #[error("prompt + max_tokens = {tokens} tokens need {need} bytes of KV cache; the whole budget is {budget} bytes")]
+    #[error("prompt + max_tokens = {tokens} tokens need {need} bytes of KV cache; the whole budget for sequences is {budget} bytes")]
     LargerThanBudget {
         tokens: usize,
         need: u64,
@@ -124,13 +125,18 @@ impl Engine {
             "at least one sequence must be allowed"
         );
         template.truncate(0);
+        let codebooks = template.memory().fixed_bytes;
+        anyhow::ensure!(
+            codebooks < config.kv_budget,
+            "the cache's shared codebooks alone take {codebooks} bytes, the whole KV budget of {} \
+             bytes or more",
+            config.kv_budget
+        );
         let metrics = Arc::new(Metrics::default());
         metrics
             .kv_budget_bytes
             .store(config.kv_budget, Ordering::Relaxed);
-        metrics
-            .codebook_bytes
-            .store(template.memory().fixed_bytes, Ordering::Relaxed);
+        metrics.codebook_bytes.store(codebooks, Ordering::Relaxed);
         let shared = Arc::new(Shared {
             model,
             template,
@@ -177,13 +183,18 @@ impl Engine {
         self.shared.template.bytes_at(tokens)
     }
 
+    /// The budget left for sequences once the shared codebooks are counted.
+    pub fn sequence_budget(&self) -> u64 {
+        self.shared.config.kv_budget - self.shared.template.memory().fixed_bytes
+    }
+
     /// Queues a request; it is refused at once if it could never fit the budget, or if the queue
     /// is full.
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
         let m = &self.shared.metrics;
         let tokens = job.prompt.len() + job.max_tokens;
         let need = self.bytes_for(tokens);
-        let budget = self.shared.config.kv_budget;
+        let budget = self.sequence_budget();
         if need > budget {
             Metrics::add(&m.requests_rejected, 1);
             return Err(SubmitError::LargerThanBudget {
@@ -323,13 +334,14 @@ impl Scheduler {
     /// Admits waiting requests in arrival order while their full-length caches fit the budget.
     fn admit(&mut self) {
         let config = &self.shared.config;
+        let budget = config.kv_budget - self.shared.template.memory().fixed_bytes;
         let mut reserved: u64 = self.active.iter().map(|a| a.reserved).sum();
         while let Some(job) = self.waiting.front() {
             let need = self
                 .shared
                 .template
                 .bytes_at(job.prompt.len() + job.max_tokens);
-            if reserved + need > config.kv_budget || self.active.len() >= config.max_sequences {
+            if reserved + need > budget || self.active.len() >= config.max_sequences {
                 break;
             }
             let job = self.waiting.pop_front().expect("a waiting job");

@@ -41,7 +41,7 @@ struct Row {
     cache: String,
     /// Bytes one sequence of prompt + max tokens takes in this cache.
     sequence_bytes: u64,
-    /// The budget's room for such sequences.
+    /// The budget's room for such sequences, beside the shared codebooks.
     fits: u64,
     #[serde(flatten)]
     load: LoadReport,
@@ -121,6 +121,7 @@ pub fn run(model_args: &ModelArgs, caches: &[String], a: &ServeArgs, json: bool)
             eprintln!("rvq-kv: {cache}: {clients} clients for {:.0} s", a.duration);
             let engine = engine()?;
             let sequence_bytes = engine.bytes_for(a.prompt_tokens + a.max_tokens);
+            let fits = engine.sequence_budget() / sequence_bytes.max(1);
             let load = runtime.block_on(one_run(engine, &model, &options))?;
             let first = rows
                 .first()
@@ -128,7 +129,7 @@ pub fn run(model_args: &ModelArgs, caches: &[String], a: &ServeArgs, json: bool)
             rows.push(Row {
                 cache: cache.clone(),
                 sequence_bytes,
-                fits: a.kv_budget / sequence_bytes.max(1),
+                fits,
                 throughput_ratio: load.output_tokens_per_s / first,
                 load,
                 idle_probe_p99_ms: idle_probe,

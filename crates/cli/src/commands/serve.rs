@@ -15,9 +15,9 @@ pub struct Args {
     /// KV cache spec every sequence gets (see `rvq-kv --help`)
     #[arg(long, default_value = "f16")]
     cache: String,
-    /// Bytes all sequences' caches may hold together (1GiB, 512MiB, 2GB…). A request is admitted
-    /// when its cache at prompt + max_tokens fits beside the admitted ones; it waits otherwise.
-    /// Shared codebooks are not counted against it
+    /// Bytes the caches may hold together (1GiB, 512MiB, 2GB…): the shared codebooks, counted
+    /// once, plus every admitted sequence's cache at prompt + max_tokens. A request waits until
+    /// its cache fits beside the admitted ones
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     kv_budget: u64,
     #[arg(long, default_value = "127.0.0.1")]
@@ -67,11 +67,11 @@ pub fn run(a: Args) -> Result<()> {
         a.cache,
         listener.local_addr()?,
         a.kv_budget as f64 / (1 << 20) as f64,
-        a.kv_budget / per_4k.max(1),
+        engine.sequence_budget() / per_4k.max(1),
         per_4k as f64 / (1 << 20) as f64,
         match engine.metrics().codebook_bytes.load(std::sync::atomic::Ordering::Relaxed) {
             0 => String::new(),
-            b => format!(", plus {:.1} MiB of shared codebooks", b as f64 / (1 << 20) as f64),
+            b => format!(" beside {:.1} MiB of shared codebooks", b as f64 / (1 << 20) as f64),
         }
     );
     let state = Arc::new(AppState::new(engine, model, name));
