@@ -2,29 +2,22 @@
 //! with the time split between the model's own work, attention and cache appends (encoding).
 
 use anyhow::{bail, Result};
-use kvcache::{CacheError, CacheShape, KvCache, MemoryReport, Part, Queries, Rope};
+use kvcache::hooked::{Hooked, Hooks};
+use kvcache::{CacheError, KvCache, MemoryReport, Queries};
 use llm::Model;
 use serde::{Deserialize, Serialize};
-use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-/// A cache wrapper that clocks the time spent in `append` (storing, i.e. encoding) and in
-/// `attend` (attention), so a forward pass splits into model / attention / encode.
-pub struct TimedCache {
-    inner: Box<dyn KvCache>,
+/// Clocks on a cache's `append` (storing, i.e. encoding) and `attend` (attention), so a forward
+/// pass splits into model / attention / encode.
+#[derive(Default)]
+pub struct Clocks {
     append_ns: AtomicU64,
     attend_ns: AtomicU64,
 }
 
-impl TimedCache {
-    pub fn new(inner: Box<dyn KvCache>) -> Self {
-        Self {
-            inner,
-            append_ns: AtomicU64::new(0),
-            attend_ns: AtomicU64::new(0),
-        }
-    }
+impl Clocks {
     /// (append, attend) seconds since the last call, and resets the clocks.
     pub fn take(&self) -> (f64, f64) {
         let a = self.append_ns.swap(0, Ordering::Relaxed) as f64 * 1e-9;
@@ -40,51 +33,32 @@ fn clocked<T>(clock: &AtomicU64, f: impl FnOnce() -> T) -> T {
     out
 }
 
-impl KvCache for TimedCache {
-    fn shape(&self) -> CacheShape {
-        self.inner.shape()
-    }
-    fn rope(&self, layer: usize) -> &Rope {
-        self.inner.rope(layer)
-    }
-    fn spec(&self) -> String {
-        self.inner.spec()
-    }
-    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), CacheError> {
-        clocked(&self.append_ns, || self.inner.append(layer, k, v))
-    }
-    fn len(&self, layer: usize) -> usize {
-        self.inner.len(layer)
-    }
-    fn read(
+impl Hooks for Clocks {
+    fn append(
         &self,
+        inner: &mut dyn KvCache,
         layer: usize,
-        head: usize,
-        part: Part,
-        positions: Range<usize>,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), CacheError> {
+        clocked(&self.append_ns, || inner.append(layer, k, v))
+    }
+    fn attend(
+        &self,
+        inner: &dyn KvCache,
+        layer: usize,
+        queries: &Queries,
         out: &mut [f32],
     ) -> Result<(), CacheError> {
-        self.inner.read(layer, head, part, positions, out)
+        clocked(&self.attend_ns, || inner.attend(layer, queries, out))
     }
-    fn attend(&self, layer: usize, queries: &Queries, out: &mut [f32]) -> Result<(), CacheError> {
-        clocked(&self.attend_ns, || self.inner.attend(layer, queries, out))
-    }
-    fn memory(&self) -> MemoryReport {
-        self.inner.memory()
-    }
-    fn bytes_at(&self, tokens: usize) -> u64 {
-        self.inner.bytes_at(tokens)
-    }
-    fn truncate(&mut self, len: usize) {
-        self.inner.truncate(len)
-    }
-    fn forget_before(&mut self, layer: usize, pos: usize) {
-        self.inner.forget_before(layer, pos)
-    }
-    fn box_clone(&self) -> Box<dyn KvCache> {
-        Box::new(TimedCache::new(self.inner.box_clone()))
+    fn for_copy(&self) -> Self {
+        Self::default()
     }
 }
+
+/// A cache whose append and attend are clocked.
+pub type TimedCache = Hooked<Clocks>;
 
 /// Peak resident memory of this process so far (VmHWM), where the OS reports it.
 pub fn peak_rss_bytes() -> Option<u64> {
@@ -233,7 +207,7 @@ fn measure(
         .iter()
         .map(|spec| {
             Ok(Running {
-                cache: TimedCache::new(model.new_cache(spec)?),
+                cache: Hooked::new(model.new_cache(spec)?, Clocks::default()),
                 logits: vec![],
                 prefill_s: 0.0,
                 decode_s: 0.0,
@@ -266,7 +240,7 @@ fn measure(
             run.prefill_s += t.elapsed().as_secs_f64();
         }
     }
-    runs.iter().for_each(|r| _ = r.cache.take());
+    runs.iter().for_each(|r| _ = r.cache.hooks().take());
     for step in 0..decode_steps {
         for j in 0..n {
             let run = &mut runs[(step + j) % n];
@@ -284,7 +258,7 @@ fn measure(
     Ok(runs
         .into_iter()
         .map(|run| {
-            let (encode_s, attend_s) = run.cache.take();
+            let (encode_s, attend_s) = run.cache.hooks().take();
             Measured {
                 prefill_s: run.prefill_s,
                 decode_s: run.decode_s,

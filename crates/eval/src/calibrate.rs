@@ -5,13 +5,13 @@ use crate::progress;
 use anyhow::{bail, Context, Result};
 use kvcache::codebooks::{CodebookMeta, Codebooks, LayerBooks, PartSettings};
 use kvcache::dense::F32Cache;
-use kvcache::{CacheError, CacheShape, KvCache, LayerRopes, MemoryReport, Part, Queries, Rope};
+use kvcache::hooked::{Hooked, Hooks};
+use kvcache::{CacheError, KvCache};
 use llm::Model;
 use rvq::hadamard::Hadamard;
 use rvq::train::SliceSource;
 use rvq::{Grouping, Rvq, TrainConfig, VectorLayout};
 use serde::Serialize;
-use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -64,69 +64,26 @@ pub struct CalibTimings {
 /// Captured pre-RoPE keys and values, per layer: ([tokens, kv_heads, hd], [tokens, kv_heads, hd]).
 pub type Captured = Vec<(Vec<f32>, Vec<f32>)>;
 
-/// A dense f32 cache that also records every appended K/V (per layer: [tokens, kv_heads, hd]).
+/// Records every appended K/V (per layer: [tokens, kv_heads, hd]) into a shared [`Captured`].
 #[derive(Clone)]
-pub struct CaptureCache {
-    inner: F32Cache,
-    captured: Arc<Mutex<Captured>>,
-}
+pub struct Capture(pub Arc<Mutex<Captured>>);
 
-impl CaptureCache {
-    pub fn new(shape: CacheShape, rope: Arc<LayerRopes>, captured: Arc<Mutex<Captured>>) -> Self {
-        Self {
-            inner: F32Cache::new(shape, rope),
-            captured,
-        }
-    }
-}
-
-impl KvCache for CaptureCache {
-    fn shape(&self) -> CacheShape {
-        self.inner.shape()
-    }
-    fn rope(&self, layer: usize) -> &Rope {
-        self.inner.rope(layer)
-    }
-    fn spec(&self) -> String {
-        "f32 (capturing)".into()
-    }
-    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), CacheError> {
-        self.inner.append(layer, k, v)?;
-        let mut c = self.captured.lock().expect("capture lock");
+impl Hooks for Capture {
+    fn append(
+        &self,
+        inner: &mut dyn KvCache,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), CacheError> {
+        inner.append(layer, k, v)?;
+        let mut c = self.0.lock().expect("capture lock");
         c[layer].0.extend_from_slice(k);
         c[layer].1.extend_from_slice(v);
         Ok(())
     }
-    fn len(&self, layer: usize) -> usize {
-        self.inner.len(layer)
-    }
-    fn read(
-        &self,
-        layer: usize,
-        head: usize,
-        part: Part,
-        positions: Range<usize>,
-        out: &mut [f32],
-    ) -> Result<(), CacheError> {
-        self.inner.read(layer, head, part, positions, out)
-    }
-    fn attend(&self, layer: usize, q: &Queries, out: &mut [f32]) -> Result<(), CacheError> {
-        self.inner.attend(layer, q, out)
-    }
-    fn memory(&self) -> MemoryReport {
-        self.inner.memory()
-    }
-    fn bytes_at(&self, tokens: usize) -> u64 {
-        self.inner.bytes_at(tokens)
-    }
-    fn truncate(&mut self, len: usize) {
-        self.inner.truncate(len)
-    }
-    fn forget_before(&mut self, layer: usize, pos: usize) {
-        self.inner.forget_before(layer, pos)
-    }
-    fn box_clone(&self) -> Box<dyn KvCache> {
-        Box::new(self.clone())
+    fn for_copy(&self) -> Self {
+        self.clone()
     }
 }
 
@@ -143,7 +100,8 @@ pub fn capture(model: &Model, tokens: &[u32], ctx: usize, quiet: bool) -> Result
     let pb = progress::bar(tokens.len() as u64, "tok", quiet);
     pb.set_message("capturing K/V");
     for window in tokens.chunks(ctx) {
-        let mut cache = CaptureCache::new(shape, model.net.ropes().clone(), captured.clone());
+        let f32_cache = F32Cache::new(shape, model.net.ropes().clone());
+        let mut cache = Hooked::new(Box::new(f32_cache), Capture(captured.clone()));
         model.forward(window, 0, &mut cache, Some(1))?;
         pb.inc(window.len() as u64);
     }

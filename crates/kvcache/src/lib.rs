@@ -10,6 +10,7 @@ pub mod attention;
 pub mod codebooks;
 pub mod dense;
 pub mod dense_fused;
+pub mod hooked;
 pub mod rope;
 pub mod rvq_attention;
 pub mod rvq_cache;

@@ -2,11 +2,11 @@
 
 use eval::generate::{generate, Sampling};
 use futures_util::StreamExt;
-use kvcache::{CacheError, CacheShape, KvCache, MemoryReport, Part, Queries, Rope};
+use kvcache::hooked::{Hooked, Hooks};
+use kvcache::{CacheError, KvCache};
 use llm::Model;
 use serde_json::{json, Value};
 use serve::{AppState, Engine, EngineConfig};
-use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -657,77 +657,31 @@ async fn bad_requests_get_400_naming_the_field_and_the_server_goes_on() {
     server.shutdown().await;
 }
 
-/// An f16 cache that panics once a layer would hold `limit` positions: a stand-in for a bug that
-/// only one request's input reaches.
-struct PanicsPast {
-    inner: Box<dyn KvCache>,
-    limit: usize,
-}
+/// Panics once a layer would hold `limit` positions: a stand-in for a bug that only one
+/// request's input reaches.
+struct PanicsPast(usize);
 
-impl KvCache for PanicsPast {
-    fn shape(&self) -> CacheShape {
-        self.inner.shape()
-    }
-    fn rope(&self, layer: usize) -> &Rope {
-        self.inner.rope(layer)
-    }
-    fn spec(&self) -> String {
-        self.inner.spec()
-    }
-    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), CacheError> {
-        let row = self.shape().kv_heads * self.shape().head_dim;
-        assert!(
-            self.len(layer) + k.len() / row < self.limit,
-            "injected fault"
-        );
-        self.inner.append(layer, k, v)
-    }
-    fn len(&self, layer: usize) -> usize {
-        self.inner.len(layer)
-    }
-    fn read(
+impl Hooks for PanicsPast {
+    fn append(
         &self,
+        inner: &mut dyn KvCache,
         layer: usize,
-        head: usize,
-        part: Part,
-        positions: Range<usize>,
-        out: &mut [f32],
+        k: &[f32],
+        v: &[f32],
     ) -> Result<(), CacheError> {
-        self.inner.read(layer, head, part, positions, out)
+        let row = inner.shape().kv_heads * inner.shape().head_dim;
+        assert!(inner.len(layer) + k.len() / row < self.0, "injected fault");
+        inner.append(layer, k, v)
     }
-    fn attend(&self, layer: usize, q: &Queries, out: &mut [f32]) -> Result<(), CacheError> {
-        self.inner.attend(layer, q, out)
-    }
-    fn memory(&self) -> MemoryReport {
-        self.inner.memory()
-    }
-    fn bytes_at(&self, tokens: usize) -> u64 {
-        self.inner.bytes_at(tokens)
-    }
-    fn truncate(&mut self, len: usize) {
-        self.inner.truncate(len)
-    }
-    fn box_clone(&self) -> Box<dyn KvCache> {
-        Box::new(self.clone())
-    }
-}
-
-impl Clone for PanicsPast {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.box_clone(),
-            limit: self.limit,
-        }
+    fn for_copy(&self) -> Self {
+        PanicsPast(self.0)
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_panics_fails_alone() {
     let model = model();
-    let template = Box::new(PanicsPast {
-        inner: model.new_cache("f16").unwrap(),
-        limit: 40,
-    });
+    let template = Box::new(Hooked::new(model.new_cache("f16").unwrap(), PanicsPast(40)));
     let engine = Engine::start_with_cache(model.clone(), config("f16"), template).unwrap();
     let server = Arc::new(Server::with_engine(engine).await);
     let doomed = greedy(
