@@ -18,6 +18,8 @@ pub struct CompareOptions {
     pub tasks: Vec<(String, std::path::PathBuf)>,
     /// Items per task (all when `None`).
     pub task_limit: Option<usize>,
+    /// Also the KL divergence of each cache's next-token distribution from f16's.
+    pub kld: bool,
     pub quiet: bool,
 }
 
@@ -50,6 +52,9 @@ pub struct CompareRow {
     pub tokens_per_s: f64,
     /// Multiple-choice accuracy per task (measured once per cache, on the first context's row).
     pub tasks: Vec<TaskScore>,
+    /// KL divergence from f16 on the same tokens (`--kld`; none for f16 itself).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kld: Option<crate::kld::Kld>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -95,11 +100,19 @@ pub fn compare(
             protocol: opts.protocol,
             quiet: opts.quiet,
         };
+        let mut klds = if opts.kld {
+            crate::kld::kl_divergence(model, tokens, REFERENCE, &specs[1..], &ppl_opts)?
+        } else {
+            vec![]
+        };
         let mut reference: Option<f64> = None;
         for spec in &specs {
             let r = perplexity(model, tokens, spec, &ppl_opts)?;
             let base = *reference.get_or_insert(r.ppl);
             let mut row = row_of(&r, base);
+            if let Some(at) = klds.iter().position(|k| &k.cache == spec) {
+                row.kld = Some(klds.swap_remove(at));
+            }
             if ctx == opts.contexts[0] {
                 for (task, file) in &opts.tasks {
                     let m =
@@ -132,6 +145,7 @@ fn row_of(r: &PplResult, reference_ppl: f64) -> CompareRow {
         fixed_bytes: r.memory.fixed_bytes,
         tokens_per_s: r.tokens_per_s,
         tasks: vec![],
+        kld: None,
     }
 }
 
@@ -174,12 +188,16 @@ impl CompareReport {
                 }
                 v
             });
+        let kld = self.rows.iter().any(|r| r.kld.is_some());
         s += "| cache | ctx | PPL | Δ vs f16 | bits/element | × vs f16 | cache bytes at ctx | fixed bytes |";
+        if kld {
+            s += " KLD vs f16: mean / p99 | same top token |";
+        }
         for t in &tasks {
             s += &format!(" {t} acc / acc_norm |");
         }
         s += "\n|---|---:|---:|---:|---:|---:|---:|---:|";
-        s += &"---:|".repeat(tasks.len());
+        s += &"---:|".repeat(tasks.len() + 2 * usize::from(kld));
         s += "\n";
         for r in &self.rows {
             s += &format!(
@@ -194,6 +212,18 @@ impl CompareReport {
                 r.cache_bytes,
                 r.fixed_bytes
             );
+            match (&r.kld, kld) {
+                (Some(k), _) => {
+                    s += &format!(
+                        " {:.5} / {:.4} | {:.2}% |",
+                        k.mean,
+                        k.p99,
+                        100.0 * k.same_top
+                    )
+                }
+                (None, true) => s += " — | — |",
+                (None, false) => {}
+            }
             for i in 0..tasks.len() {
                 match r.tasks.get(i) {
                     Some(t) => s += &format!(" {:.4} / {:.4} |", t.acc, t.acc_norm),
@@ -243,6 +273,7 @@ pub(crate) fn test_row(spec: &str, ctx: usize, bits: f64, delta: f64) -> Compare
         fixed_bytes: 0,
         tokens_per_s: 0.0,
         tasks: vec![],
+        kld: None,
     }
 }
 

@@ -6,6 +6,7 @@ pub mod calibrate;
 pub mod codec_bench;
 pub mod compare;
 pub mod generate;
+pub mod kld;
 pub mod mc;
 pub mod plot;
 pub mod ppl;

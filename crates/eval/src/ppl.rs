@@ -57,8 +57,11 @@ pub struct PplResult {
     pub compression: Compression,
 }
 
-/// The (start, len, first scored row) of each window over `n` tokens.
-pub fn windows(n: usize, ctx: usize, protocol: Protocol) -> Vec<(usize, usize, usize)> {
+/// A window of the text: (start, length, first scored row).
+pub type Window = (usize, usize, usize);
+
+/// The windows over `n` tokens.
+pub fn windows(n: usize, ctx: usize, protocol: Protocol) -> Vec<Window> {
     match protocol {
         Protocol::Windows => (0..n)
             .step_by(ctx)
@@ -69,12 +72,13 @@ pub fn windows(n: usize, ctx: usize, protocol: Protocol) -> Vec<(usize, usize, u
     }
 }
 
-pub fn perplexity(
+/// The windows `opts` cuts from `tokens`, checked: the tokens used, and each window's (start,
+/// length, first scored row).
+pub(crate) fn checked_plan<'a>(
     model: &Model,
-    tokens: &[u32],
-    spec: &str,
+    tokens: &'a [u32],
     opts: &PplOptions,
-) -> Result<PplResult> {
+) -> Result<(&'a [u32], Vec<Window>)> {
     let ctx = opts.ctx;
     if ctx < 2 {
         bail!("--ctx {ctx} is too small: at least 2 tokens are needed to score one");
@@ -99,7 +103,37 @@ pub fn perplexity(
     if plan.is_empty() {
         bail!("{} tokens do not fill one window of --ctx {ctx} (llama.cpp protocol needs whole chunks)", tokens.len());
     }
-    let bos = model.tokenizer.bos.filter(|_| model.tokenizer.add_bos);
+    if plan.iter().all(|&(_, len, first)| len - first < 2) {
+        bail!("no token scored: --ctx {ctx} leaves no predicted token in a window under this protocol");
+    }
+    Ok((tokens, plan))
+}
+
+/// The tokens of window (`start`, `len`): under the llama.cpp protocol its first token is BOS
+/// when the model adds one.
+pub(crate) fn window_tokens(
+    model: &Model,
+    tokens: &[u32],
+    (start, len): (usize, usize),
+    protocol: Protocol,
+) -> Vec<u32> {
+    let mut window = tokens[start..start + len].to_vec();
+    if protocol == Protocol::LlamaCpp {
+        if let Some(b) = model.tokenizer.bos.filter(|_| model.tokenizer.add_bos) {
+            window[0] = b;
+        }
+    }
+    window
+}
+
+pub fn perplexity(
+    model: &Model,
+    tokens: &[u32],
+    spec: &str,
+    opts: &PplOptions,
+) -> Result<PplResult> {
+    let ctx = opts.ctx;
+    let (tokens, plan) = checked_plan(model, tokens, opts)?;
     let total: usize = plan.iter().map(|w| w.1).sum();
     let pb = progress::bar(total as u64, "tok", opts.quiet);
     pb.set_message(format!("ppl {spec}"));
@@ -110,12 +144,7 @@ pub fn perplexity(
     let mut memory = MemoryReport::default();
     let mut last_len = 0;
     for &(s, len, first) in &plan {
-        let mut window = tokens[s..s + len].to_vec();
-        if opts.protocol == Protocol::LlamaCpp {
-            if let Some(b) = bos {
-                window[0] = b;
-            }
-        }
+        let window = window_tokens(model, tokens, (s, len), opts.protocol);
         cache.truncate(0); // every window starts from an empty cache
                            // Logits of rows first..len-1 predict tokens first+1..len.
         let rows = len - first;

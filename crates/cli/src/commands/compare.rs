@@ -52,6 +52,11 @@ pub struct Args {
     /// Write the markdown table here (it is also printed)
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Also the KL divergence of each cache's next-token distribution from f16's on the same
+    /// tokens (mean, 99th percentile, same top token), as `llama-perplexity --kl-divergence`;
+    /// one more pass of f16 and of each cache
+    #[arg(long)]
+    kld: bool,
     /// Write the SVG plot of Δ PPL vs bits/element here
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -99,6 +104,7 @@ pub fn run(a: Args) -> Result<()> {
         protocol: a.protocol,
         tasks,
         task_limit: a.task_limit,
+        kld: a.kld,
         quiet: false,
     };
     let rows = compare(&model, &tokens, &opts, |r| {

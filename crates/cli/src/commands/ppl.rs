@@ -26,6 +26,11 @@ pub struct Args {
     /// windows: score every token after the first of each window; llama.cpp: as llama-perplexity
     #[arg(long, default_value = "windows")]
     protocol: Protocol,
+    /// Also the KL divergence of the cache's next-token distribution from this reference
+    /// cache's on the same tokens (mean, median, 99th percentile, same top token), as
+    /// `llama-perplexity --kl-divergence`
+    #[arg(long, value_name = "REFERENCE", num_args = 0..=1, default_missing_value = "f16")]
+    kld: Option<String>,
     /// Print one JSON object on stdout
     #[arg(long)]
     json: bool,
@@ -35,6 +40,9 @@ pub fn run(a: Args) -> Result<()> {
     let model = a.model.load()?;
     // The spec is checked before the text is read and tokenized (a second or two).
     model.new_cache(&a.cache)?;
+    if let Some(reference) = &a.kld {
+        model.new_cache(reference)?;
+    }
     let text = eval::text::read_text(&eval_text(&a.text)?)?;
     let tokens = model.tokenizer.encode(&text, true)?;
     let opts = PplOptions {
@@ -44,8 +52,31 @@ pub fn run(a: Args) -> Result<()> {
         quiet: false,
     };
     let r = perplexity(&model, &tokens, &a.cache, &opts)?;
+    let kld = match &a.kld {
+        Some(reference) => Some(
+            eval::kld::kl_divergence(
+                &model,
+                &tokens,
+                reference,
+                std::slice::from_ref(&a.cache),
+                &opts,
+            )?
+            .remove(0),
+        ),
+        None => None,
+    };
     if a.json {
-        return print_json(&r);
+        let mut v = serde_json::to_value(&r)?;
+        if let Some(k) = &kld {
+            v["kld"] = serde_json::to_value(k)?;
+        }
+        return print_json(&v);
+    }
+    if let Some(k) = &kld {
+        eprintln!(
+            "{}: KL divergence from {} = {:.6} ± {:.6} nats/token (median {:.6}, p99 {:.5}, max {:.4}); same top token {:.2}%",
+            k.cache, k.reference, k.mean, k.stderr, k.median, k.p99, k.max, 100.0 * k.same_top
+        );
     }
     eprintln!(
         "{}: PPL = {:.4} ± {:.4} ({} tokens scored in {} windows of {}, protocol {:?}; {:.1} tokens/s)\n  cache: {}",
