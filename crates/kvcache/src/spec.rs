@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 /// Every spec form this build understands, for help texts and errors.
 pub const KNOWN_SPECS: &str = "f32, f16, q8_0|q4_0|int8|fp8[,rot][,post-rope], \
+     tq:2|2.5|3|3.5|4[,post-rope], \
      kivi2|kivi4[,group=G][,residual=R][,post-rope], \
      rvq:FILE.safetensors[,sinks=S][,recent=W][,beam=B][,only=k|v][,stages=K][,values=auto|fused|histogram|decode][,keys=fused|decode][,encode=books|lanes][,books=i8|f16|f32]";
 
@@ -57,12 +58,23 @@ pub fn build(spec: &str, config: &CacheConfig) -> Result<Box<dyn KvCache>, Cache
         }
         other => match ScalarFormat::parse(other) {
             Some(format) => {
-                let form = parse_scalar_options(options, shape.head_dim, |key, _| {
-                    Err(format!(
-                        "unknown {other} option '{key}' (known: rot, post-rope)"
-                    ))
+                let known = if format.needs_rotation() {
+                    "post-rope"
+                } else {
+                    "rot, post-rope"
+                };
+                let mut form = parse_scalar_options(options, shape.head_dim, |key, _| {
+                    Err(format!("unknown {other} option '{key}' (known: {known})"))
                 })
                 .map_err(err)?;
+                if format.needs_rotation() {
+                    // The whole head vector, one Walsh-Hadamard transform (`check` wants a
+                    // power of two).
+                    format.check(shape.head_dim).map_err(err)?;
+                    let whole = crate::hadamard::Hadamard::largest_block(shape.head_dim);
+                    form.key_rotation = whole;
+                    form.value_rotation = whole;
+                }
                 Box::new(BlockCache::new(shape, rope, format, form).map_err(err)?)
             }
             None => {
@@ -248,9 +260,15 @@ mod tests {
             "fp8",
             "kivi2,group=32,residual=32",
             "kivi4,group=16,residual=64,post-rope",
+            "tq:2",
+            "tq:2.5",
+            "tq:3",
+            "tq:3.5,post-rope",
+            "tq:4",
         ] {
             assert_eq!(build(spec, &config).unwrap().spec(), spec);
         }
+        assert_eq!(build("tq:3,rot", &config).unwrap().spec(), "tq:3");
         assert_eq!(
             build("kivi2", &config).unwrap().spec(),
             "kivi2,group=32,residual=32"
@@ -261,6 +279,8 @@ mod tests {
             ("kivi2,residual=-1", "residual=-1: not a whole number"),
             ("kivi4,residual=40", "multiple of group"),
             ("f16,rot", "f16 takes no options"),
+            ("tq:5", "unknown cache type 'tq:5'"),
+            ("tq:3,qjl", "unknown tq:3 option 'qjl' (known: post-rope)"),
         ] {
             let e = build(spec, &config).err().unwrap().to_string();
             assert!(e.contains(needle), "{spec}: {e}");

@@ -52,7 +52,13 @@ impl KvCache for BlockCache {
         self.rope.layer(layer)
     }
     fn spec(&self) -> String {
-        format!("{}{}", self.format.name(), self.form.spec_suffix())
+        let suffix = self.form.spec_suffix();
+        // TurboQuant's rotation is part of the format, not an option.
+        let suffix = match self.format.needs_rotation() {
+            true => suffix.replace(",rot", ""),
+            false => suffix,
+        };
+        format!("{}{suffix}", self.format.name())
     }
 
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), CacheError> {

@@ -1,5 +1,6 @@
 //! Scalar formats for one head vector at a time: llama.cpp's `q8_0`/`q4_0` blocks, per-vector
-//! absmax `int8`, and `fp8` (E4M3 with a per-vector scale, like vLLM's fp8 cache).
+//! absmax `int8`, `fp8` (E4M3 with a per-vector scale, like vLLM's fp8 cache), and TurboQuant's
+//! norm plus Lloyd-Max coordinates (`tq:B`, [`super::turbo`]).
 
 use float8::F8E4M3;
 use half::f16;
@@ -21,6 +22,9 @@ pub enum ScalarFormat {
     Int8,
     /// One f16 scale per head vector, E4M3 of x/d with d = absmax/448.
     Fp8,
+    /// TurboQuant: an f16 norm per (rotated) head vector and each coordinate by the Lloyd-Max
+    /// quantizer of a sphere coordinate, at this many half bits (4 = 2 bits … 8 = 4 bits).
+    Turbo(u8),
 }
 
 impl ScalarFormat {
@@ -30,13 +34,29 @@ impl ScalarFormat {
             ScalarFormat::Q4_0 => "q4_0",
             ScalarFormat::Int8 => "int8",
             ScalarFormat::Fp8 => "fp8",
+            ScalarFormat::Turbo(4) => "tq:2",
+            ScalarFormat::Turbo(5) => "tq:2.5",
+            ScalarFormat::Turbo(6) => "tq:3",
+            ScalarFormat::Turbo(7) => "tq:3.5",
+            ScalarFormat::Turbo(_) => "tq:4",
         }
     }
 
-    pub fn parse(name: &str) -> Option<Self> {
+    /// Every format, for parsing and listing.
+    pub fn all() -> impl Iterator<Item = Self> {
         [Self::Q8_0, Self::Q4_0, Self::Int8, Self::Fp8]
             .into_iter()
-            .find(|f| f.name() == name)
+            .chain(super::turbo::HALF_BITS.map(Self::Turbo))
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::all().find(|f| f.name() == name)
+    }
+
+    /// Whether the format assumes its vectors rotated (TurboQuant's coordinates follow a known
+    /// distribution only after a rotation).
+    pub fn needs_rotation(self) -> bool {
+        matches!(self, ScalarFormat::Turbo(_))
     }
 
     /// Why this format cannot store head vectors of length `hd`, if it cannot.
@@ -47,6 +67,10 @@ impl ScalarFormat {
                 self.name()
             )),
             _ if hd == 0 => Err("head_dim is 0".into()),
+            ScalarFormat::Turbo(_) if !hd.is_power_of_two() => Err(format!(
+                "{} rotates whole head vectors by a Walsh-Hadamard transform: head_dim must be a power of two, got {hd}",
+                self.name()
+            )),
             _ => Ok(()),
         }
     }
@@ -57,6 +81,7 @@ impl ScalarFormat {
             ScalarFormat::Q8_0 => hd / QK * (SCALE_BYTES + QK),
             ScalarFormat::Q4_0 => hd / QK * (SCALE_BYTES + QK / 2),
             ScalarFormat::Int8 | ScalarFormat::Fp8 => SCALE_BYTES + hd,
+            ScalarFormat::Turbo(half_bits) => super::turbo::row_bytes_of(hd, half_bits),
         }
     }
 
@@ -81,6 +106,7 @@ impl ScalarFormat {
             }
             ScalarFormat::Int8 => encode_int8(x, out),
             ScalarFormat::Fp8 => encode_fp8(x, out),
+            ScalarFormat::Turbo(half_bits) => super::turbo::encode(x, half_bits, out),
         }
     }
 
@@ -90,6 +116,7 @@ impl ScalarFormat {
             ScalarFormat::Q8_0 => (QK, QK),
             ScalarFormat::Q4_0 => (QK, QK / 2),
             ScalarFormat::Int8 | ScalarFormat::Fp8 => (out.len(), out.len()),
+            ScalarFormat::Turbo(half_bits) => return super::turbo::decode(bytes, half_bits, out),
         };
         for (b, out) in bytes
             .chunks_exact(SCALE_BYTES + payload)
@@ -114,6 +141,7 @@ impl ScalarFormat {
                         *o = F8E4M3::from_bits(q).to_f32() * d;
                     }
                 }
+                ScalarFormat::Turbo(_) => unreachable!("decoded above"),
             }
         }
     }
@@ -265,6 +293,8 @@ mod tests {
                         nearest * d
                     }));
                 }
+                // Checked against its own slow reference in `turbo.rs`.
+                ScalarFormat::Turbo(_) => unreachable!("not a format this reference covers"),
             }
         }
         out

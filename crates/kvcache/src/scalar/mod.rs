@@ -5,6 +5,7 @@
 pub mod block_cache;
 pub mod formats;
 pub mod kivi;
+pub mod turbo;
 
 pub use block_cache::BlockCache;
 pub use formats::ScalarFormat;
