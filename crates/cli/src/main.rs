@@ -19,6 +19,8 @@ use clap::{Parser, Subcommand};
         \x20 q8_0, q4_0[,rot][,post-rope]  llama.cpp's block formats (8.5 / 4.5 bits); rot = its\n\
         \x20                              Hadamard rotation, post-rope = keys stored after RoPE\n\
         \x20 int8, fp8[,rot][,post-rope]   per-head-vector absmax int8 / E4M3 with an f16 scale\n\
+        \x20 tq:2|2.5|3|3.5|4[,post-rope]  TurboQuant: Hadamard-rotated head vector, f16 norm, each\n\
+        \x20                              coordinate by the sphere's Lloyd-Max quantizer (B bits)\n\
         \x20 kivi2, kivi4[,group=G][,residual=R][,post-rope]  KIVI: keys per channel, values per\n\
         \x20                              token, last R tokens in f16 (defaults G=32, R=32)\n\
         \x20 rvq:FILE.safetensors[,opts]  codes from `rvq-kv calibrate`; opts: sinks=S and recent=W\n\
