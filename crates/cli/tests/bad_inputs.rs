@@ -413,10 +413,10 @@ const CATALOGUE: &[Row] = &[
     ),
     row("ppl --protocol nonsense", 2, "nonsense"),
     row("ppl --weights bf8", 2, "bf8"),
-    row(
+    leaves_nothing(
         "calibrate --ctx 0 --tokens 2048 -C 256 --out {new.safetensors}",
-        1,
         "--ctx 0",
+        "new.safetensors",
     ),
     row("calibrate -C 1 --out {new.safetensors}", 1, "C = 1"),
     row("calibrate -d 48 --out {new.safetensors}", 1, "must divide"),
