@@ -2,7 +2,7 @@
 # The paper's ablations and what it did not try, as one reproducible run:
 #   1. calibrates one codebook file per training-time variant (skipped when the file exists),
 #   2. runs every cache through `rvq-kv compare` on the same sotu-eval tokens at ctx 512 and 2048,
-#   3. writes docs/ablation.md (table) and docs/ablation.svg (Δ PPL vs bits/element).
+#   3. writes docs/data/ablation.md (table) and docs/data/ablation.svg (Δ PPL vs bits/element).
 # Depth K is ablated by reading the first K stages of the 8-stage paper codebooks (`stages=K`):
 # training is stage by stage, so they are exactly what a K-stage calibration learns.
 # Usage: scripts/ablation.sh [max-tokens] [contexts]   (defaults 16384 and 512,2048: about 3 hours
@@ -46,5 +46,5 @@ P="$BOOKS/paper.safetensors"
   --rvq "$P,sinks=4" --rvq "$P,recent=32" --rvq "$P,sinks=4,recent=32" \
   --rvq "$BOOKS/rotate.safetensors" \
   --ctx "$CONTEXTS" --max-tokens "$TOKENS" --protocol llama.cpp \
-  --report docs/ablation.md --plot docs/ablation.svg --json > docs/ablation.json
-echo "ablation: wrote docs/ablation.md, docs/ablation.svg, docs/ablation.json" >&2
+  --report docs/data/ablation.md --plot docs/data/ablation.svg --json > docs/data/ablation.json
+echo "ablation: wrote docs/data/ablation.md, docs/data/ablation.svg, docs/data/ablation.json" >&2
