@@ -90,6 +90,8 @@ struct Shared {
     /// An empty cache of the configured spec: new sequences are copies of it, sharing its
     /// codebooks; it also prices a sequence before admission.
     template: Box<dyn KvCache>,
+    /// The KV budget less the shared codebooks: what sequences' own bytes may add up to.
+    sequence_budget: u64,
     config: EngineConfig,
     metrics: Arc<Metrics>,
 }
@@ -140,6 +142,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             model,
             template,
+            sequence_budget: config.kv_budget - codebooks,
             config,
             metrics,
         });
@@ -185,7 +188,7 @@ impl Engine {
 
     /// The budget left for sequences once the shared codebooks are counted.
     pub fn sequence_budget(&self) -> u64 {
-        self.shared.config.kv_budget - self.shared.template.memory().fixed_bytes
+        self.shared.sequence_budget
     }
 
     /// Queues a request; it is refused at once if it could never fit the budget, or if the queue
@@ -334,7 +337,7 @@ impl Scheduler {
     /// Admits waiting requests in arrival order while their full-length caches fit the budget.
     fn admit(&mut self) {
         let config = &self.shared.config;
-        let budget = config.kv_budget - self.shared.template.memory().fixed_bytes;
+        let budget = self.shared.sequence_budget;
         let mut reserved: u64 = self.active.iter().map(|a| a.reserved).sum();
         while let Some(job) = self.waiting.front() {
             let need = self
@@ -363,11 +366,7 @@ impl Scheduler {
                 rng,
             });
         }
-        let m = self.metrics();
-        let n = self.active.len() as u64;
-        m.active.store(n, Ordering::Relaxed);
-        m.peak_active.fetch_max(n, Ordering::Relaxed);
-        m.kv_bytes_reserved.store(reserved, Ordering::Relaxed);
+        self.publish_memory();
     }
 
     /// One token of every decoding sequence, as one batch.
@@ -522,22 +521,23 @@ impl Scheduler {
         if !at_stop_string && !rest.is_empty() {
             let _ = a.job.events.send(Event::Text(rest));
         }
+        // Counted before the client hears of it, so /metrics never lags a finished response.
+        Metrics::add(&self.shared.metrics.requests_finished, 1);
         let _ = a.job.events.send(Event::Done(Finish {
             reason,
             prompt_tokens: a.job.prompt.len(),
             completion_tokens: a.generated,
         }));
-        Metrics::add(&self.shared.metrics.requests_finished, 1);
         true
     }
 
     /// Tells sequence `i`'s client it failed (it is removed by the caller).
     fn notify_failure(&mut self, i: usize, message: &str) {
+        Metrics::add(&self.shared.metrics.requests_failed, 1);
         let _ = self.active[i]
             .job
             .events
             .send(Event::Failed(message.to_string()));
-        Metrics::add(&self.shared.metrics.requests_failed, 1);
     }
 
     fn remove(&mut self, which: &[usize]) {
@@ -549,17 +549,20 @@ impl Scheduler {
             index += 1;
             !which.contains(&(index - 1))
         });
-        let reserved = self.active.iter().map(|a| a.reserved).sum();
-        let m = self.metrics();
-        m.active.store(self.active.len() as u64, Ordering::Relaxed);
-        m.kv_bytes_reserved.store(reserved, Ordering::Relaxed);
+        self.publish_memory();
     }
 
+    /// Publishes the active sequences and their bytes; the count goes last, so a reader that
+    /// sees it change also sees the bytes that go with it.
     fn publish_memory(&self) {
-        let bytes = self.active.iter().map(|a| a.cache.memory().bytes).sum();
-        self.metrics()
-            .kv_bytes_in_use
-            .store(bytes, Ordering::Relaxed);
+        let m = self.metrics();
+        let in_use = self.active.iter().map(|a| a.cache.memory().bytes).sum();
+        let reserved = self.active.iter().map(|a| a.reserved).sum();
+        m.kv_bytes_in_use.store(in_use, Ordering::Release);
+        m.kv_bytes_reserved.store(reserved, Ordering::Release);
+        let n = self.active.len() as u64;
+        m.peak_active.fetch_max(n, Ordering::Relaxed);
+        m.active.store(n, Ordering::Release);
     }
 }
 

@@ -37,11 +37,11 @@ impl Metrics {
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+        counter.fetch_add(n, Ordering::Release);
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+        counter.load(Ordering::Acquire)
     }
 
     /// Prometheus text exposition format, version 0.0.4.
