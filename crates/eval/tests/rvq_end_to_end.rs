@@ -6,7 +6,7 @@ use common::{eval_tokens, home, model, small_calib_config};
 use eval::calibrate::calibrate;
 use eval::ppl::{perplexity, PplOptions, Protocol};
 use kvcache::codebooks::Codebooks;
-use kvcache::rvq_cache::{BookPrecision, KeyPath, RvqCache, RvqOptions, ValuePath};
+use kvcache::rvq::{BookPrecision, KeyPath, RvqCache, RvqOptions, ValuePath};
 use rvq::rng::SplitMix64;
 use rvq::Rvq;
 

@@ -4,7 +4,7 @@
 //! 9 query heads). The model's own per-token work is not included: see `rvq-kv bench` for that.
 use kvcache::codebooks::{CodebookMeta, Codebooks, LayerBooks, PartSettings};
 use kvcache::dense::{F16Cache, F32Cache};
-use kvcache::rvq_cache::{BookPrecision, RvqCache, RvqOptions, ValuePath};
+use kvcache::rvq::{BookPrecision, KernelPaths, RvqCache, RvqOptions, ValuePath};
 use kvcache::{CacheShape, KvCache, ModelIdentity, Queries, Rope, RopeLayout};
 use rvq::rng::SplitMix64;
 use rvq::{Grouping, Rvq};
@@ -73,16 +73,22 @@ fn main() {
         ("f16", Box::new(F16Cache::new(shape, rope.clone()))),
         ("rvq", rvq_cache(RvqOptions::default())),
         (
-            "rvq,values=histogram",
+            "rvq, histogram values",
             rvq_cache(RvqOptions {
-                values: ValuePath::Histogram,
+                paths: KernelPaths {
+                    values: ValuePath::Histogram,
+                    ..KernelPaths::default()
+                },
                 ..RvqOptions::default()
             }),
         ),
         (
-            "rvq,values=fused",
+            "rvq, fused values",
             rvq_cache(RvqOptions {
-                values: ValuePath::Fused,
+                paths: KernelPaths {
+                    values: ValuePath::Fused,
+                    ..KernelPaths::default()
+                },
                 ..RvqOptions::default()
             }),
         ),

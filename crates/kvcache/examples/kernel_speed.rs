@@ -2,7 +2,7 @@
 //! steps of the histogram value path), single thread, ns per key:
 //! `cargo run --release -p kvcache --example kernel_speed -- [context] [reps]` (`SIZE=` codebook size).
 use kvcache::rope::{Rope, RopeLayout};
-use kvcache::rvq_attention::{
+use kvcache::rvq::kernels::{
     fused_key_scores, fused_value_sums, histogram_len, histograms_times_codebooks, value_histograms,
 };
 use rvq::rng::SplitMix64;

@@ -77,7 +77,7 @@ pub fn check_queries<C: KvCache + ?Sized>(
 /// are used, instead of materialising the whole context densely.
 pub const KEY_BLOCK: usize = 256;
 
-/// Query rows of a decode step that the fused kernels ([`crate::rvq_attention`],
+/// Query rows of a decode step that the fused kernels ([`crate::rvq::kernels`],
 /// [`crate::dense_fused`]) score in registers.
 pub const FUSED_ROWS: usize = 8;
 

@@ -4,7 +4,7 @@
 //! rotates it in memory and multiplies; for a decode step's few query rows that is mostly
 //! copies. Here each key is converted, rotated by RoPE and dotted with every row while it is
 //! in registers, and each value is added with each row's weight as it is loaded — the same
-//! treatment the RVQ cache's codes get ([`crate::rvq_attention`]), so the two compare fairly.
+//! treatment the RVQ cache's codes get ([`crate::rvq::kernels`]), so the two compare fairly.
 //! Written once against [`F32x16`] ([`rvq::dispatch16!`]): every level gives the same bits,
 //! and the rotation is [`Rope::rotate`]'s arithmetic exactly.
 

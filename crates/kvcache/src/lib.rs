@@ -12,17 +12,16 @@ pub mod dense;
 pub mod dense_fused;
 pub mod hooked;
 pub mod rope;
-pub mod rvq_attention;
-pub mod rvq_cache;
+pub mod rvq;
 pub mod scalar;
 pub mod spec;
 
 use std::ops::Range;
 use std::sync::Arc;
 
+pub use ::rvq::hadamard;
 pub use attention::Queries;
 pub use rope::{GroupRope, LayerRopes, Rope, RopeLayout};
-pub use rvq::hadamard;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {

@@ -2,17 +2,41 @@
 
 use crate::codebooks::Codebooks;
 use crate::dense::{F16Cache, F32Cache};
-use crate::rvq_cache::{prepare_quantizer, RvqCache, RvqOptions};
+use crate::rvq::{options, prepare_quantizer, RvqCache, RvqOptions};
 use crate::scalar::{BlockCache, KiviCache, KiviOptions, ScalarFormat, StoredForm};
 use crate::{CacheConfig, CacheError, KvCache};
 use std::path::Path;
 use std::sync::Arc;
 
+/// The spec forms of the scalar caches, for help texts and errors.
+const SCALAR_FORMS: &str = "f32, f16, q8_0|q4_0|int8|fp8[,rot][,post-rope], \
+     tq:2|2.5|3|3.5|4[,post-rope], kivi2|kivi4[,group=G][,residual=R][,post-rope]";
+
+/// What each scalar cache is, for `--help` (the RVQ options come from their declaration).
+const SCALAR_HELP: &str = "  f32, f16                      dense (f16 = llama.cpp's default cache)
+  q8_0, q4_0[,rot][,post-rope]  llama.cpp's block formats (8.5 / 4.5 bits); rot = its Hadamard
+                                rotation, post-rope = keys stored after RoPE
+  int8, fp8[,rot][,post-rope]   per-head-vector absmax int8 / E4M3 with an f16 scale
+  tq:2|2.5|3|3.5|4[,post-rope]  TurboQuant: Hadamard-rotated head vector, f16 norm, each
+                                coordinate by the sphere's Lloyd-Max quantizer (B bits)
+  kivi2, kivi4[,group=G][,residual=R][,post-rope]
+                                KIVI: keys per channel, values per token, the last R tokens in
+                                f16 (defaults G=32, R=32)
+";
+
 /// Every spec form this build understands, for help texts and errors.
-pub const KNOWN_SPECS: &str = "f32, f16, q8_0|q4_0|int8|fp8[,rot][,post-rope], \
-     tq:2|2.5|3|3.5|4[,post-rope], \
-     kivi2|kivi4[,group=G][,residual=R][,post-rope], \
-     rvq:FILE.safetensors[,sinks=S][,recent=W][,beam=B][,only=k|v][,stages=K][,values=auto|fused|histogram|decode][,keys=fused|decode][,encode=books|lanes][,books=i8|f16|f32]";
+pub fn known_specs() -> String {
+    format!("{SCALAR_FORMS}, {}", options::spec_form())
+}
+
+/// The cache specs explained, for `--help`.
+pub fn help() -> String {
+    format!(
+        "{SCALAR_HELP}  {}\n                                codes from `rvq-kv calibrate`; options:\n{}",
+        options::spec_form(),
+        options::help(4, 96)
+    )
+}
 
 /// The scalar baselines `compare` runs by default, best quality first.
 pub const SCALAR_BASELINES: [&str; 6] = ["q8_0", "int8", "fp8", "q4_0", "kivi4", "kivi2"];
@@ -79,7 +103,8 @@ pub fn build(spec: &str, config: &CacheConfig) -> Result<Box<dyn KvCache>, Cache
             }
             None => {
                 return Err(err(format!(
-                    "unknown cache type '{other}' (known: {KNOWN_SPECS})"
+                    "unknown cache type '{other}' (known: {})",
+                    known_specs()
                 )))
             }
         },
@@ -127,46 +152,7 @@ fn build_rvq(
         spec: String::new(),
         reason,
     };
-    let mut o = RvqOptions::default();
-    for opt in options.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (key, value) = opt
-            .split_once('=')
-            .ok_or_else(|| err(format!("option '{opt}' is not key=value")))?;
-        let number = || {
-            value
-                .parse::<usize>()
-                .map_err(|_| err(format!("{key}={value}: not a whole number")))
-        };
-        match key {
-            "sinks" => o.sinks = number()?,
-            "recent" => o.recent = number()?,
-            "beam" => {
-                o.beam = number()?;
-                if o.beam == 0 {
-                    return Err(err("beam must be at least 1".into()));
-                }
-            }
-            "stages" => o.stages = Some(number()?),
-            "values" => o.values = value.parse().map_err(err)?,
-            "keys" => o.keys = value.parse().map_err(err)?,
-            "encode" => {
-                // `matmul`: the default's name before it searched the codebooks as held.
-                let choices = [("books", false), ("matmul", false), ("lanes", true)];
-                o.lane_encoder = crate::rvq_cache::one_of("encode", value, &choices).map_err(err)?;
-            }
-            "books" => o.books = value.parse().map_err(err)?,
-            "only" => match value {
-                "k" => o.quantize_values = false,
-                "v" => o.quantize_keys = false,
-                _ => return Err(err(format!("only={value}: expected k or v"))),
-            },
-            _ => {
-                return Err(err(format!(
-                    "unknown rvq option '{key}' (known: sinks, recent, beam, only, stages, values, keys, encode, books)"
-                )))
-            }
-        }
-    }
+    let o = RvqOptions::parse(options).map_err(err)?;
     let id = config
         .model_id
         .as_ref()
@@ -186,6 +172,17 @@ mod tests {
     use super::*;
     use crate::{CacheShape, Rope, RopeLayout};
     use std::sync::Arc;
+
+    #[test]
+    fn the_readme_lists_the_spec_forms_this_build_parses() {
+        let readme = include_str!("../../../README.md");
+        for form in known_specs().split(", ") {
+            assert!(
+                readme.contains(&format!("`{form}`")),
+                "README.md does not list `{form}`"
+            );
+        }
+    }
 
     #[test]
     fn builds_known_and_rejects_unknown() {
