@@ -9,14 +9,15 @@
 
 mod common;
 
-use kvcache::codebooks::{CodebookMeta, Codebooks, LayerBooks, PartSettings};
+use kvcache::codebooks::Codebooks;
+use kvcache::testkit::codebooks_for;
 use kvcache::ModelIdentity;
 use proptest::prelude::*;
 use rvq::rng::SplitMix64;
-use rvq::{Grouping, Rvq};
+use rvq::testkit::random_rvq;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// A valid file and the part of it worth mutating most (headers and metadata).
@@ -51,40 +52,14 @@ fn codebook_seed() -> &'static Seed {
     static SEED: OnceLock<Seed> = OnceLock::new();
     SEED.get_or_init(|| {
         let mut rng = SplitMix64::new(7);
-        let mut rvq = || {
-            let cbs = (0..2)
-                .map(|_| (0..8 * 16).map(|_| rng.unit() as f32 - 0.5).collect())
-                .collect();
-            Some(Arc::new(Rvq::from_codebooks(16, 8, cbs).unwrap()))
+        let model = ModelIdentity {
+            architecture: "llama".into(),
+            layers: 2,
+            kv_heads: 1,
+            head_dim: 32,
+            file_sha256: "ab".repeat(32),
         };
-        let settings = |grouping| PartSettings {
-            group_dim: 16,
-            grouping,
-            scaled: true,
-            rotation: None,
-        };
-        let books = Codebooks {
-            meta: CodebookMeta {
-                model: ModelIdentity {
-                    architecture: "llama".into(),
-                    layers: 2,
-                    kv_heads: 1,
-                    head_dim: 32,
-                    file_sha256: "ab".repeat(32),
-                },
-                keys: Some(settings(Grouping::Strided)),
-                values: Some(settings(Grouping::Contiguous)),
-                skipped_layers: vec![],
-                calibration: serde_json::Value::Null,
-                reports: vec![(None, None), (None, None)],
-            },
-            layers: (0..2)
-                .map(|_| LayerBooks {
-                    keys: rvq(),
-                    values: rvq(),
-                })
-                .collect(),
-        };
+        let books = codebooks_for(model, 16, || random_rvq(&mut rng, 16, 8, 2));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("books.safetensors");
         books.save(&path).unwrap();

@@ -2,12 +2,12 @@
 //! `cargo run --release -p kvcache --example attend_speed -- [context] [reps]`.
 //! Random paper-shaped codebooks (d = 32, C = 2048, K = 8), SmolLM2's geometry (3 KV heads of 64,
 //! 9 query heads). The model's own per-token work is not included: see `rvq-kv bench` for that.
-use kvcache::codebooks::{CodebookMeta, Codebooks, LayerBooks, PartSettings};
 use kvcache::dense::{F16Cache, F32Cache};
 use kvcache::rvq::{BookPrecision, KernelPaths, RvqCache, RvqOptions, ValuePath};
+use kvcache::testkit::codebooks_for;
 use kvcache::{CacheShape, KvCache, ModelIdentity, Queries, Rope, RopeLayout};
 use rvq::rng::SplitMix64;
-use rvq::{Grouping, Rvq};
+use rvq::testkit::random_rvq;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,42 +27,14 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2048);
     let mut rng = SplitMix64::new(1);
-    let mut rvq = || {
-        let cbs = (0..8)
-            .map(|s| {
-                (0..size * 32)
-                    .map(|_| rng.normal() / (s + 1) as f32)
-                    .collect()
-            })
-            .collect();
-        Rvq::from_codebooks(32, size, cbs).unwrap()
+    let model = ModelIdentity {
+        architecture: "llama".into(),
+        layers: 1,
+        kv_heads: 3,
+        head_dim: 64,
+        file_sha256: String::new(),
     };
-    let part = |grouping| PartSettings {
-        group_dim: 32,
-        grouping,
-        scaled: true,
-        rotation: None,
-    };
-    let books = Codebooks {
-        meta: CodebookMeta {
-            model: ModelIdentity {
-                architecture: "llama".into(),
-                layers: 1,
-                kv_heads: 3,
-                head_dim: 64,
-                file_sha256: String::new(),
-            },
-            keys: Some(part(Grouping::Strided)),
-            values: Some(part(Grouping::Contiguous)),
-            skipped_layers: vec![],
-            calibration: serde_json::Value::Null,
-            reports: vec![(None, None)],
-        },
-        layers: vec![LayerBooks {
-            keys: Some(rvq().into()),
-            values: Some(rvq().into()),
-        }],
-    };
+    let books = codebooks_for(model, 32, || random_rvq(&mut rng, 32, size, 8));
     let books = Arc::new(books);
     let rvq_cache = |options| {
         let cache = RvqCache::new(shape, rope.clone(), books.clone(), options, "random".into());

@@ -15,6 +15,7 @@ pub mod rope;
 pub mod rvq;
 pub mod scalar;
 pub mod spec;
+pub mod testkit;
 
 use std::ops::Range;
 use std::sync::Arc;

@@ -609,13 +609,7 @@ mod tests {
     use super::*;
     use crate::rng::SplitMix64;
     use crate::simd::at_each_level;
-
-    fn random_rvq(rng: &mut SplitMix64, d: usize, c: usize, k: usize) -> Rvq {
-        let books = (0..k)
-            .map(|s| (0..c * d).map(|_| rng.normal() / (s + 1) as f32).collect())
-            .collect();
-        Rvq::from_codebooks(d, c, books).unwrap()
-    }
+    use crate::testkit::random_rvq;
 
     #[test]
     fn half_rvq_is_the_f32_quantizer_of_its_rounded_codewords() {

@@ -295,16 +295,9 @@ mod tests {
     use super::*;
     use crate::rng::SplitMix64;
 
+    /// Channels of different spreads, as keys have.
     fn random_rvq(rng: &mut SplitMix64, d: usize, c: usize, k: usize) -> Rvq {
-        // Channels of different spreads, as keys have.
-        let books = (0..k)
-            .map(|s| {
-                (0..c * d)
-                    .map(|i| rng.normal() * (1 + i % d % 5) as f32 / (s + 1) as f32)
-                    .collect()
-            })
-            .collect();
-        Rvq::from_codebooks(d, c, books).unwrap()
+        crate::testkit::random_rvq_with(rng, d, c, k, |i| (1 + i % 5) as f32)
     }
 
     #[test]

@@ -19,6 +19,15 @@ pub enum Grouping {
     Strided,
 }
 
+impl std::fmt::Display for Grouping {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Grouping::Contiguous => "contiguous",
+            Grouping::Strided => "strided",
+        })
+    }
+}
+
 impl std::str::FromStr for Grouping {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

@@ -21,6 +21,28 @@ pub enum Init {
     KmeansPlusPlus,
 }
 
+impl std::fmt::Display for Init {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Init::RandomPoints => "random-points",
+            Init::KmeansPlusPlus => "kmeans-plus-plus",
+        })
+    }
+}
+
+impl std::str::FromStr for Init {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "random-points" => Ok(Init::RandomPoints),
+            "kmeans-plus-plus" | "kmeans++" => Ok(Init::KmeansPlusPlus),
+            o => Err(format!(
+                "unknown init '{o}' (known: random-points, kmeans-plus-plus)"
+            )),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     /// Dimension d of the vectors.

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "The defaults are the paper's configuration (d=32, C=2048, K=8, keys strided,\n\
-    values contiguous, per-vector scaling, EMA decay 0.99).\n\nExample:\n  \
+    after_help = "The defaults are the paper's configuration: per-vector scaling, keys strided,\n\
+    values contiguous, k-means then one EMA pass.\n\nExample:\n  \
     rvq-kv calibrate --out paper.safetensors && rvq-kv ppl --cache rvq:paper.safetensors"
 )]
 pub struct Args {
@@ -22,25 +22,25 @@ pub struct Args {
     #[arg(long, short = 'o')]
     out: PathBuf,
     /// Calibration tokens
-    #[arg(long, default_value_t = 16384)]
+    #[arg(long, default_value_t = paper().tokens)]
     tokens: usize,
     /// Window length of the capture passes
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = paper().ctx)]
     ctx: usize,
     /// Group (sub-vector) dimension d
-    #[arg(long, short = 'd', default_value_t = 32)]
+    #[arg(long, short = 'd', default_value_t = paper().train.dim)]
     group_dim: usize,
     /// Codewords per stage, C (2..=65536)
-    #[arg(long, short = 'C', default_value_t = 2048)]
+    #[arg(long, short = 'C', default_value_t = paper().train.size)]
     codebook_size: usize,
     /// Stages (depth), K
-    #[arg(long, short = 'K', default_value_t = 8)]
+    #[arg(long, short = 'K', default_value_t = paper().train.stages)]
     stages: usize,
     /// Key grouping: strided (paper) or contiguous
-    #[arg(long, default_value = "strided")]
+    #[arg(long, default_value_t = paper().key_grouping)]
     key_grouping: Grouping,
     /// Value grouping: contiguous (paper) or strided
-    #[arg(long, default_value = "contiguous")]
+    #[arg(long, default_value_t = paper().value_grouping)]
     value_grouping: Grouping,
     /// What to quantize: kv, k or v
     #[arg(long, default_value = "kv")]
@@ -53,26 +53,28 @@ pub struct Args {
     #[arg(long)]
     rotate: bool,
     /// Vectors sampled for k-means
-    #[arg(long, default_value_t = 32768)]
+    #[arg(long, default_value_t = paper().train.kmeans_sample)]
     kmeans_sample: usize,
     /// Lloyd iterations per stage (6 keeps the default calibration under 10 minutes on 2 cores)
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = paper().train.kmeans_iters)]
     kmeans_iters: usize,
     /// k-means initialisation: random-points or kmeans-plus-plus
-    #[arg(long, default_value = "random-points")]
-    init: String,
+    #[arg(long, default_value_t = paper().train.init)]
+    init: Init,
     /// EMA refinement passes over all calibration vectors
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = paper().train.ema_passes)]
     ema_passes: usize,
     /// Vectors per EMA step
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = paper().train.batch)]
     batch: usize,
-    #[arg(long, default_value_t = 0.99)]
+    /// EMA decay of the codebooks' running sums
+    #[arg(long, default_value_t = paper().train.decay)]
     decay: f32,
     /// Re-seed codewords whose EMA count falls below this (off by default, as in the paper)
     #[arg(long)]
     dead_code_threshold: Option<f32>,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of k-means sampling and initialisation
+    #[arg(long, default_value_t = paper().train.seed)]
     seed: u64,
     /// Layers to leave in full precision, e.g. 0,29
     #[arg(long, value_delimiter = ',')]
@@ -81,17 +83,17 @@ pub struct Args {
     json: bool,
 }
 
+/// The paper's configuration, where every default of this command comes from.
+fn paper() -> CalibConfig {
+    CalibConfig::paper("")
+}
+
 pub fn run(a: Args) -> Result<()> {
     let (quantize_keys, quantize_values) = match a.quantize.as_str() {
         "kv" => (true, true),
         "k" => (true, false),
         "v" => (false, true),
         o => bail!("--quantize {o}: expected kv, k or v"),
-    };
-    let init = match a.init.as_str() {
-        "random-points" => Init::RandomPoints,
-        "kmeans-plus-plus" | "kmeans++" => Init::KmeansPlusPlus,
-        o => bail!("--init {o}: expected random-points or kmeans-plus-plus"),
     };
     let text_path = match &a.text {
         Some(p) => p.clone(),
@@ -103,13 +105,13 @@ pub fn run(a: Args) -> Result<()> {
         stages: a.stages,
         kmeans_sample: a.kmeans_sample,
         kmeans_iters: a.kmeans_iters,
-        init,
+        init: a.init,
         ema_passes: a.ema_passes,
         batch: a.batch,
         decay: a.decay,
-        eps: 1e-5,
         dead_code_threshold: a.dead_code_threshold,
         seed: a.seed,
+        ..paper().train
     };
     train.validate()?;
     super::common::check_writable(&a.out, "--out")?;

@@ -1,6 +1,5 @@
 use super::*;
 use crate::attention;
-use crate::codebooks::{CodebookMeta, LayerBooks, PartSettings};
 use crate::{ModelIdentity, RopeLayout};
 use half::f16;
 use rvq::rng::SplitMix64;
@@ -25,49 +24,14 @@ fn identity() -> ModelIdentity {
 /// Random codebooks whose values f16 holds exactly, so the default f16 cache and the f32
 /// references built from them agree (f16 rounding is tested on its own).
 fn random_rvq(rng: &mut SplitMix64, d: usize, c: usize, k: usize) -> Rvq {
-    HalfRvq::from_rvq(&unrounded_rvq(rng, d, c, k))
+    HalfRvq::from_rvq(&rvq::testkit::random_rvq(rng, d, c, k))
         .unwrap()
         .to_rvq()
 }
 
-fn unrounded_rvq(rng: &mut SplitMix64, d: usize, c: usize, k: usize) -> Rvq {
-    let cbs = (0..k)
-        .map(|s| {
-            (0..c * d)
-                .map(|_| (rng.unit() as f32 - 0.5) / (s + 1) as f32)
-                .collect()
-        })
-        .collect();
-    Rvq::from_codebooks(d, c, cbs).unwrap()
-}
-
 fn books(seed: u64) -> Codebooks {
     let mut rng = SplitMix64::new(seed);
-    let layers = (0..2)
-        .map(|_| LayerBooks {
-            keys: Some(random_rvq(&mut rng, 4, 5, 3).into()),
-            values: Some(random_rvq(&mut rng, 4, 5, 3).into()),
-        })
-        .collect();
-    let meta = CodebookMeta {
-        model: identity(),
-        keys: Some(PartSettings {
-            group_dim: 4,
-            grouping: Grouping::Strided,
-            scaled: true,
-            rotation: None,
-        }),
-        values: Some(PartSettings {
-            group_dim: 4,
-            grouping: Grouping::Contiguous,
-            scaled: true,
-            rotation: None,
-        }),
-        skipped_layers: vec![],
-        calibration: serde_json::Value::Null,
-        reports: vec![(None, None), (None, None)],
-    };
-    Codebooks { meta, layers }
+    crate::testkit::codebooks_for(identity(), 4, || random_rvq(&mut rng, 4, 5, 3))
 }
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
@@ -213,31 +177,15 @@ fn paper_shaped(keys: Grouping, seed: u64) -> (CacheShape, Codebooks) {
         kv_heads: 2,
         head_dim: 64,
     };
-    let part = |grouping| {
-        Some(PartSettings {
-            group_dim: 32,
-            grouping,
-            scaled: true,
-            rotation: None,
-        })
+    let model = ModelIdentity {
+        layers: 1,
+        head_dim: 64,
+        ..identity()
     };
-    let meta = CodebookMeta {
-        model: ModelIdentity {
-            layers: 1,
-            head_dim: 64,
-            ..identity()
-        },
-        keys: part(keys),
-        values: part(Grouping::Contiguous),
-        skipped_layers: vec![],
-        calibration: serde_json::Value::Null,
-        reports: vec![(None, None)],
-    };
-    let layers = vec![LayerBooks {
-        keys: Some(unrounded_rvq(&mut rng, 32, 37, 3).into()),
-        values: Some(unrounded_rvq(&mut rng, 32, 37, 3).into()),
-    }];
-    (shape, Codebooks { meta, layers })
+    let mut books =
+        crate::testkit::codebooks_for(model, 32, || rvq::testkit::random_rvq(&mut rng, 32, 37, 3));
+    books.meta.keys.as_mut().unwrap().grouping = keys;
+    (shape, books)
 }
 
 /// A cache over `books` with (sinks, recent) windows and (keys, values) paths, holding
