@@ -44,6 +44,8 @@ enum Command {
     /// Write a GGUF of a real architecture's shapes (1B, 3B, 8B) with random weights, for speed and
     /// memory at sizes no package ships
     Synth(commands::synth::Args),
+    /// Regenerate docs/RESULTS.md from its template and the tables under docs/data/tables/
+    Report(commands::report::Args),
 }
 
 fn long_about() -> String {
@@ -75,6 +77,7 @@ fn main() {
         Command::Bench(a) => commands::bench::run(a),
         Command::Demo(a) => commands::demo::run(a),
         Command::Serve(a) => commands::serve::run(a),
+        Command::Report(a) => commands::report::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

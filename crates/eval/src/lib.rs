@@ -11,4 +11,5 @@ pub mod mc;
 pub mod plot;
 pub mod ppl;
 pub mod progress;
+pub mod report;
 pub mod text;

@@ -9,5 +9,6 @@ pub mod finetune;
 pub mod generate;
 pub mod mc;
 pub mod ppl;
+pub mod report;
 pub mod serve;
 pub mod synth;

@@ -1,0 +1,86 @@
+//! docs/RESULTS.md is what its template and tables give, and the tables hold the numbers the
+//! commands wrote (the `--json` outputs kept under docs/data/).
+
+use eval::report::{regenerate, Table};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn json(path: &str) -> Value {
+    let text = std::fs::read_to_string(root().join(path)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn table(name: &str) -> Table {
+    serde_json::from_value(json(&format!("docs/data/tables/{name}.json"))).unwrap()
+}
+
+#[test]
+fn results_md_is_what_its_template_and_tables_give() {
+    regenerate(&root(), true).unwrap();
+}
+
+/// Every perplexity of a `compare --json` file, rounded to `decimals`, stands in the table (a
+/// row or, for the reference, the header).
+fn holds_every_perplexity(data: &str, name: &str, decimals: usize) {
+    let t = table(name);
+    let cells: Vec<String> = [t.header, t.rows.concat()].concat();
+    let rows = json(data)["rows"].as_array().unwrap().clone();
+    assert!(!rows.is_empty(), "{data} has no rows");
+    for row in rows {
+        let ppl = format!("{:.decimals$}", row["ppl"].as_f64().unwrap());
+        assert!(
+            cells.iter().any(|c| c.contains(&ppl)),
+            "table {name} lacks {ppl} ({}) of {data}",
+            row["spec"]
+        );
+    }
+}
+
+#[test]
+fn tables_hold_the_perplexities_their_commands_wrote() {
+    holds_every_perplexity("docs/data/baselines-512.json", "caches-compared", 4);
+    holds_every_perplexity(
+        "docs/data/baselines-2048.json",
+        "caches-vs-llama-cpp-2048",
+        4,
+    );
+    holds_every_perplexity("docs/data/ablation.json", "ablations", 2);
+}
+
+#[test]
+fn the_multiple_choice_table_holds_every_mc_run() {
+    let t = table("multiple-choice");
+    let dir = root().join("docs/data/mc");
+    let mut runs = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let run: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let task = run["task"].as_str().unwrap();
+        let row = t
+            .rows
+            .iter()
+            .find(|r| r[0] == task)
+            .unwrap_or_else(|| panic!("no {task} row"));
+        let cache = if run["cache"] == "f16" { "f16" } else { "rvq" };
+        for metric in ["acc", "acc_norm"] {
+            let column = t
+                .header
+                .iter()
+                .position(|h| *h == format!("{cache} {metric}"))
+                .unwrap();
+            let value = format!("{:.3}", run[metric]["value"].as_f64().unwrap());
+            assert!(
+                row[column].starts_with(&value),
+                "{}: {cache} {metric} {value}, the table says {}",
+                path.display(),
+                row[column]
+            );
+        }
+        runs += 1;
+    }
+    assert_eq!(runs, 2 * t.rows.len());
+}
