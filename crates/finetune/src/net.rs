@@ -1,6 +1,7 @@
 //! The llama forward pass as a candle autograd graph, for training: weights dequantized to f32,
 //! the chosen ones as `Var`s, each layer's pre-RoPE keys and values passed through the RVQ
-//! quantizer with a straight-through estimator ([`crate::ste`]). It mirrors
+//! quantizer with a straight-through estimator ([`crate::ste`]). Its shapes and RoPE table come
+//! from the same reader as inference (`llm::llama::read`); it mirrors
 //! `llm::transformer::Transformer::forward` (which runs inference on plain slices).
 
 use crate::ste::PartQuantizer;
@@ -87,8 +88,7 @@ impl TrainNet {
         if let Some(d) = delta {
             g.set_overrides(d.tensors.clone())?;
         }
-        let config = ModelConfig::read_common(&g, "llama")?;
-        let theta = ModelConfig::rope_base(&g, "llama", 10_000.0)?;
+        let (config, rope) = llm::llama::read(&g)?;
         let c = &config;
         let (h, hd) = (c.hidden, c.head_dim);
         let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
@@ -126,21 +126,10 @@ impl TrainNet {
         } else {
             None
         };
-        // Same arithmetic as kvcache::Rope: angle = pos · theta^(-2i/d).
-        let half = hd / 2;
-        let mut cos = Vec::with_capacity(c.context_len * half);
-        let mut sin = Vec::with_capacity(c.context_len * half);
-        for pos in 0..c.context_len {
-            for i in 0..half {
-                let angle = pos as f32 * (1.0 / theta.powf((2 * i) as f32 / hd as f32));
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        let dev = Device::Cpu;
+        let (cos, sin) = rope_tables(&rope)?;
         Ok(Self {
-            cos: Tensor::from_vec(cos, (c.context_len, half), &dev)?,
-            sin: Tensor::from_vec(sin, (c.context_len, half), &dev)?,
+            cos,
+            sin,
             config,
             embeddings,
             output,
@@ -235,6 +224,22 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     Ok(x.broadcast_mul(&inv)?.broadcast_mul(weight)?)
 }
 
+/// The inference RoPE table as tensors: cos and sin, each [positions, head_dim / 2].
+fn rope_tables(rope: &kvcache::Rope) -> Result<(Tensor, Tensor)> {
+    let (positions, half) = (rope.max_positions(), rope.head_dim() / 2);
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for pos in 0..positions {
+        let (c, s) = rope.angles(pos);
+        cos.extend_from_slice(c);
+        sin.extend_from_slice(s);
+    }
+    let dev = Device::Cpu;
+    Ok((
+        Tensor::from_vec(cos, (positions, half), &dev)?,
+        Tensor::from_vec(sin, (positions, half), &dev)?,
+    ))
+}
+
 /// RoPE on interleaved pairs (2i, 2i+1) of `x` [t, heads, hd]; `cos`, `sin` [t, hd/2].
 fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (t, heads, hd) = x.dims3()?;
@@ -279,24 +284,15 @@ mod tests {
     }
 
     #[test]
-    fn rope_matches_the_inference_table() {
+    fn rope_on_the_graph_rotates_as_inference_does() {
         let (t, hd) = (5, 8);
         let rope = kvcache::Rope::new(hd, 10_000.0, t, kvcache::RopeLayout::Interleaved);
         let x: Vec<f32> = (0..t * hd).map(|i| (i as f32 * 0.37).sin()).collect();
-        let half = hd / 2;
-        let (mut cos, mut sin) = (vec![], vec![]);
-        for pos in 0..t {
-            for i in 0..half {
-                let angle = pos as f32 * (1.0 / 10_000f32.powf((2 * i) as f32 / hd as f32));
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        let dev = Device::Cpu;
+        let (cos, sin) = rope_tables(&rope).unwrap();
         let got = rope_interleaved(
-            &Tensor::from_vec(x.clone(), (t, 1, hd), &dev).unwrap(),
-            &Tensor::from_vec(cos, (t, half), &dev).unwrap(),
-            &Tensor::from_vec(sin, (t, half), &dev).unwrap(),
+            &Tensor::from_vec(x.clone(), (t, 1, hd), &Device::Cpu).unwrap(),
+            &cos,
+            &sin,
         )
         .unwrap()
         .flatten_all()

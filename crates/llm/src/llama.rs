@@ -7,6 +7,12 @@ use crate::transformer::{LayerWeights, ModelConfig, Transformer};
 use kvcache::{Rope, RopeLayout};
 
 pub fn load(g: &mut GgufFile) -> Result<Transformer> {
+    let (config, rope) = read(g)?;
+    Transformer::load(g, config, LayerWeights::default(), rope.into())
+}
+
+/// The shapes and the RoPE table of a llama GGUF (what training builds its graph from, too).
+pub fn read(g: &GgufFile) -> Result<(ModelConfig, Rope)> {
     let config = ModelConfig::read_common(g, "llama")?;
     let base = ModelConfig::rope_base(g, "llama", 10_000.0)?;
     let rope = Rope::new(
@@ -15,5 +21,5 @@ pub fn load(g: &mut GgufFile) -> Result<Transformer> {
         config.context_len,
         RopeLayout::Interleaved,
     );
-    Transformer::load(g, config, LayerWeights::default(), rope.into())
+    Ok((config, rope))
 }
