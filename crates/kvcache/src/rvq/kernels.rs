@@ -15,9 +15,9 @@ use rvq::kernels::dot_products;
 use rvq::vector::F32x16;
 use rvq::{Codewords, GroupSum, Quantizer};
 
-/// Keys decoded per pass, as many as attention asks for at once (its 256-position blocks): their
-/// sums ([256, head_dim] f32, 64 KB) stay in L2 while being rotated and multiplied.
-const KEY_BLOCK: usize = 256;
+// Keys decoded per pass, as many as attention asks for at once: their sums ([KEY_BLOCK,
+// head_dim] f32, 64 KB at head_dim 64) stay in L2 while being rotated and multiplied.
+use attention::KEY_BLOCK;
 
 /// Query rows up to which keys are scored by [`fused_key_scores`] (a decode step: the query
 /// heads of one KV head for a token or a few); more rows share each rotated key through a
