@@ -4,8 +4,8 @@
 
 mod common;
 use common::{
-    assert_logits_close, candle_logits, gemma3, gemma3_eval_tokens, gemma3_f32, home, model,
-    small_calib_config,
+    assert_decode_equals_full, assert_matches_candle, gemma3, gemma3_eval_tokens, gemma3_f32, home,
+    model, small_calib_config,
 };
 use eval::calibrate::calibrate;
 use eval::ppl::{perplexity, PplOptions, Protocol};
@@ -59,26 +59,13 @@ fn chat_template_is_gemmas_and_end_of_turn_stops() {
 /// GELU is the right one is checked against llama.cpp's perplexity below.
 #[test]
 fn logits_match_candle_transformers_quantized_gemma3_but_for_its_activation() {
-    use candle_core::Device;
     use candle_transformers::models::quantized_gemma3::ModelWeights;
     use llm::transformer::Activation;
     let mut m = llm::Model::load(&gemma3().path).unwrap();
     m.net.config.activation = Activation::Silu;
-    let tokens = m
-        .tokenizer
-        .encode(
-            "The capital of France is Paris. The capital of Italy is",
-            true,
-        )
-        .unwrap();
-    let mut cache = m.new_cache("f32").unwrap();
-    let ours = m.forward(&tokens, 0, cache.as_mut(), Some(1)).unwrap();
-
-    let mut f = std::fs::File::open(&m.path).unwrap();
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    let mut reference = ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
-    let theirs = candle_logits(&tokens, |input, pos| reference.forward(input, pos));
-    assert_logits_close(&ours, &theirs, 0.025, 0.999);
+    assert_matches_candle(&m, ModelWeights::from_gguf, |w, input, pos| {
+        w.forward(input, pos)
+    });
 }
 
 /// Past the 512-token window: a long prefill then token-by-token decoding gives the logits of
@@ -101,14 +88,7 @@ fn sliding_window_layers_forget_and_decode_equals_full_forward() {
     for (i, &t) in tokens.iter().enumerate().skip(prefix) {
         rows.extend(m.forward(&[t], i, cache.as_mut(), Some(1)).unwrap());
     }
-    for (pos, (a, b)) in rows.chunks(vocab).zip(full.chunks(vocab)).enumerate() {
-        let d = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(d < 5e-3, "position {}: max |Δlogit| {d}", prefix + pos);
-    }
+    assert_decode_equals_full(&rows, &full, vocab, prefix, "gemma3");
     // 15 sliding layers keep positions 49..560 (511 tokens), the 3 global ones all 560.
     let c = m.config();
     let per_token = (c.kv_heads * c.head_dim * 2) as u64;

@@ -2,7 +2,9 @@
 //! independent references: llama.cpp's tokenizer and perplexity, candle-transformers' forward.
 
 mod common;
-use common::{assert_logits_close, candle_logits, eval_tokens, home, model, model_f32};
+use common::{
+    assert_decode_equals_full, assert_matches_candle, eval_tokens, home, model, model_f32,
+};
 use eval::ppl::{perplexity, PplOptions, Protocol};
 
 /// Token ids produced once with llama.cpp's own tokenizer (llama-tokenize from the llama.cpp
@@ -118,32 +120,14 @@ fn chat_template_renders_chatml() {
 /// the same argmax and max |Δlogit| below 2.5% of the logits' range, plus correlation > 0.999.
 #[test]
 fn logits_match_candle_transformers_quantized_llama() {
-    use candle_core::Device;
     use candle_transformers::models::quantized_llama::ModelWeights;
-    let m = model();
-    let tokens = m
-        .tokenizer
-        .encode(
-            "The capital of France is Paris. The capital of Italy is",
-            true,
-        )
-        .unwrap();
-    let mut cache = m.new_cache("f32").unwrap();
-    let ours = m.forward(&tokens, 0, cache.as_mut(), Some(1)).unwrap();
-
-    let path = eval::assets::ensure_model(&home()).unwrap();
-    let mut f = std::fs::File::open(&path).unwrap();
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    let mut reference = ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
-    let theirs = candle_logits(&tokens, |input, pos| reference.forward(input, pos));
-
-    assert_logits_close(&ours, &theirs, 0.025, 0.999);
+    assert_matches_candle(model(), ModelWeights::from_gguf, |w, input, pos| {
+        w.forward(input, pos)
+    });
 }
 
-/// Decoding token by token through the cache gives the logits of one full-sequence forward.
-/// Only the summation order differs (matmul blocking for 1 row vs 40, attention split by keys
-/// or by rows): measured up to 2.7e-3 to 5.3e-3 on logits up to ~27, depending on the CPU's
-/// blocking; bound 1e-3 of the row's largest |logit|, far below the ~1 a wrong cache read gives. With f32 weights: native weights requantize every activation to 8 bits,
+/// Decoding token by token through the cache gives the logits of one full-sequence forward
+/// ([`assert_decode_equals_full`]). With f32 weights: native weights requantize every activation to 8 bits,
 /// where a last-bit difference of attention can move a value across a rounding step (checked
 /// separately below).
 #[test]
@@ -162,19 +146,7 @@ fn incremental_decode_equals_full_forward() {
         for (i, &t) in tokens.iter().enumerate().skip(prefix) {
             rows.extend(m.forward(&[t], i, cache.as_mut(), Some(1)).unwrap());
         }
-        assert_eq!(rows.len(), full.len());
-        for (pos, (a, b)) in rows.chunks(vocab).zip(full.chunks(vocab)).enumerate() {
-            let d = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            let top = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert!(
-                d <= 1e-3 * top,
-                "{spec} position {pos}: max |Δlogit| {d} of logits up to {top}"
-            );
-        }
+        assert_decode_equals_full(&rows, &full, vocab, 0, spec);
         assert_eq!(cache.memory(), full_cache.memory());
     }
 }

@@ -34,6 +34,14 @@ fn books(seed: u64) -> Codebooks {
     crate::testkit::codebooks_for(identity(), 4, || random_rvq(&mut rng, 4, 5, 3))
 }
 
+/// The default kernels but for the value path.
+fn values_by(values: ValuePath) -> KernelPaths {
+    KernelPaths {
+        values,
+        ..KernelPaths::default()
+    }
+}
+
 fn data(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = SplitMix64::new(seed);
     (0..n).map(|_| (rng.unit() as f32 - 0.5) * 3.0).collect()
@@ -142,10 +150,7 @@ fn histogram_and_decode_value_paths_give_the_same_attention() {
         let o = RvqOptions {
             sinks: 2,
             recent: 5,
-            paths: KernelPaths {
-                values,
-                ..KernelPaths::default()
-            },
+            paths: values_by(values),
             ..RvqOptions::default()
         };
         let mut c = RvqCache::new(SHAPE, rope(), b.clone(), o, "x".into()).unwrap();
@@ -566,10 +571,7 @@ fn sliding_window_forgets_codes_and_attends_as_a_cache_that_keeps_them() {
     for values in [ValuePath::Decode, ValuePath::Histogram] {
         let o = RvqOptions {
             sinks: 1,
-            paths: KernelPaths {
-                values,
-                ..KernelPaths::default()
-            },
+            paths: values_by(values),
             ..RvqOptions::default()
         };
         let mut keeps = RvqCache::new(SHAPE, rope(), b.clone(), o, "x".into()).unwrap();
