@@ -38,6 +38,27 @@ pub fn help() -> String {
     )
 }
 
+/// Every scalar form in its canonical spelling, with each option at least once: the specs the
+/// backend conformance suite (`tests/conformance.rs`) and the round trip below run through.
+pub const SCALAR_EXAMPLES: [&str; 16] = [
+    "f32",
+    "f16",
+    "q8_0",
+    "q4_0,rot",
+    "q4_0,rot,post-rope",
+    "int8,post-rope",
+    "fp8",
+    "tq:2",
+    "tq:2.5",
+    "tq:3",
+    "tq:3.5,post-rope",
+    "tq:4",
+    "kivi2,group=32,residual=32",
+    "kivi4,group=32,residual=64",
+    "kivi4,group=16,residual=64,post-rope",
+    "q8_0,post-rope",
+];
+
 /// The scalar baselines `compare` runs by default, best quality first.
 pub const SCALAR_BASELINES: [&str; 6] = ["q8_0", "int8", "fp8", "q4_0", "kivi4", "kivi2"];
 
@@ -202,43 +223,6 @@ mod tests {
     }
 
     #[test]
-    fn bytes_at_predicts_the_memory_of_every_length() {
-        let shape = CacheShape {
-            layers: 2,
-            kv_heads: 2,
-            head_dim: 64,
-        };
-        let config = CacheConfig {
-            shape,
-            rope: Arc::new(Rope::new(64, 10000.0, 256, RopeLayout::Interleaved).into()),
-            model_id: None,
-        };
-        let row = shape.kv_heads * shape.head_dim;
-        for spec in [
-            "f32",
-            "f16",
-            "q8_0",
-            "q4_0,rot",
-            "int8",
-            "fp8",
-            "kivi2",
-            "kivi4,group=32,residual=64",
-        ] {
-            let mut c = build(spec, &config).unwrap();
-            assert_eq!(c.bytes_at(0), 0, "{spec}");
-            let mut len = 0;
-            for step in [1, 7, 30, 1, 33, 64, 5] {
-                let x: Vec<f32> = (0..step * row).map(|i| (i as f32 * 0.37).sin()).collect();
-                for layer in 0..shape.layers {
-                    c.append(layer, &x, &x).unwrap();
-                }
-                len += step;
-                assert_eq!(c.bytes_at(len), c.memory().bytes, "{spec} at {len}");
-            }
-        }
-    }
-
-    #[test]
     fn scalar_specs_round_trip_and_bad_options_are_named() {
         let config = CacheConfig {
             shape: CacheShape {
@@ -249,20 +233,7 @@ mod tests {
             rope: Arc::new(Rope::new(64, 10000.0, 8, RopeLayout::Interleaved).into()),
             model_id: None,
         };
-        for spec in [
-            "q8_0",
-            "q4_0,rot",
-            "q4_0,rot,post-rope",
-            "int8,post-rope",
-            "fp8",
-            "kivi2,group=32,residual=32",
-            "kivi4,group=16,residual=64,post-rope",
-            "tq:2",
-            "tq:2.5",
-            "tq:3",
-            "tq:3.5,post-rope",
-            "tq:4",
-        ] {
+        for spec in SCALAR_EXAMPLES {
             assert_eq!(build(spec, &config).unwrap().spec(), spec);
         }
         assert_eq!(build("tq:3,rot", &config).unwrap().spec(), "tq:3");

@@ -611,60 +611,6 @@ fn sliding_window_forgets_codes_and_attends_as_a_cache_that_keeps_them() {
 }
 
 #[test]
-fn bytes_at_predicts_the_memory_of_every_length() {
-    let b = Arc::new(books(2));
-    for (sinks, recent, quantize_values) in [(0, 0, true), (1, 2, true), (3, 0, false)] {
-        let o = RvqOptions {
-            sinks,
-            recent,
-            quantize_values,
-            ..RvqOptions::default()
-        };
-        let mut c = RvqCache::new(SHAPE, rope(), b.clone(), o, "x".into()).unwrap();
-        assert_eq!(c.bytes_at(0), 0);
-        let mut len = 0;
-        for (i, step) in [1, 2, 1, 3, 5, 1].into_iter().enumerate() {
-            for layer in 0..SHAPE.layers {
-                let seed = (i * 2 + layer) as u64;
-                c.append(layer, &data(step * 16, seed), &data(step * 16, seed + 50))
-                    .unwrap();
-            }
-            len += step;
-            assert_eq!(
-                c.bytes_at(len),
-                c.memory().bytes,
-                "{sinks} {recent} at {len}"
-            );
-        }
-    }
-}
-
-#[test]
-fn truncate_to_zero_is_a_fresh_cache() {
-    let b = Arc::new(books(2));
-    let o = RvqOptions {
-        sinks: 1,
-        recent: 2,
-        ..RvqOptions::default()
-    };
-    let mut fresh = RvqCache::new(SHAPE, rope(), b.clone(), o, "x".into()).unwrap();
-    let mut reused = fresh.clone();
-    reused
-        .append(0, &data(6 * 16, 8), &data(6 * 16, 9))
-        .unwrap();
-    reused.truncate(0);
-    assert_eq!(reused.memory().bytes, 0);
-    let (k, v) = (data(5 * 16, 10), data(5 * 16, 11));
-    fresh.append(0, &k, &v).unwrap();
-    reused.append(0, &k, &v).unwrap();
-    let (mut a, mut c) = (vec![0f32; 5 * 8], vec![0f32; 5 * 8]);
-    fresh.read_values(0, 1, 0..5, &mut a).unwrap();
-    reused.read_values(0, 1, 0..5, &mut c).unwrap();
-    assert_eq!(a, c);
-    assert_eq!(fresh.memory(), reused.memory());
-}
-
-#[test]
 fn rvq_specs_round_trip_and_bad_choices_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cb.safetensors");
