@@ -162,7 +162,7 @@ fn unpackers_agree(bytes: &[u8], bits: u32) -> Result<(), String> {
     if row != expected {
         return Err(format!("unpack_row differs at {bits} bits"));
     }
-    for (level, stream) in rvq::simd::at_each_level(|_| {
+    for (level, stream) in simd::at_each_level(|_| {
         let mut out = vec![0u16; n];
         rvq::pack::unpack_stream(bytes, bits, &mut out);
         out

@@ -29,7 +29,7 @@ pub struct Queries<'a> {
 const QUERY_BLOCK: usize = 256;
 
 /// The codec's row-major kernels: `matmul_bt` = a · bᵀ, `matmul` = a · b (single-threaded).
-pub use rvq::kernels::{dot_products as matmul_bt, matmul};
+pub use simd::matmul::{dot_products as matmul_bt, matmul};
 
 /// Checks the query shape against the cache and returns the number of keys needed.
 pub fn check_queries<C: KvCache + ?Sized>(
@@ -107,7 +107,7 @@ pub(crate) fn check_fused_scores(
 
 /// The loop of a fused score kernel over `n` keys: `key(t, i, folded)` writes key t's folded
 /// dot products with each row into `folded[r][i]` (i = t mod 8); every 8 keys they are summed
-/// by [`rvq::vector::tree_sums8`] and `write(r, t0, sums)` gets row r's sums of keys
+/// by [`simd::vector::tree_sums8`] and `write(r, t0, sums)` gets row r's sums of keys
 /// `t0..t0 + sums.len()`.
 ///
 /// # Safety
@@ -128,7 +128,7 @@ pub(crate) unsafe fn fused_scores_by_eights(
             key(t0 + i, i, &mut folded);
         }
         for (r, folded) in folded.iter().enumerate().take(rows) {
-            rvq::vector::tree_sums8(folded, &mut sums, avx2);
+            simd::vector::tree_sums8(folded, &mut sums, avx2);
             write(r, t0, &sums[..m]);
         }
     }
@@ -494,7 +494,7 @@ impl Context<'_> {
     }
 }
 
-rvq::multiversion! {
+simd::multiversion! {
     /// In place: row[lo..hi] = softmax(row[lo..hi] · scale), zero elsewhere. The maximum and
     /// the sum run over 16 lanes, then a fixed tree; [`exp`] is a polynomial: the loops
     /// vectorize, and every level computes the same bits.
@@ -513,7 +513,7 @@ fn softmax_masked_body(row: &mut [f32], lo: usize, hi: usize, scale: f32) {
     }
 }
 
-rvq::multiversion! {
+simd::multiversion! {
     /// In place: row[lo..hi] = e^(row · scale − max), zero elsewhere; returns (max, Σ) of the
     /// exponentials, with max the largest of row[lo..hi] · scale (−∞ for an empty range, whose
     /// Σ is 0). [`softmax_masked`] divides by Σ; a part of a row's keys keeps both to be
@@ -589,7 +589,7 @@ fn combine_shares(shares: &[PartShare], rows: usize, hd: usize) -> Vec<f32> {
 #[inline(always)]
 fn lane_sum(a: &[f32; SOFTMAX_LANES]) -> f32 {
     let h: [f32; 8] = std::array::from_fn(|l| a[l] + a[l + 8]);
-    rvq::vector::tree_sum8(&h)
+    simd::vector::tree_sum8(&h)
 }
 
 /// e^x for softmax: 2^n · e^r with n = round(x / ln 2) and |r| ≤ ln 2 / 2, e^r by Cephes'
@@ -622,7 +622,7 @@ pub fn exp(x: f32) -> f32 {
 /// with, and are the same bits at every level.
 #[cfg(test)]
 pub(crate) fn check_scores_at_every_level(
-    each: &[(rvq::simd::Level, Vec<f32>)],
+    each: &[(simd::Level, Vec<f32>)],
     want: impl Fn(usize, usize) -> f64,
     (rows, n, stride): (usize, usize, usize),
 ) {
@@ -738,7 +738,7 @@ mod tests {
             let xs: Vec<f64> = row[lo..hi].iter().map(|&s| (s * scale) as f64).collect();
             let max = xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = xs.iter().map(|x| (x - max).exp()).sum();
-            let each = rvq::simd::at_each_level(|_| {
+            let each = simd::at_each_level(|_| {
                 let mut r = row.clone();
                 softmax_masked(&mut r, lo, hi, scale);
                 r

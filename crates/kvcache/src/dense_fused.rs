@@ -5,13 +5,13 @@
 //! copies. Here each key is converted, rotated by RoPE and dotted with every row while it is
 //! in registers, and each value is added with each row's weight as it is loaded — the same
 //! treatment the RVQ cache's codes get ([`crate::rvq::kernels`]), so the two compare fairly.
-//! Written once against [`F32x16`] ([`rvq::dispatch16!`]): every level gives the same bits,
+//! Written once against [`F32x16`] ([`simd::dispatch16!`]): every level gives the same bits,
 //! and the rotation is [`Rope::rotate`]'s arithmetic exactly.
 
 use crate::attention;
 use crate::rope::{Rope, RopeLayout};
 use rvq::lanes::LaneWord;
-use rvq::vector::F32x16;
+use simd::vector::F32x16;
 
 /// Query rows up to which the fused kernels run (as for the RVQ cache).
 pub use crate::attention::FUSED_ROWS;
@@ -40,7 +40,7 @@ pub fn key_scores<E: LaneWord>(
     dense_scores(keys, rope, first_pos, q, scores, stride);
 }
 
-rvq::dispatch16! {
+simd::dispatch16! {
     fn dense_scores<E: LaneWord>(keys: &[E], rope: &Rope, first_pos: usize, q: &[f32], scores: &mut [f32], stride: usize) = dense_scores_body;
 }
 
@@ -158,7 +158,7 @@ pub fn weighted_values<E: LaneWord>(values: &[E], hd: usize, probs: &[f32], out:
     dense_values(values, hd, probs, out);
 }
 
-rvq::dispatch16! {
+simd::dispatch16! {
     fn dense_values<E: LaneWord>(values: &[E], hd: usize, probs: &[f32], out: &mut [f32]) = dense_values_body;
 }
 
@@ -238,7 +238,7 @@ mod tests {
                     let mut rotated = k32.clone();
                     rope.rotate_rows(&mut rotated, first_pos);
                     let stride = n + 3;
-                    let each = rvq::simd::at_each_level(|_| {
+                    let each = simd::at_each_level(|_| {
                         let mut s32 = vec![f32::NAN; rows * stride];
                         let mut s16 = vec![f32::NAN; rows * stride];
                         key_scores(&k32, &rope, first_pos, &q, &mut s32, stride);
@@ -267,7 +267,7 @@ mod tests {
             let n = 37;
             let (v32, v16) = data(&mut rng, n * hd);
             let probs: Vec<f32> = (0..rows * n).map(|_| rng.unit() as f32).collect();
-            let each = rvq::simd::at_each_level(|_| {
+            let each = simd::at_each_level(|_| {
                 let mut o32 = vec![0f32; rows * hd];
                 let mut o16 = vec![0f32; rows * hd];
                 weighted_values(&v32, hd, &probs, &mut o32);

@@ -36,7 +36,7 @@ fn fastest(reps: usize, mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let mut rng = SplitMix64::new(1);
-    println!("SIMD level: {:?}", rvq::simd::level());
+    println!("SIMD level: {:?}", simd::level());
     let qs: Vec<Rvq> = (0..60).map(|_| quantizer(&mut rng, 2048)).collect();
     let x: Vec<f32> = (0..6 * 32).map(|_| rng.normal()).collect();
     let mut codes = vec![0u16; 6 * 8];

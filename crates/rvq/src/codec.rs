@@ -10,10 +10,10 @@ use crate::aligned::LineAligned;
 use crate::kernels::{self, row_norms};
 use crate::lanes::LaneWord;
 use crate::quantizer::{check_vectors, greedy_stage};
-use crate::vector::F32x16;
 use crate::{bits_for, check_finite, Result, Rvq};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use simd::vector::F32x16;
 use std::borrow::Cow;
 use std::ops::Deref;
 
@@ -254,7 +254,7 @@ impl GroupSum for ScaledI8<'_> {
     }
 }
 
-crate::dispatch16! {
+simd::dispatch16! {
     /// `acc` [n, groups·32] = per vector and group the sum of its codewords ([`GroupSum`]),
     /// from `codes` [n, groups·stages]; the caller checked every code < C.
     pub(crate) fn sum_groups_d32<B: GroupSum>(books: B, codes: &[u16], acc: &mut [f32]) = sum_groups_d32_body;
@@ -451,7 +451,7 @@ pub fn assert_codes_below(codes: &[u16], size: usize) {
     assert!(max < size, "code {max} out of range (C = {size})");
 }
 
-crate::multiversion! {
+simd::multiversion! {
     /// The largest of `codes` (0 if none), vectorized where the CPU has an unsigned 16-bit max
     /// (baseline SSE2 has none, and the check showed at 1.4% of an 8K decode step).
     fn largest_code(codes: &[u16]) -> u16 = largest_code_body;
@@ -549,7 +549,7 @@ pub fn add_weighted_codewords<T: LaneWord>(
     }
 }
 
-crate::dispatch16! {
+simd::dispatch16! {
     fn weighted_codewords_d32<T: LaneWord>(book: &[T], weights: RowWeights, out: &mut [f32], stride: usize) = weighted_codewords_d32_body;
 }
 
@@ -608,8 +608,8 @@ unsafe fn weighted_rows_d32<V: F32x16, T: LaneWord, const R: usize>(
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
-    use crate::simd::at_each_level;
     use crate::testkit::random_rvq;
+    use simd::at_each_level;
 
     #[test]
     fn half_rvq_is_the_f32_quantizer_of_its_rounded_codewords() {
@@ -644,7 +644,7 @@ mod tests {
             }
             let groups = 2;
             let codes: Vec<u16> = (0..n * groups * k).map(|_| rng.below(c) as u16).collect();
-            for (level, (got, want)) in crate::simd::at_each_level(|_| {
+            for (level, (got, want)) in simd::at_each_level(|_| {
                 let (mut got, mut want) = (vec![0f32; n * groups * d], vec![0f32; n * groups * d]);
                 half.sum_codewords(groups, &codes, &mut got);
                 Quantizer::sum_codewords(&rounded, groups, &codes, &mut want);
@@ -669,7 +669,7 @@ mod tests {
         for len in [0, 7, 8, 37, all.len()] {
             let src = &all[..len];
             let want: Vec<f32> = src.iter().map(|h| h.to_f32()).collect();
-            for (level, got) in crate::simd::at_each_level(|_| {
+            for (level, got) in simd::at_each_level(|_| {
                 let mut got = vec![0f32; len];
                 f16_to_f32(src, &mut got);
                 got
@@ -765,7 +765,7 @@ mod tests {
                 codes[n - 2] = u16::MAX; // above i16::MAX: a signed max would miss it
             }
             let want = codes.iter().copied().max().unwrap_or(0);
-            for (level, got) in crate::simd::at_each_level(|_| largest_code(&codes)) {
+            for (level, got) in simd::at_each_level(|_| largest_code(&codes)) {
                 assert_eq!(got, want, "{level:?}, n = {n}");
             }
         }

@@ -77,8 +77,8 @@ impl FewVectorEncoder {
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
-    use crate::simd::at_each_level;
     use crate::Rvq;
+    use simd::at_each_level;
 
     /// Slow greedy encoding: exact distances in f64 to the f16-rounded codewords, residuals left
     /// by the f32 ones, stage by stage.

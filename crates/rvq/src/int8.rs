@@ -386,7 +386,7 @@ mod tests {
                 })
                 .collect();
             let mut got = vec![0f32; 2 * d];
-            for (level, got) in crate::simd::at_each_level(|_| {
+            for (level, got) in simd::at_each_level(|_| {
                 q.sum_codewords(2, &codes, &mut got);
                 got.clone()
             }) {
@@ -409,7 +409,7 @@ mod tests {
             let n = 23;
             let codes: Vec<u16> = (0..n * groups * 4).map(|_| rng.below(300) as u16).collect();
             let (mut a, mut b) = (vec![0f32; n * groups * d], vec![0f32; n * groups * d]);
-            let each = crate::simd::at_each_level(|_| {
+            let each = simd::at_each_level(|_| {
                 q.sum_codewords(groups, &codes, &mut a);
                 a.clone()
             });

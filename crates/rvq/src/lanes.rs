@@ -9,7 +9,7 @@
 //! (half the bytes; the distances are then to the f16-rounded codewords).
 
 use crate::kernels::row_norms;
-use crate::vector::F32x16;
+use simd::vector::F32x16;
 
 /// Codewords side by side in one lane group.
 pub const LANES: usize = 16;
@@ -24,11 +24,11 @@ pub const DIM: usize = 32;
 
 /// Whether the lane kernel runs here for vectors of dimension `d`: d = 32 and the CPU has AVX2,
 /// FMA and F16C, unless `RVQ_KV_SIMD` asks for portable code. Decided once per process, not by
-/// [`crate::simd::force`]: the lane kernel sums in another order than the matrix product, so a
+/// [`simd::force`]: the lane kernel sums in another order than the matrix product, so a
 /// level forced mid-run (tests do) must not switch between them under a running computation.
 pub fn available(d: usize) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    d == DIM && *ON.get_or_init(|| crate::simd::configured() >= crate::simd::Level::Avx2)
+    d == DIM && *ON.get_or_init(|| simd::configured() >= simd::Level::Avx2)
 }
 
 /// What a lane holds: f32, or f16 for half the bytes.
@@ -326,7 +326,7 @@ pub(crate) fn nearest_reference(book: &[f32], x: &[f32]) -> u32 {
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
-    use crate::simd::at_each_level;
+    use simd::at_each_level;
 
     /// Slow nearest codeword: exact distances in f64 to the codewords as the lanes store them.
     fn reference<T: LaneWord>(book: &[f32], x: &[f32]) -> u32 {

@@ -290,7 +290,7 @@ impl VectorLayout {
     }
 }
 
-crate::multiversion! {
+simd::multiversion! {
     /// `acc` [n, groups·d] = for every vector and group, Σ over stages of the codeword its code
     /// names, where `codes` is [n, groups·stages] (group-major). No scale, no channel order: the
     /// sums in group order, stage 0 first. One group at a time with its sum held in registers
@@ -443,7 +443,7 @@ mod tests {
             let row = layout.groups() * k;
             let codes: Vec<u16> = (0..n * row).map(|_| rng.below(c) as u16).collect();
             let scales: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32).collect();
-            let each = crate::simd::at_each_level(|_| {
+            let each = simd::at_each_level(|_| {
                 let mut fast = vec![0f32; n * vd];
                 layout.decode_rows(&rvq, &scales, &codes, &mut fast);
                 fast

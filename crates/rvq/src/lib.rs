@@ -25,12 +25,8 @@ pub mod rng;
 pub mod row_search;
 pub mod testkit;
 pub mod train;
-pub mod vector;
-pub mod vnni_search;
 
-/// The instruction-set dispatch, re-exported so `rvq::simd` and `rvq::multiversion!` keep working.
-pub use simd;
-pub use simd::multiversion;
+pub mod vnni_search;
 
 pub use codec::{Codewords, GroupSum, HalfRvq, Quantizer, ScaledI8};
 pub use int8::I8Rvq;

@@ -55,13 +55,13 @@ pub fn unpack_stream(bytes: &[u8], bits: u32, out: &mut [u16]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if bits <= 16 {
-        let level = crate::simd::level();
-        if level == crate::simd::Level::Avx512 && std::is_x86_feature_detected!("avx512vbmi") {
+        let level = simd::level();
+        if level == simd::Level::Avx512 && std::is_x86_feature_detected!("avx512vbmi") {
             // SAFETY: AVX-512 F/BW (the level never exceeds what the CPU has) and VBMI are
             // present; the kernel reads only within `bytes` and writes only within `out`.
             done = unsafe { unpack_sixteens_vbmi(bytes, bits, out) };
         }
-        if level >= crate::simd::Level::Avx2 {
+        if level >= simd::Level::Avx2 {
             // Whole groups of sixteen start on a byte, so the rest is a stream of its own.
             let at = done * bits as usize / 8;
             // SAFETY: AVX2 is present; as above.
@@ -315,7 +315,7 @@ mod tests {
                 unpack_bits(&packed.bytes[r * rb..(r + 1) * rb], bits, 0, w);
             }
             prop_assert_eq!(&want[..], &all[first * cpr..(first + n) * cpr]);
-            for (level, got) in crate::simd::at_each_level(|_| {
+            for (level, got) in simd::at_each_level(|_| {
                 let mut got = vec![0u16; n * cpr];
                 packed.get_rows(first, n, &mut got);
                 got

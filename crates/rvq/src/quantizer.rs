@@ -1,9 +1,10 @@
 //! The residual quantizer: K codebooks of C codewords of dimension d.
 
-use crate::kernels::{self, dot_products, row_norms};
+use crate::kernels::{self, row_norms};
 use crate::lanes::{self, LaneBook};
 use crate::{bits_for, check_finite, Result, RvqError};
 use rayon::prelude::*;
+use simd::matmul::dot_products;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rvq {
@@ -463,7 +464,7 @@ mod tests {
         let want: Vec<u16> = (0..6)
             .flat_map(|i| reference_greedy(&q, &x[i * d..(i + 1) * d]))
             .collect();
-        for (level, codes) in crate::simd::at_each_level(|_| {
+        for (level, codes) in simd::at_each_level(|_| {
             let mut codes = vec![0u16; 6 * k];
             q.encode(&x, 1, &mut codes).unwrap();
             codes
@@ -483,7 +484,7 @@ mod tests {
         let want: Vec<u16> = (0..n)
             .flat_map(|i| reference_greedy(&q, &x[i * d..(i + 1) * d]))
             .collect();
-        for (level, codes) in crate::simd::at_each_level(|_| {
+        for (level, codes) in simd::at_each_level(|_| {
             let mut codes = vec![0u16; n * k];
             q.encode(&x, 1, &mut codes).unwrap();
             codes

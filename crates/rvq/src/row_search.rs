@@ -121,7 +121,7 @@ const WIDE_ROWS: usize = 6;
 /// Whether the AVX-512 kernel runs: decided once per process, like [`available`].
 fn wide() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| crate::simd::configured() >= crate::simd::Level::Avx512)
+    *ON.get_or_init(|| simd::configured() >= simd::Level::Avx512)
 }
 
 /// Best codes of the `R` vectors of `x` ([R, 32]) with AVX-512, in exactly the AVX2 kernels'
@@ -313,7 +313,7 @@ unsafe fn nearest_pair_avx2<T: LaneWord>(
 /// product, then multiply-adds over chunks s = 1..4 (x[8s + l]·c[8s + l]), then [`tree_sum8`]
 /// over the lanes. For kernels that choose candidates another way and must agree with these.
 ///
-/// [`tree_sum8`]: crate::vector::tree_sum8
+/// [`tree_sum8`]: simd::vector::tree_sum8
 #[inline(always)]
 pub fn score<T: LaneWord>(x: &[f32], word: &[T], norm: f32) -> f32 {
     let mut lanes = [0f32; 8];
@@ -323,7 +323,7 @@ pub fn score<T: LaneWord>(x: &[f32], word: &[T], norm: f32) -> f32 {
             *lane = x[8 * s + l].mul_add(word[8 * s + l].to_f32(), *lane);
         }
     }
-    norm - 2.0 * crate::vector::tree_sum8(&lanes)
+    norm - 2.0 * simd::vector::tree_sum8(&lanes)
 }
 
 /// The best of a vector's lanes (value, codeword index), ties to the lower index, then of the
@@ -384,7 +384,7 @@ unsafe fn nearest_one_avx2<T: LaneWord>(
             *acc = _mm256_fmadd_ps(xs[3], T::load8(w.add(24)), *acc);
         }
         // Lane t = the dot product with codeword c0 + t.
-        let dots = crate::vector::hadd_tree8(&acc);
+        let dots = simd::vector::hadd_tree8(&acc);
         let norm = _mm256_loadu_ps(norms.as_ptr().add(c0));
         let v = _mm256_fnmadd_ps(two, dots, norm); // ‖c‖² − 2·x·c
         let idx = _mm256_add_epi32(_mm256_set1_epi32(c0 as i32), step);
@@ -436,7 +436,7 @@ mod tests {
 
     #[test]
     fn the_avx512_kernel_finds_the_avx2_kernels_codes_bit_for_bit() {
-        if crate::simd::detected() < crate::simd::Level::Avx512 {
+        if simd::detected() < simd::Level::Avx512 {
             eprintln!("no AVX-512 here: nothing to compare the AVX2 kernels with");
             return;
         }

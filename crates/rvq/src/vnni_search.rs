@@ -61,7 +61,7 @@ pub fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            crate::simd::configured() >= crate::simd::Level::Avx512
+            simd::configured() >= simd::Level::Avx512
                 && has!("avx512vnni")
                 && row_search::available(DIM)
         }

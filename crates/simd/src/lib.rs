@@ -8,6 +8,9 @@
 //! environment variable (`avx512`, `avx2`, `portable`), or by [`force`] — which is how the tests
 //! run the portable build on a machine that has AVX-512.
 
+pub mod matmul;
+pub mod vector;
+
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Instruction-set level of the compiled loop versions.

@@ -7,13 +7,13 @@
 //! dotted in registers, with nothing written but its scores. Values: each stage's codes turn
 //! the attention weights into a histogram over its codebook, and one product per stage with
 //! the codebook gives the output.
-//! The loops are compiled per instruction set ([`rvq::multiversion!`], [`rvq::dispatch16!`]).
+//! The loops are compiled per instruction set ([`simd::multiversion!`], [`simd::dispatch16!`]).
 
 use crate::attention;
 use crate::rope::{GroupRope, Rope};
-use rvq::kernels::dot_products;
-use rvq::vector::F32x16;
 use rvq::{Codewords, GroupSum, Quantizer};
+use simd::matmul::dot_products;
+use simd::vector::F32x16;
 
 // Keys decoded per pass, as many as attention asks for at once: their sums ([KEY_BLOCK,
 // head_dim] f32, 64 KB at head_dim 64) stay in L2 while being rotated and multiplied.
@@ -83,7 +83,7 @@ pub fn fuses(rvq: &dyn Quantizer, group_rope: &GroupRope) -> bool {
 /// pair rotated (x·cos − y·sin, x·sin + y·cos, each one multiply and one fused multiply-add),
 /// dotted with every row as x'₀·q₀, then + x'₁·q₁, + y'₀·q₂, + y'₁·q₃ (fused multiply-adds) over
 /// 16-lane quarters, folded to 8 lanes and summed for 8 keys at once by
-/// [`rvq::vector::tree_sums8`], then scaled. Every level computes exactly this, so all give the
+/// [`simd::vector::tree_sums8`], then scaled. Every level computes exactly this, so all give the
 /// same bits.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_key_scores(
@@ -117,7 +117,7 @@ pub fn fused_key_scores(
     }
 }
 
-rvq::dispatch16! {
+simd::dispatch16! {
     fn fused_scores<B: GroupSum>(books: B, rope: &Rope, codes: &[u16], scales: &[f32], first_pos: usize, q: &[f32], scores: &mut [f32], stride: usize) = fused_scores_body;
 }
 
@@ -208,7 +208,7 @@ unsafe fn fused_scores_stages<V: F32x16, B: GroupSum, const K: usize, const R: u
     attention::fused_scores_by_eights(avx2, n, rows, key, write);
 }
 
-rvq::multiversion! {
+simd::multiversion! {
     /// [`key_scores`] block by block: a block's keys summed into memory, scaled, rotated, then
     /// multiplied with all rows at once.
     fn key_scores_blocks(
@@ -301,7 +301,7 @@ pub fn fused_value_sums(
     }
 }
 
-rvq::dispatch16! {
+simd::dispatch16! {
     fn value_sums<B: GroupSum>(books: B, groups: usize, codes: &[u16], weights: &[f32], rows: usize, sums: &mut [f32]) = value_sums_body;
 }
 
@@ -384,7 +384,7 @@ pub fn histogram_len(rvq: &dyn Quantizer, groups: usize, rows: usize) -> usize {
     rvq.stages() * groups * rvq.size() * rows.next_multiple_of(HIST_LANES)
 }
 
-rvq::multiversion! {
+simd::multiversion! {
     /// Accumulates `hist[(stage·groups + g)·C + code][r] += weights[t][r]` over the codes of
     /// tokens t (`codes` [n, groups·stages]; `weights` [n, lanes]: attention weight times scale,
     /// rows padded with zeros to the lanes of [`histogram_len`]).
@@ -569,7 +569,7 @@ mod tests {
                 (&half, &want),
                 (&int8, &want_int8),
             ] {
-                let mut each = rvq::simd::at_each_level(|_| {
+                let mut each = simd::at_each_level(|_| {
                     let mut scores = vec![f32::NAN; rows * stride];
                     key_scores(
                         quantizer,
@@ -653,7 +653,7 @@ mod tests {
                 (&half, &want),
                 (&int8, &want_int8),
             ] {
-                let each = rvq::simd::at_each_level(|_| {
+                let each = simd::at_each_level(|_| {
                     let mut sums = vec![0f32; rows * groups * 32];
                     fused_value_sums(quantizer, groups, &codes, &weights, &mut sums);
                     sums

@@ -255,7 +255,7 @@ fn fused_keys_and_fused_or_histogram_values_equal_dense_attention_at_every_level
                     // Dense reads (`read` → RoPE → products): an independent reference.
                     let mut want = vec![0f32; rows * 384];
                     attention::dense_attention(&reference_cache, 0, &queries, &mut want).unwrap();
-                    let each = rvq::simd::at_each_level(|_| {
+                    let each = simd::at_each_level(|_| {
                         let mut out = vec![0f32; rows * 384];
                         fast.attend(0, &queries, &mut out).unwrap();
                         out

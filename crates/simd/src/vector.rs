@@ -1,7 +1,7 @@
 //! Sixteen f32 lanes as one AVX-512 register, two AVX2 registers or a plain array.
 //!
 //! A hot loop written once against [`F32x16`] and compiled by [`dispatch16!`](crate::dispatch16)
-//! runs at every [`Level`](crate::simd::Level) with the same operations lane for lane, so every
+//! runs at every [`Level`](crate::Level) with the same operations lane for lane, so every
 //! level gives the same bits: adds, multiplies and subtractions are separate or fused into one
 //! rounding at every level alike ([`F32x16::mul_add`]), the i8 codeword
 //! sums ([`F32x16::sum_i8_multiples`]) are exact integer arithmetic before one product, and the
@@ -9,7 +9,7 @@
 //!
 //! Where a whole AVX-512 register pays: a d = 32 codeword is two registers instead of four,
 //! and an f16 codeword converts with two instructions instead of four. Codeword element types
-//! load through [`LaneWord::load16`](crate::lanes::LaneWord::load16).
+//! load through [`LaneWord::load16`](../rvq/lanes/struct.LaneWord.html).
 
 use half::f16;
 
@@ -429,7 +429,7 @@ mod x86 {
 
 /// Defines `fn $name<generics>(args) -> ret` that runs `$body::<V, generics>(args)` — an
 /// `#[inline(always)] unsafe fn` generic over `V: F32x16` — with `V` the lane type of
-/// [`level()`](crate::simd::level), compiled for that level. The body receives `avx2: bool`
+/// [`level()`](crate::level), compiled for that level. The body receives `avx2: bool`
 /// as its first argument (whether [`tree_sums8`] may use AVX2).
 ///
 /// The caller of the defined function vouches for what the body's `unsafe` needs besides the
@@ -454,12 +454,12 @@ macro_rules! dispatch16 {
                 unsafe fn avx2 $(<$($g: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? {
                     $body::<$crate::vector::Avx2 $($(, $g)*)?>(true, $($arg),*)
                 }
-                match $crate::simd::level() {
+                match $crate::level() {
                     // SAFETY: `level()` never exceeds what the CPU reports.
-                    $crate::simd::Level::Avx512 => return unsafe { avx512 $(::<$($g),*>)? ($($arg),*) },
+                    $crate::Level::Avx512 => return unsafe { avx512 $(::<$($g),*>)? ($($arg),*) },
                     // SAFETY: as above.
-                    $crate::simd::Level::Avx2 => return unsafe { avx2 $(::<$($g),*>)? ($($arg),*) },
-                    $crate::simd::Level::Portable => {}
+                    $crate::Level::Avx2 => return unsafe { avx2 $(::<$($g),*>)? ($($arg),*) },
+                    $crate::Level::Portable => {}
                 }
             }
             // SAFETY: portable lanes need no instruction set beyond the baseline.
@@ -471,7 +471,8 @@ macro_rules! dispatch16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::SplitMix64;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     /// Every operation of every lane type against plain scalar arithmetic.
     #[inline(always)]
@@ -526,16 +527,17 @@ mod tests {
 
     #[test]
     fn every_level_computes_the_scalar_definition() {
-        let mut rng = SplitMix64::new(4);
-        let a: Vec<f32> = (0..16).map(|_| rng.normal()).collect();
-        let b: Vec<f32> = (0..16).map(|_| rng.normal()).collect();
-        let h: Vec<f16> = (0..16).map(|_| f16::from_f32(rng.normal())).collect();
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut value = || rng.random_range(-2.0f32..2.0);
+        let a: Vec<f32> = (0..16).map(|_| value()).collect();
+        let b: Vec<f32> = (0..16).map(|_| value()).collect();
+        let h: Vec<f16> = (0..16).map(|_| f16::from_f32(value())).collect();
         // Both ends of i8's range, then random values.
         let i: Vec<i8> = (0..16)
             .map(|l| match l {
                 0 => i8::MIN,
                 1 => i8::MAX,
-                _ => rng.below(256) as u8 as i8,
+                _ => rng.random::<i8>(),
             })
             .collect();
         let z: Vec<f32> = (0..16)
@@ -554,10 +556,10 @@ mod tests {
         want.extend((0..16).map(|l| z[l ^ 1]));
         want.extend((0..16).map(|l| z[l / 2]));
         want.extend((0..16).map(|l| z[8 + l / 2]));
-        let each = crate::simd::at_each_level(|_| exercise_at_level(&a, &b, &h, &i));
+        let each = crate::at_each_level(|_| exercise_at_level(&a, &b, &h, &i));
         for (level, got) in &each {
             assert_eq!(got, &want, "{level:?}");
         }
-        assert_eq!(each.len(), crate::simd::detected() as usize);
+        assert_eq!(each.len(), crate::detected() as usize);
     }
 }
