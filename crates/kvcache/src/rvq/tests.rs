@@ -34,6 +34,20 @@ fn books(seed: u64) -> Codebooks {
     crate::testkit::codebooks_for(identity(), 4, || random_rvq(&mut rng, 4, 5, 3))
 }
 
+/// `cache` holding layer 0's `k` and `v` ([tokens, 128] each): the first `prefill` positions in
+/// one append (the batch encoder), then one position per append (a decode step's encoder).
+fn prefilled_then_decoded(mut cache: RvqCache, k: &[f32], v: &[f32], prefill: usize) -> RvqCache {
+    let row = 128;
+    cache
+        .append(0, &k[..prefill * row], &v[..prefill * row])
+        .unwrap();
+    for t in prefill..k.len() / row {
+        let at = t * row..(t + 1) * row;
+        cache.append(0, &k[at.clone()], &v[at]).unwrap();
+    }
+    cache
+}
+
 /// The default kernels but for the value path.
 fn values_by(values: ValuePath) -> KernelPaths {
     KernelPaths {
@@ -350,14 +364,8 @@ fn f16_books_are_the_f32_books_rounded_to_f16_at_half_the_bytes() {
             },
             ..RvqOptions::default()
         };
-        let mut c = RvqCache::new(shape, rope.clone(), Arc::new(b), o, "x".into()).unwrap();
-        // A prefill (the batch encoder), then decode steps (the few-vector one).
-        c.append(0, &k[..290 * 128], &v[..290 * 128]).unwrap();
-        for t in 290..tokens {
-            let at = t * 128..(t + 1) * 128;
-            c.append(0, &k[at.clone()], &v[at]).unwrap();
-        }
-        c
+        let c = RvqCache::new(shape, rope.clone(), Arc::new(b), o, "x".into()).unwrap();
+        prefilled_then_decoded(c, &k, &v, 290)
     };
     let (mut half, mut full) = (cache_with(true), cache_with(false));
     assert!(full.spec().ends_with(",books=f32"));
@@ -405,14 +413,8 @@ fn i8_books_attend_as_the_f32_books_of_their_dequantized_codewords() {
             books,
             ..RvqOptions::default()
         };
-        let mut c = RvqCache::new(shape, rope.clone(), Arc::new(b), o, "x".into()).unwrap();
-        // A prefill (the batch encoder), then decode steps (the few-vector search on i8).
-        c.append(0, &k[..290 * 128], &v[..290 * 128]).unwrap();
-        for t in 290..tokens {
-            let at = t * 128..(t + 1) * 128;
-            c.append(0, &k[at.clone()], &v[at]).unwrap();
-        }
-        c
+        let c = RvqCache::new(shape, rope.clone(), Arc::new(b), o, "x".into()).unwrap();
+        prefilled_then_decoded(c, &k, &v, 290)
     };
     let mut int8 = cache_with(b, BookPrecision::I8);
     let mut full = cache_with(dequantized, BookPrecision::F32);
