@@ -384,6 +384,21 @@ const CATALOGUE: &[Row] = &[
     row("ppl --text {binary.txt}", 1, "is not UTF-8"),
     row("ppl --text {adir}", 1, "is a folder, not a text file"),
     row(
+        "ppl --text {short.txt} --skip-tokens 1000",
+        1,
+        "--skip-tokens 1000",
+    ),
+    row(
+        "compare --text {short.txt} --skip-tokens 1000 --cache f16",
+        1,
+        "has only",
+    ),
+    row(
+        "calibrate --text {short.txt} --text {empty.txt} --out {new.safetensors}",
+        1,
+        "is empty",
+    ),
+    row(
         "generate --prompt-file /dev/zero -n 2",
         1,
         "more than 256 MiB",

@@ -15,9 +15,11 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// Calibration text (default: exllamav2's wiki.utf8, fetched on first use). Never the eval text.
+    /// Calibration text (default: exllamav2's wiki.utf8, fetched on first use); repeat it to
+    /// calibrate on a mix, with an equal share of --tokens from the start of each. Never the
+    /// eval text.
     #[arg(long)]
-    text: Option<PathBuf>,
+    text: Vec<PathBuf>,
     /// Output codebooks file
     #[arg(long, short = 'o')]
     out: PathBuf,
@@ -95,9 +97,9 @@ pub fn run(a: Args) -> Result<()> {
         "v" => (false, true),
         o => bail!("--quantize {o}: expected kv, k or v"),
     };
-    let text_path = match &a.text {
-        Some(p) => p.clone(),
-        None => assets::ensure_calib(&assets::home(), "wiki.utf8")?,
+    let text_paths = match a.text.as_slice() {
+        [] => vec![assets::ensure_calib(&assets::home(), "wiki.utf8")?],
+        paths => paths.to_vec(),
     };
     let train = TrainConfig {
         dim: a.group_dim,
@@ -116,8 +118,7 @@ pub fn run(a: Args) -> Result<()> {
     train.validate()?;
     super::common::check_writable(&a.out, "--out")?;
     let model = a.model.load()?;
-    let text = eval::text::read_text(&text_path)?;
-    let tokens = model.tokenizer.encode(&text, true)?;
+    let tokens = mixed_tokens(&model, &text_paths, a.tokens)?;
     let cfg = CalibConfig {
         tokens: a.tokens,
         ctx: a.ctx.min(model.context_len()),
@@ -129,7 +130,11 @@ pub fn run(a: Args) -> Result<()> {
         scaled: !a.no_scale,
         rotate: a.rotate,
         skip_layers: a.skip_layers,
-        text: text_path.display().to_string(),
+        text: text_paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" + "),
     };
     let (books, times) = calibrate(&model, &tokens, &cfg, false)?;
     books.save(&a.out)?;
@@ -166,4 +171,17 @@ pub fn run(a: Args) -> Result<()> {
         last_mse.join(" ")
     );
     Ok(())
+}
+
+/// The first `tokens / n` tokens of each of the `n` texts, one after the other (all of one text
+/// when it is shorter than its share).
+fn mixed_tokens(model: &llm::Model, paths: &[PathBuf], tokens: usize) -> Result<Vec<u32>> {
+    let share = tokens.div_ceil(paths.len());
+    let mut mixed = Vec::with_capacity(tokens);
+    for path in paths {
+        let text = eval::text::read_text(path)?;
+        let ids = model.tokenizer.encode(&text, true)?;
+        mixed.extend_from_slice(&ids[..share.min(ids.len())]);
+    }
+    Ok(mixed)
 }

@@ -145,11 +145,50 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
-/// The text to measure: a path, or sotu-eval when none is given.
-pub fn eval_text(path: &Option<PathBuf>) -> Result<PathBuf> {
-    match path {
-        Some(p) => Ok(p.clone()),
-        None => assets::ensure_eval_text(&assets::home()),
+/// The text a measuring command reads, and where in it to start.
+#[derive(clap::Args)]
+pub struct TextArgs {
+    /// Text to measure (default: sotu-eval, fetched on first use)
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Start this many tokens into the text, e.g. to measure a calibration text on the part
+    /// that calibration did not read
+    #[arg(long, default_value_t = 0)]
+    skip_tokens: usize,
+}
+
+impl TextArgs {
+    pub fn path(&self) -> Result<PathBuf> {
+        match &self.text {
+            Some(p) => Ok(p.clone()),
+            None => assets::ensure_eval_text(&assets::home()),
+        }
+    }
+
+    /// The text as reports name it: its path, and where measuring started if not at the start.
+    pub fn describe(&self) -> Result<String> {
+        let path = self.path()?.display().to_string();
+        Ok(match self.skip_tokens {
+            0 => path,
+            n => format!("{path} from token {n}"),
+        })
+    }
+
+    /// The text's tokens from `--skip-tokens` on.
+    pub fn tokens(&self, model: &Model) -> Result<Vec<u32>> {
+        let path = self.path()?;
+        let text = eval::text::read_text(&path)?;
+        let mut tokens = model.tokenizer.encode(&text, true)?;
+        if self.skip_tokens >= tokens.len() {
+            bail!(
+                "--skip-tokens {}: {} has only {} tokens",
+                self.skip_tokens,
+                path.display(),
+                tokens.len()
+            );
+        }
+        tokens.drain(..self.skip_tokens);
+        Ok(tokens)
     }
 }
 

@@ -1,4 +1,4 @@
-use super::common::{eval_text, print_json, ModelArgs};
+use super::common::{print_json, ModelArgs, TextArgs};
 use anyhow::{Context, Result};
 use eval::compare::{compare, with_reference, CompareOptions, CompareReport};
 use eval::ppl::Protocol;
@@ -21,9 +21,8 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// Text to measure (default: sotu-eval, fetched on first use)
-    #[arg(long)]
-    text: Option<PathBuf>,
+    #[command(flatten)]
+    text: TextArgs,
     /// A cache spec to run (repeatable); replaces the default list of scalar baselines
     #[arg(long = "cache", value_name = "SPEC")]
     caches: Vec<String>,
@@ -79,9 +78,7 @@ pub fn run(a: Args) -> Result<()> {
         super::common::check_writable(p, "--plot")?;
     }
     let model = a.model.load()?;
-    let text_path = eval_text(&a.text)?;
-    let text = eval::text::read_text(&text_path)?;
-    let tokens = model.tokenizer.encode(&text, true)?;
+    let tokens = a.text.tokens(&model)?;
     let used = a.max_tokens.min(tokens.len());
     eprintln!(
         "rvq-kv: comparing {} caches at ctx {:?} on {used} tokens",
@@ -115,7 +112,7 @@ pub fn run(a: Args) -> Result<()> {
     })?;
     let report = CompareReport {
         model: a.model.path()?.display().to_string(),
-        text: text_path.display().to_string(),
+        text: a.text.describe()?,
         protocol: a.protocol,
         tokens: used,
         rows,

@@ -1,7 +1,6 @@
-use super::common::{eval_text, print_json, ModelArgs};
+use super::common::{print_json, ModelArgs, TextArgs};
 use anyhow::Result;
 use eval::ppl::{perplexity, PplOptions, Protocol};
-use std::path::PathBuf;
 
 #[derive(clap::Args)]
 #[command(
@@ -11,9 +10,8 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// Text to measure (default: sotu-eval, fetched on first use)
-    #[arg(long)]
-    text: Option<PathBuf>,
+    #[command(flatten)]
+    text: TextArgs,
     /// KV cache spec (see `rvq-kv --help`): f16, q8_0, q4_0,rot, int8, fp8, kivi2, rvq:FILE, …
     #[arg(long, default_value = "f16")]
     cache: String,
@@ -43,8 +41,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(reference) = &a.kld {
         model.new_cache(reference)?;
     }
-    let text = eval::text::read_text(&eval_text(&a.text)?)?;
-    let tokens = model.tokenizer.encode(&text, true)?;
+    let tokens = a.text.tokens(&model)?;
     let opts = PplOptions {
         ctx: a.ctx,
         max_tokens: a.max_tokens,
