@@ -1,7 +1,10 @@
 //! Rotary position embedding applied to keys when they are read from a cache.
 //!
 //! Caches store keys *before* RoPE (the paper quantizes pre-RoPE keys); attention rotates them
-//! at their position on the way out. The cos/sin table is computed once per model.
+//! at their position on the way out. The cos/sin table is computed once per model, a block of
+//! positions at a time as they are first reached.
+
+use std::sync::OnceLock;
 
 /// How channel pairs are formed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -69,16 +72,25 @@ impl From<Rope> for LayerRopes {
     }
 }
 
-/// Precomputed rotation table for positions `0..max_positions`.
+/// Positions per block of the rotation table.
+const CHUNK: usize = 1024;
+
+/// cos and sin of one block's positions, [CHUNK, head_dim / 2] each.
+type Block = (Box<[f32]>, Box<[f32]>);
+
+/// Rotation table for positions `0..max_positions`, computed a block of [`CHUNK`] positions at
+/// a time on first use: a model trained to 32K positions holds no table for positions its
+/// conversations never reach (Gemma 3's two 32K tables would be 67 MB).
 #[derive(Clone, Debug)]
 pub struct Rope {
     head_dim: usize,
     layout: RopeLayout,
     theta: f32,
     max_positions: usize,
-    // [max_positions, head_dim / 2]
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// [head_dim / 2]: theta^(-2i/d)
+    inv_freq: Vec<f32>,
+    /// [ceil(max_positions / CHUNK)]
+    chunks: Vec<OnceLock<Block>>,
 }
 
 impl Rope {
@@ -89,23 +101,33 @@ impl Rope {
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
             .collect();
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for pos in 0..max_positions {
-            for &f in &inv_freq {
-                let angle = pos as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
         Self {
             head_dim,
             layout,
             theta,
             max_positions,
-            cos,
-            sin,
+            inv_freq,
+            chunks: (0..max_positions.div_ceil(CHUNK))
+                .map(|_| OnceLock::new())
+                .collect(),
         }
+    }
+
+    /// Block `chunk`, computed on first use.
+    fn chunk(&self, chunk: usize) -> &Block {
+        self.chunks[chunk].get_or_init(|| {
+            let half = self.head_dim / 2;
+            let mut cos = Vec::with_capacity(CHUNK * half);
+            let mut sin = Vec::with_capacity(CHUNK * half);
+            for pos in chunk * CHUNK..(chunk + 1) * CHUNK {
+                for &f in &self.inv_freq {
+                    let angle = pos as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+            (cos.into(), sin.into())
+        })
     }
 
     pub fn head_dim(&self) -> usize {
@@ -125,8 +147,7 @@ impl Rope {
     #[inline]
     pub fn rotate(&self, x: &mut [f32], pos: usize) {
         let half = self.head_dim / 2;
-        let cos = &self.cos[pos * half..(pos + 1) * half];
-        let sin = &self.sin[pos * half..(pos + 1) * half];
+        let (cos, sin) = self.angles(pos);
         match self.layout {
             RopeLayout::Interleaved => {
                 for i in 0..half {
@@ -150,8 +171,7 @@ impl Rope {
     #[inline]
     pub fn unrotate(&self, x: &mut [f32], pos: usize) {
         let half = self.head_dim / 2;
-        let cos = &self.cos[pos * half..(pos + 1) * half];
-        let sin = &self.sin[pos * half..(pos + 1) * half];
+        let (cos, sin) = self.angles(pos);
         let pair = |a: f32, b: f32, i: usize| (a * cos[i] + b * sin[i], b * cos[i] - a * sin[i]);
         match self.layout {
             RopeLayout::Interleaved => {
@@ -171,11 +191,15 @@ impl Rope {
     /// cos and sin of every pair's angle at `pos` ([head_dim / 2] each).
     #[inline]
     pub fn angles(&self, pos: usize) -> (&[f32], &[f32]) {
+        assert!(
+            pos < self.max_positions,
+            "position {pos} past the RoPE table ({} positions)",
+            self.max_positions
+        );
         let half = self.head_dim / 2;
-        (
-            &self.cos[pos * half..(pos + 1) * half],
-            &self.sin[pos * half..(pos + 1) * half],
-        )
+        let (cos, sin) = self.chunk(pos / CHUNK);
+        let at = (pos % CHUNK) * half;
+        (&cos[at..at + half], &sin[at..at + half])
     }
 
     /// The channel pairs `(a, b, angle)` this layout rotates: a' = a·cos − b·sin,
