@@ -10,6 +10,7 @@ use crate::aligned::LineAligned;
 use crate::kernels::{self, row_norms};
 use crate::lanes::LaneWord;
 use crate::quantizer::{check_vectors, greedy_stage};
+use crate::search::{self, Kernel};
 use crate::{bits_for, check_finite, Result, Rvq};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -323,7 +324,7 @@ impl HalfRvq {
     /// an f32 scratch and searched as [`Rvq`] searches its own.
     fn encode_few_greedy(&self, x: &[f32], codes: &mut [u16]) {
         let (d, k) = (self.dim, self.stages());
-        if crate::row_search::available(d) {
+        if search::kernel(d, x.len() / d) == Kernel::Rows {
             return crate::row_search::encode_greedy(&self.codebooks, &self.norms, x, codes);
         }
         let mut residual = x.to_vec(); // [m, d]
@@ -408,7 +409,7 @@ pub(crate) fn encode_held(
     check_vectors(d, q.stages(), x, codes.len(), "vectors to encode")?;
     check_finite(x, "vectors to encode")?;
     let n = x.len() / d;
-    let lanes = n >= crate::lanes::MIN_BATCH && crate::lanes::available(d);
+    let lanes = search::kernel(d, n) == Kernel::Lanes;
     match few {
         Some(few) if beam == 1 && n <= kernels::BLOCK && !lanes => {
             few(x, codes);

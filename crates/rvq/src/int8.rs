@@ -23,6 +23,7 @@ use crate::codec::{
 };
 use crate::kernels::row_norms;
 use crate::lanes::LaneWord;
+use crate::search::{self, Kernel};
 use crate::vnni_search::{self, StageBound};
 use crate::{Result, Rvq};
 use std::borrow::Cow;
@@ -258,7 +259,8 @@ impl Quantizer for I8Rvq {
     fn encode(&self, x: &[f32], beam: usize, codes: &mut [u16]) -> Result<()> {
         // A decode step's few vectors search the i8 codewords as held where the row search runs.
         let few = |x: &[f32], codes: &mut [u16]| self.encode_few_greedy(x, codes);
-        let few = crate::row_search::available(self.dim).then_some(&few as _);
+        let rows = search::kernel(self.dim, x.len() / self.dim) == Kernel::Rows;
+        let few = rows.then_some(&few as _);
         encode_held(self, x, beam, codes, few, || self.to_rvq())
     }
     fn sum_codewords(&self, groups: usize, codes: &[u16], acc: &mut [f32]) {

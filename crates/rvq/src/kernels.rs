@@ -2,7 +2,8 @@
 //! blocked matrix product per block of vectors and the codeword norms precomputed — or, for
 //! batches of d = 32 vectors on a CPU with AVX2, from the [`crate::lanes`] kernel.
 
-use crate::lanes::{self, LaneBook};
+use crate::lanes::LaneBook;
+use crate::search::{self, Kernel};
 use rayon::prelude::*;
 use simd::matmul::dot_products;
 
@@ -24,7 +25,8 @@ pub fn nearest(x: &[f32], d: usize, codebook: &[f32], norms: &[f32]) -> (Vec<u32
     let c = norms.len();
     let mut idx = vec![0u32; n];
     let mut dist = vec![0f32; n];
-    if n >= lanes::MIN_BATCH && lanes::available(d) {
+    // Training searches batches; fewer vectors than a lane batch take the matrix product.
+    if search::kernel(d, n) == Kernel::Lanes {
         let book = LaneBook::<f32>::new(codebook, d).expect("d = 32, checked above");
         idx.par_chunks_mut(BLOCK)
             .zip(dist.par_chunks_mut(BLOCK))

@@ -23,6 +23,7 @@ pub mod pack;
 mod quantizer;
 pub mod rng;
 pub mod row_search;
+pub mod search;
 pub mod testkit;
 pub mod train;
 

@@ -1,7 +1,8 @@
 //! The residual quantizer: K codebooks of C codewords of dimension d.
 
 use crate::kernels::{self, row_norms};
-use crate::lanes::{self, LaneBook};
+use crate::lanes::LaneBook;
+use crate::search::{self, Kernel};
 use crate::{bits_for, check_finite, Result, RvqError};
 use rayon::prelude::*;
 use simd::matmul::dot_products;
@@ -118,12 +119,12 @@ impl Rvq {
     /// Greedy encoding, stage by stage over blocks of vectors.
     fn encode_greedy(&self, x: &[f32], codes: &mut [u16]) {
         let (d, k) = (self.dim, self.stages());
-        if lanes::available(d) {
-            // A batch pays for a lane copy of the codebooks; a few vectors search them as held.
-            if x.len() / d >= lanes::MIN_BATCH {
-                return self.encode_greedy_lanes(x, codes);
+        match search::kernel(d, x.len() / d) {
+            Kernel::Lanes => return self.encode_greedy_lanes(x, codes),
+            Kernel::Rows => {
+                return crate::row_search::encode_greedy(&self.codebooks, &self.norms, x, codes)
             }
-            return crate::row_search::encode_greedy(&self.codebooks, &self.norms, x, codes);
+            Kernel::Matmul => {}
         }
         codes
             .par_chunks_mut(kernels::BLOCK * k)
