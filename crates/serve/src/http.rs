@@ -119,13 +119,22 @@ async fn respond(s: Arc<AppState>, body: Bytes, endpoint: Endpoint) -> Response 
         Ok(Err(e)) => return e.into_response(),
         Err(_) => return internal("the request could not be parsed").into_response(),
     };
+    let Request {
+        prompt,
+        max_tokens,
+        sampling,
+        stop,
+        stream,
+        ignore_eos,
+        include_usage,
+    } = request;
     let (tx, rx) = unbounded_channel();
     let job = Job {
-        prompt: request.prompt.clone(),
-        max_tokens: request.max_tokens,
-        sampling: request.sampling.clone(),
-        stop: request.stop.clone(),
-        ignore_eos: request.ignore_eos,
+        prompt,
+        max_tokens,
+        sampling,
+        stop,
+        ignore_eos,
         events: tx,
     };
     if let Err(e) = s.engine.submit(job) {
@@ -155,8 +164,8 @@ async fn respond(s: Arc<AppState>, body: Bytes, endpoint: Endpoint) -> Response 
         model: s.model_name.clone(),
         endpoint,
     };
-    if request.stream {
-        Sse::new(reply.stream(rx, &request))
+    if stream {
+        Sse::new(reply.stream(rx, include_usage))
             .keep_alive(sse::KeepAlive::default())
             .into_response()
     } else {
@@ -211,7 +220,7 @@ impl Reply {
     fn stream(
         self,
         rx: UnboundedReceiver<Event>,
-        request: &Request,
+        include_usage: bool,
     ) -> impl Stream<Item = Result<sse::Event, Infallible>> {
         struct State {
             reply: Reply,
@@ -225,7 +234,7 @@ impl Reply {
             reply: self,
             rx,
             first: true,
-            include_usage: request.include_usage,
+            include_usage,
             ready: VecDeque::new(),
             ended: false,
         };
