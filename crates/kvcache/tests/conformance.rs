@@ -260,6 +260,7 @@ fn the_rvq_backend_conforms() {
         "",
         ",sinks=4,recent=16",
         ",books=f32,beam=2",
+        ",beam=2,beam-layers=1",
         ",only=k",
         ",stages=2",
     ] {

@@ -209,9 +209,10 @@ impl KvCache for RvqCache {
         let [pk, pv] = &mut self.parts[layer];
         // Keys and values have their own quantizers: encode them on two cores at once (a decode
         // step's encode streams every stage's codebook and is bound by memory, per core).
+        let beam = options.beam_of(layer);
         let (rk, rv) = rayon::join(
-            || pk.append(k, first, hd, options),
-            || pv.append(v, first, hd, options),
+            || pk.append(k, first, hd, options, beam),
+            || pv.append(v, first, hd, options, beam),
         );
         rk?;
         rv?;

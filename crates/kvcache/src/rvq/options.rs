@@ -11,6 +11,8 @@ pub struct RvqOptions {
     pub recent: usize,
     /// Beam width of encoding (1 = greedy, the paper).
     pub beam: usize,
+    /// Layers encoded with the beam, from the first (`None`: all); later layers are greedy.
+    pub beam_layers: Option<usize>,
     pub quantize_keys: bool,
     pub quantize_values: bool,
     /// Use only the first K stages of the codebooks (`None`: all).
@@ -27,6 +29,7 @@ impl Default for RvqOptions {
             sinks: 0,
             recent: 0,
             beam: 1,
+            beam_layers: None,
             quantize_keys: true,
             quantize_values: true,
             stages: None,
@@ -49,7 +52,7 @@ pub struct RvqOption {
 }
 
 /// Every option of an `rvq:` spec, in the order a spec writes them.
-pub const OPTIONS: [RvqOption; 6] = [
+pub const OPTIONS: [RvqOption; 7] = [
     RvqOption {
         name: "sinks",
         value: "S",
@@ -76,6 +79,14 @@ pub const OPTIONS: [RvqOption; 6] = [
             }
         },
         print: |o| (o.beam > 1).then(|| o.beam.to_string()),
+    },
+    RvqOption {
+        name: "beam-layers",
+        value: "L",
+        help: "encode only the first L layers with the beam, the rest greedily (a fraction of the \
+               beam's encode cost)",
+        parse: |o, v| whole("beam-layers", v).map(|n| o.beam_layers = Some(n)),
+        print: |o| o.beam_layers.map(|n| n.to_string()),
     },
     RvqOption {
         name: "stages",
@@ -118,6 +129,14 @@ const BOOKS: [(&str, BookPrecision); 3] = [
 const ONLY: [(&str, (bool, bool)); 2] = [("k", (true, false)), ("v", (false, true))];
 
 impl RvqOptions {
+    /// The beam width layer `layer` encodes with.
+    pub fn beam_of(&self, layer: usize) -> usize {
+        match self.beam_layers {
+            Some(n) if layer >= n => 1,
+            _ => self.beam,
+        }
+    }
+
     /// The options of the comma-separated `key=value` list that follows an `rvq:` spec's file.
     pub fn parse(list: &str) -> Result<Self, String> {
         let mut options = Self::default();
@@ -285,7 +304,7 @@ mod tests {
             "",
             "sinks=4",
             "recent=32,beam=2",
-            "sinks=4,recent=32,beam=3,stages=6,books=f16,only=k",
+            "sinks=4,recent=32,beam=3,beam-layers=10,stages=6,books=f16,only=k",
             "books=f32,only=v",
         ] {
             let o = RvqOptions::parse(list).unwrap();
@@ -309,7 +328,8 @@ mod tests {
             ("sinks", "option 'sinks' is not key=value"),
             (
                 "values=fused",
-                "unknown rvq option 'values' (known: sinks, recent, beam, stages, books, only)",
+                "unknown rvq option 'values' (known: sinks, recent, beam, beam-layers, stages, books, \
+                 only)",
             ),
         ] {
             assert_eq!(RvqOptions::parse(list).unwrap_err(), message, "{list}");

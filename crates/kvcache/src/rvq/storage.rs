@@ -59,13 +59,14 @@ pub(super) struct PartStore {
 }
 
 impl PartStore {
-    /// Stores `x` ([tokens, kv_heads, hd]) for positions `first_pos..`.
+    /// Stores `x` ([tokens, kv_heads, hd]) for positions `first_pos..`, encoding with `beam`.
     pub(super) fn append(
         &mut self,
         x: &[f32],
         first_pos: usize,
         hd: usize,
         opt: &RvqOptions,
+        beam: usize,
     ) -> Result<(), CacheError> {
         let heads = self.heads.len();
         let tokens = x.len() / (heads * hd);
@@ -104,7 +105,7 @@ impl PartStore {
             return Ok(());
         }
         let (scales, codes) = layout
-            .encode_with(q.as_ref(), &all, opt.beam, self.few.as_deref())
+            .encode_with(q.as_ref(), &all, beam, self.few.as_deref())
             .map_err(|e| CacheError::Codebooks(e.to_string()))?;
         let row = layout.groups() * q.stages();
         let mut i = 0;

@@ -682,3 +682,35 @@ fn codebook_files_are_validated() {
     )
     .is_err());
 }
+
+#[test]
+fn beam_layers_encodes_the_first_layers_with_the_beam_and_the_rest_greedily() {
+    let b = Arc::new(books(4));
+    let (k, v) = (data(30 * 16, 31), data(30 * 16, 32));
+    let cache = |beam, beam_layers| {
+        let o = RvqOptions {
+            beam,
+            beam_layers,
+            ..exact_books()
+        };
+        let mut c = RvqCache::new(SHAPE, rope(), b.clone(), o, "x".into()).unwrap();
+        for layer in 0..SHAPE.layers {
+            c.append(layer, &k, &v).unwrap();
+        }
+        c
+    };
+    let (greedy, beam, first) = (cache(1, None), cache(3, None), cache(3, Some(1)));
+    let read = |c: &RvqCache, layer| {
+        let mut out = vec![0f32; 30 * 8];
+        c.read_keys(layer, 1, 0..30, &mut out).unwrap();
+        out
+    };
+    assert_ne!(
+        read(&greedy, 0),
+        read(&beam, 0),
+        "the beam must change some code"
+    );
+    assert_eq!(read(&first, 0), read(&beam, 0));
+    assert_eq!(read(&first, 1), read(&greedy, 1));
+    assert_eq!(first.spec(), "rvq:x,beam=3,beam-layers=1,books=f16");
+}
