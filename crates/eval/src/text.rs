@@ -40,6 +40,12 @@ pub fn read_text(path: &Path) -> Result<String> {
     Ok(text)
 }
 
+/// The tokens of the text at `path` ([`read_text`]) as `model` reads them, from a BOS where it
+/// adds one.
+pub fn read_tokens(model: &llm::Model, path: &Path) -> Result<Vec<u32>> {
+    Ok(model.tokenizer.encode(&read_text(path)?, true)?)
+}
+
 /// Removes `<doc …>` / `</doc>` lines (exllamav2's calibration format), keeping the documents.
 pub fn strip_doc_markup(text: &str) -> String {
     if !text.trim_start().starts_with("<doc") {

@@ -339,6 +339,7 @@ impl Scheduler {
         let config = &self.shared.config;
         let budget = self.shared.sequence_budget;
         let mut reserved: u64 = self.active.iter().map(|a| a.reserved).sum();
+        let before = self.active.len();
         while let Some(job) = self.waiting.front() {
             let need = self
                 .shared
@@ -366,7 +367,9 @@ impl Scheduler {
                 rng,
             });
         }
-        self.publish_memory();
+        if self.active.len() > before {
+            self.publish_memory();
+        }
     }
 
     /// One token of every decoding sequence, as one batch.
@@ -540,16 +543,13 @@ impl Scheduler {
             .send(Event::Failed(message.to_string()));
     }
 
+    /// Drops sequences `which` (the step that calls this publishes the change when it ends).
     fn remove(&mut self, which: &[usize]) {
-        if which.is_empty() {
-            return;
-        }
         let mut index = 0;
         self.active.retain(|_| {
             index += 1;
             !which.contains(&(index - 1))
         });
-        self.publish_memory();
     }
 
     /// Publishes the active sequences and their bytes; the count goes last, so a reader that

@@ -182,11 +182,8 @@ fn run_codec(a: Args) -> Result<()> {
     ];
     if a.real_tokens > 0 {
         let model = a.model.load()?;
-        let text = eval::text::read_text(&eval::assets::ensure_calib(
-            &eval::assets::home(),
-            "wiki.utf8",
-        )?)?;
-        let tokens = model.tokenizer.encode(&text, true)?;
+        let calib = eval::assets::ensure_calib(&eval::assets::home(), "wiki.utf8")?;
+        let tokens = eval::text::read_tokens(&model, &calib)?;
         let tokens = &tokens[..a.real_tokens.min(tokens.len())];
         eprintln!(
             "rvq-kv: capturing layer {REAL_LAYER} K/V over {} calibration tokens",

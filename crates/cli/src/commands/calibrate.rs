@@ -179,8 +179,7 @@ fn mixed_tokens(model: &llm::Model, paths: &[PathBuf], tokens: usize) -> Result<
     let share = tokens.div_ceil(paths.len());
     let mut mixed = Vec::with_capacity(tokens);
     for path in paths {
-        let text = eval::text::read_text(path)?;
-        let ids = model.tokenizer.encode(&text, true)?;
+        let ids = eval::text::read_tokens(model, path)?;
         mixed.extend_from_slice(&ids[..share.min(ids.len())]);
     }
     Ok(mixed)

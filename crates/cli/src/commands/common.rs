@@ -158,27 +158,18 @@ pub struct TextArgs {
 }
 
 impl TextArgs {
-    pub fn path(&self) -> Result<PathBuf> {
+    fn path(&self) -> Result<PathBuf> {
         match &self.text {
             Some(p) => Ok(p.clone()),
             None => assets::ensure_eval_text(&assets::home()),
         }
     }
 
-    /// The text as reports name it: its path, and where measuring started if not at the start.
-    pub fn describe(&self) -> Result<String> {
-        let path = self.path()?.display().to_string();
-        Ok(match self.skip_tokens {
-            0 => path,
-            n => format!("{path} from token {n}"),
-        })
-    }
-
-    /// The text's tokens from `--skip-tokens` on.
-    pub fn tokens(&self, model: &Model) -> Result<Vec<u32>> {
+    /// The text's name as reports give it (its path, and where measuring started if not at
+    /// the start) and its tokens from `--skip-tokens` on.
+    pub fn read(&self, model: &Model) -> Result<(String, Vec<u32>)> {
         let path = self.path()?;
-        let text = eval::text::read_text(&path)?;
-        let mut tokens = model.tokenizer.encode(&text, true)?;
+        let mut tokens = eval::text::read_tokens(model, &path)?;
         if self.skip_tokens >= tokens.len() {
             bail!(
                 "--skip-tokens {}: {} has only {} tokens",
@@ -188,7 +179,11 @@ impl TextArgs {
             );
         }
         tokens.drain(..self.skip_tokens);
-        Ok(tokens)
+        let name = match self.skip_tokens {
+            0 => path.display().to_string(),
+            n => format!("{} from token {n}", path.display()),
+        };
+        Ok((name, tokens))
     }
 }
 

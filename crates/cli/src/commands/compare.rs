@@ -78,7 +78,7 @@ pub fn run(a: Args) -> Result<()> {
         super::common::check_writable(p, "--plot")?;
     }
     let model = a.model.load()?;
-    let tokens = a.text.tokens(&model)?;
+    let (text_name, tokens) = a.text.read(&model)?;
     let used = a.max_tokens.min(tokens.len());
     eprintln!(
         "rvq-kv: comparing {} caches at ctx {:?} on {used} tokens",
@@ -112,7 +112,7 @@ pub fn run(a: Args) -> Result<()> {
     })?;
     let report = CompareReport {
         model: a.model.path()?.display().to_string(),
-        text: a.text.describe()?,
+        text: text_name,
         protocol: a.protocol,
         tokens: used,
         rows,

@@ -26,8 +26,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let home = assets::home();
     let model = a.model.load()?;
-    let eval_text = eval::text::read_text(&assets::ensure_eval_text(&home)?)?;
-    let tokens = model.tokenizer.encode(&eval_text, true)?;
+    let tokens = eval::text::read_tokens(&model, &assets::ensure_eval_text(&home)?)?;
 
     // Paper-config codebooks, calibrated once and cached beside the assets.
     let books_path = a.model.paper_codebooks();
@@ -39,8 +38,7 @@ pub fn run(a: Args) -> Result<()> {
             "rvq-kv demo: calibrating paper-config codebooks (d=32, C=2048, K=8) on {} — about 8 minutes on 2 cores, once",
             calib.display()
         );
-        let text = eval::text::read_text(&calib)?;
-        let calib_tokens = model.tokenizer.encode(&text, true)?;
+        let calib_tokens = eval::text::read_tokens(&model, &calib)?;
         let (books, t) = calibrate(
             &model,
             &calib_tokens,

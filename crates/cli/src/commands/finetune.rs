@@ -142,8 +142,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let model = a.model.load()?;
     let sha = model.file_sha256()?;
-    let text = eval::text::read_text(&text_path)?;
-    let tokens = model.tokenizer.encode(&text, true)?;
+    let tokens = eval::text::read_tokens(&model, &text_path)?;
     let checkpoints = with_suffix(&a.out, ".checkpoint");
     let mut trainer = match &a.resume {
         Some(dir) => Trainer::resume(&model.path, sha, tokens, dir, Some(a.steps))?,

@@ -41,7 +41,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(reference) = &a.kld {
         model.new_cache(reference)?;
     }
-    let tokens = a.text.tokens(&model)?;
+    let (_, tokens) = a.text.read(&model)?;
     let opts = PplOptions {
         ctx: a.ctx,
         max_tokens: a.max_tokens,
