@@ -57,14 +57,7 @@ impl PartStore {
                 scores[r * len + at..r * len + at + sub.len()].copy_from_slice(p);
             }
         }
-        let store = &self.heads[head];
-        let (mut codes, mut scales) = (vec![], vec![]);
-        store.unpack(
-            coded.start - self.first_kept_code(head, hd),
-            coded.len(),
-            &mut codes,
-            &mut scales,
-        );
+        let (codes, scales) = self.codes_at(head, coded.clone(), hd);
         let mut q_groups = vec![0f32; q.len()];
         for (qg, qr) in q_groups.chunks_exact_mut(hd).zip(q.chunks_exact(hd)) {
             group_rope.to_group_order(qr, qg);
@@ -142,15 +135,8 @@ impl PartStore {
             return;
         }
         let (q, layout) = self.quant.as_ref().expect("codes imply a quantizer");
-        let store = &self.heads[head];
         let (groups, d) = (layout.groups(), layout.group_dim);
-        let (mut codes, mut scales) = (vec![], vec![]);
-        store.unpack(
-            coded.start - self.first_kept_code(head, hd),
-            coded.len(),
-            &mut codes,
-            &mut scales,
-        );
+        let (codes, scales) = self.codes_at(head, coded.clone(), hd);
         // This span's columns of `probs` [rows, n].
         let probs_of = |r: usize| &probs[r * n + coded.start - first_key..][..coded.len()];
         // [rows, groups·d] in group order.

@@ -144,6 +144,20 @@ impl PartStore {
         self.heads[head].sinks.len() / hd + self.heads[head].dropped
     }
 
+    /// Codes ([n, groups·stages]) and scales of the coded `positions` of `head` (callers check
+    /// that no dropped position is asked for).
+    pub(super) fn codes_at(
+        &self,
+        head: usize,
+        positions: Range<usize>,
+        hd: usize,
+    ) -> (Vec<u16>, Vec<f32>) {
+        let (mut codes, mut scales) = (vec![], vec![]);
+        let first = positions.start - self.first_kept_code(head, hd);
+        self.heads[head].unpack(first, positions.len(), &mut codes, &mut scales);
+        (codes, scales)
+    }
+
     /// Drops the codes of positions before `pos` (sinks and the recent window stay; a part
     /// stored in f16 keeps everything).
     pub(super) fn forget_before(&mut self, pos: usize, hd: usize) {
@@ -182,10 +196,7 @@ impl PartStore {
         let coded = clip(a, b);
         if !coded.is_empty() {
             let (q, layout) = self.quant.as_ref().expect("codes imply a quantizer");
-            // Callers check that no dropped position is asked for.
-            let first = coded.start - self.first_kept_code(head, hd);
-            let (mut codes, mut scales) = (vec![], vec![]);
-            store.unpack(first, coded.len(), &mut codes, &mut scales);
+            let (codes, scales) = self.codes_at(head, coded.clone(), hd);
             layout.decode_rows(q.as_ref(), &scales, &codes, &mut out[dst(&coded)]);
         }
         let recent = clip(b, usize::MAX);
