@@ -1,7 +1,8 @@
 //! Structure-aware fuzzing of the parsers that read untrusted bytes: the GGUF reader (a whole
 //! model load), the codebook loader and the packed-code unpacker. Files are valid ones with a few
 //! bytes overwritten (often with extreme integers) or cut short; the property is an error or a
-//! valid result, never a panic.
+//! valid result, never a panic, and no single allocation larger than a bounded multiple of the
+//! file's size (a size field must be refused before it becomes an allocation).
 //!
 //! `cargo test` runs a bounded number of cases; the long mode runs each fuzzer for
 //! `RVQ_KV_FUZZ_SECONDS` (default 600) and prints the cases it ran:
@@ -15,10 +16,60 @@ use kvcache::ModelIdentity;
 use proptest::prelude::*;
 use rvq::rng::SplitMix64;
 use rvq::testkit::random_rvq;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+/// The system allocator, noting the largest single request made on a thread that is watching.
+struct Watched;
+
+thread_local! {
+    static WATCHING: Cell<bool> = const { Cell::new(false) };
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+fn note(size: usize) {
+    let _ = WATCHING.try_with(|on| {
+        if on.get() {
+            LARGEST.with(|l| l.set(l.get().max(size)));
+        }
+    });
+}
+
+// SAFETY: every call is forwarded unchanged to `System`; `note` only reads and writes
+// thread-local cells, which never allocate.
+unsafe impl GlobalAlloc for Watched {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        System.realloc(ptr, layout, new_size)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Watched = Watched;
+
+/// The largest single allocation `f` asks for on this thread.
+fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    LARGEST.with(|l| l.set(0));
+    WATCHING.with(|on| on.set(true));
+    let out = f();
+    WATCHING.with(|on| on.set(false));
+    (out, LARGEST.with(|l| l.get()))
+}
 
 /// A valid file and the part of it worth mutating most (headers and metadata).
 struct Seed {
@@ -114,22 +165,50 @@ fn mutate(seed: &Seed, rng: &mut SplitMix64) -> Vec<u8> {
     b
 }
 
+/// What a loader may ask for in one piece per byte of its file. The most is candle's GGUF
+/// metadata reader: it holds each array element as a 32-byte value in a `Vec` that grows by
+/// doubling, so an array of one-byte elements costs up to 64 bytes per byte of file. Anything
+/// larger came from a size field nobody checked (a dimension of 2^62, a count of 2^32).
+const ALLOCATION_PER_FILE_BYTE: usize = 64;
+
+/// Buffers every load holds whatever the file's size (readers, the tokenizer's tables).
+const ALLOCATION_FLOOR: usize = 8 << 20;
+
 /// Writes `bytes` to a file in the seed's folder and runs `load` on it: Ok or an error, never a
-/// panic. Returns whether it loaded.
+/// panic, and no single allocation over `ALLOCATION_PER_FILE_BYTE` times the file's size (plus
+/// `ALLOCATION_FLOOR`).
+/// Returns whether it loaded.
 fn survives(seed: &Seed, bytes: &[u8], load: impl Fn(&Path) -> bool) -> Result<bool, String> {
-    let path: PathBuf = seed.dir.path().join("mutant");
-    std::fs::write(&path, bytes).unwrap();
-    catch_unwind(AssertUnwindSafe(|| load(&path))).map_err(|p| {
+    // A file of its own: tests run on several threads at once.
+    let file = tempfile::NamedTempFile::new_in(seed.dir.path()).unwrap();
+    std::fs::write(file.path(), bytes).unwrap();
+    let path = file.path();
+    let (outcome, largest) = largest_allocation(|| catch_unwind(AssertUnwindSafe(|| load(path))));
+    let loaded = outcome.map_err(|p| {
         p.downcast_ref::<String>()
             .cloned()
             .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_default()
-    })
+    })?;
+    let bound = ALLOCATION_FLOOR + ALLOCATION_PER_FILE_BYTE * bytes.len();
+    if largest > bound {
+        return Err(format!(
+            "one allocation of {largest} bytes for a file of {} bytes",
+            bytes.len()
+        ));
+    }
+    Ok(loaded)
 }
 
 fn load_model(path: &Path) -> bool {
-    let Ok(model) = llm::Model::load(path) else {
-        return false;
+    let model = match llm::Model::load(path) {
+        Ok(m) => m,
+        Err(e) => {
+            if std::env::var_os("FUZZ_DEBUG").is_some() {
+                eprintln!("{e:#}");
+            }
+            return false;
+        }
     };
     // A model that loads must also run.
     let mut cache = model.new_cache("f16").unwrap();
@@ -174,6 +253,17 @@ fn unpackers_agree(bytes: &[u8], bits: u32) -> Result<(), String> {
     Ok(())
 }
 
+#[test]
+fn the_valid_seeds_load_within_the_allocation_bound() {
+    let s = gguf_seed();
+    assert_eq!(survives(s, &s.bytes, load_model), Ok(true));
+    let s = codebook_seed();
+    assert_eq!(survives(s, &s.bytes, load_codebooks), Ok(true));
+    // The watch sees what it must refuse.
+    let (_, largest) = largest_allocation(|| std::hint::black_box(vec![1u8; 3 << 20]));
+    assert!(largest >= 3 << 20, "{largest}");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -181,14 +271,16 @@ proptest! {
     fn a_mutated_gguf_loads_or_fails_cleanly(seed in any::<u64>()) {
         let s = gguf_seed();
         let bytes = mutate(s, &mut SplitMix64::new(seed));
-        prop_assert!(survives(s, &bytes, load_model).is_ok(), "seed {seed} panicked");
+        let outcome = survives(s, &bytes, load_model);
+        prop_assert!(outcome.is_ok(), "seed {seed}: {outcome:?}");
     }
 
     #[test]
     fn a_mutated_codebook_file_loads_or_fails_cleanly(seed in any::<u64>()) {
         let s = codebook_seed();
         let bytes = mutate(s, &mut SplitMix64::new(seed));
-        prop_assert!(survives(s, &bytes, load_codebooks).is_ok(), "seed {seed} panicked");
+        let outcome = survives(s, &bytes, load_codebooks);
+        prop_assert!(outcome.is_ok(), "seed {seed}: {outcome:?}");
     }
 
     #[test]
@@ -200,8 +292,9 @@ proptest! {
     }
 }
 
-/// Runs `case` on fresh seeds for `RVQ_KV_FUZZ_SECONDS`; prints how many ran.
-fn fuzz_for_a_while(name: &str, case: impl Fn(u64) -> Result<(), String>) {
+/// Runs `case` on fresh seeds for `RVQ_KV_FUZZ_SECONDS`; prints how many ran and how many of
+/// them gave a valid result (the rest were refused with an error).
+fn fuzz_for_a_while(name: &str, case: impl Fn(u64) -> Result<bool, String>) {
     let seconds: u64 = std::env::var("RVQ_KV_FUZZ_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -209,16 +302,19 @@ fn fuzz_for_a_while(name: &str, case: impl Fn(u64) -> Result<(), String>) {
     let t = Instant::now();
     let mut seeds = SplitMix64::new(t.elapsed().as_nanos() as u64 ^ 0x5EED);
     let mut runs = 0u64;
+    let mut valid = 0u64;
     let mut failures = Vec::new();
     while t.elapsed() < Duration::from_secs(seconds) {
         let seed = seeds.next_u64();
-        if let Err(e) = case(seed) {
-            failures.push(format!("seed {seed}: {e}"));
+        match case(seed) {
+            Ok(ok) => valid += ok as u64,
+            Err(e) => failures.push(format!("seed {seed}: {e}")),
         }
         runs += 1;
     }
     println!(
-        "fuzz {name}: {runs} cases in {seconds} s, {} failures",
+        "fuzz {name}: {runs} cases in {seconds} s ({valid} valid, {} refused), {} failures",
+        runs - valid - failures.len() as u64,
         failures.len()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -230,7 +326,7 @@ fn fuzz_gguf_long() {
     let s = gguf_seed();
     fuzz_for_a_while("gguf", |seed| {
         let bytes = mutate(s, &mut SplitMix64::new(seed));
-        survives(s, &bytes, load_model).map(|_| ())
+        survives(s, &bytes, load_model)
     });
 }
 
@@ -240,7 +336,7 @@ fn fuzz_codebooks_long() {
     let s = codebook_seed();
     fuzz_for_a_while("codebooks", |seed| {
         let bytes = mutate(s, &mut SplitMix64::new(seed));
-        survives(s, &bytes, load_codebooks).map(|_| ())
+        survives(s, &bytes, load_codebooks)
     });
 }
 
@@ -250,6 +346,6 @@ fn fuzz_unpacker_long() {
     fuzz_for_a_while("unpacker", |seed| {
         let mut rng = SplitMix64::new(seed);
         let bytes: Vec<u8> = (0..rng.below(300)).map(|_| rng.below(256) as u8).collect();
-        unpackers_agree(&bytes, 1 + rng.below(16) as u32)
+        unpackers_agree(&bytes, 1 + rng.below(16) as u32).map(|()| true)
     });
 }
