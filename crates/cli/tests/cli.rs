@@ -153,3 +153,71 @@ fn serve_finishes_the_stream_in_flight_on_sigterm_and_exits_0() {
     assert!(status.success(), "exit status {status:?}: {log}");
     assert!(log.contains("shutting down"), "{log}");
 }
+
+/// Phrases that state a numeric option's range in its help.
+const RANGE_WORDS: [&str; 12] = [
+    "at least",
+    "≥",
+    "> 0",
+    "..=",
+    "in (",
+    "in [",
+    "divides",
+    "0 or more",
+    "any u64",
+    "at most",
+    "0 picks",
+    "to the model's context",
+];
+
+/// Every option whose default is a number says in `--help` which values it takes, so a user
+/// learns the range before the error tells them.
+#[test]
+fn every_numeric_option_states_its_range_in_help() {
+    let commands = [
+        "calibrate",
+        "finetune",
+        "ppl",
+        "generate",
+        "mc",
+        "compare",
+        "bench",
+        "demo",
+        "serve",
+        "synth",
+    ];
+    let mut missing = Vec::new();
+    for command in commands {
+        let (ok, help, err) = rvq_kv(&[command, "--help"]);
+        assert!(ok, "{command} --help: {err}");
+        // An option's block: its `--name` line and the more-indented lines under it.
+        let mut blocks: Vec<(String, String)> = Vec::new();
+        for line in help.lines() {
+            let t = line.trim_start();
+            if t.starts_with("--") || (t.starts_with('-') && t.chars().nth(2) == Some(',')) {
+                let name = t.split_whitespace().find(|w| w.starts_with("--")).unwrap();
+                blocks.push((name.trim_end_matches(',').to_string(), t.to_string()));
+            } else if let Some((_, text)) = blocks.last_mut() {
+                text.push(' ');
+                text.push_str(t);
+            }
+        }
+        for (name, text) in blocks {
+            let Some(default) = text.split("[default: ").nth(1) else {
+                continue;
+            };
+            let default = default.split(']').next().unwrap();
+            let numeric = default
+                .split([' ', ','])
+                .all(|v| !v.is_empty() && v.parse::<f64>().is_ok());
+            if numeric && !RANGE_WORDS.iter().any(|w| text.contains(w)) {
+                missing.push(format!("{command} {name}: {text}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "no range stated:\n{}",
+        missing.join("\n")
+    );
+}

@@ -43,19 +43,21 @@ pub struct Args {
     /// too large to prefill 32K tokens on a CPU; decode speed and bytes stay real)
     #[arg(long, value_enum, default_value = "prefill")]
     fill: Fill,
-    /// Decode steps timed after each prefill
+    /// Decode steps timed after each prefill (at least 1)
     #[arg(long, default_value_t = 16)]
     decode_steps: usize,
-    /// codec: codebook sizes C, comma-separated
+    /// codec: codebook sizes C, comma-separated (each 2..=65536)
     #[arg(long, default_values_t = [2048, 256], value_delimiter = ',')]
     sizes: Vec<usize>,
-    /// codec: beam widths, comma-separated (1 = greedy)
+    /// codec: beam widths, comma-separated (each 1..=C; 1 = greedy)
     #[arg(long, default_values_t = [1, 5], value_delimiter = ',')]
     beams: Vec<usize>,
-    /// codec: training vectors per synthetic dataset (test vectors: a quarter of this)
+    /// codec: training vectors per synthetic dataset, at least the largest C (test vectors: a
+    /// quarter of this)
     #[arg(long, default_value_t = 65536)]
     train_vectors: usize,
-    /// codec: calibration tokens whose layer-15 K/V form the real datasets (0: skip them)
+    /// codec: calibration tokens whose layer-15 K/V form the real datasets (0 or more; 0: skip
+    /// them)
     #[arg(long, default_value_t = 8192)]
     real_tokens: usize,
     /// codec: a Python with faiss-cpu and numpy, to run faiss's ResidualQuantizer on the same data

@@ -12,26 +12,28 @@ use std::time::Duration;
 #[derive(clap::Args, Clone)]
 #[command(next_help_heading = "bench serve")]
 pub struct ServeArgs {
-    /// serve: concurrent clients, comma-separated (one run per value and cache)
+    /// serve: concurrent clients, comma-separated (each at least 1; one run per value and cache)
     #[arg(long, default_values_t = [1, 8], value_delimiter = ',')]
     pub clients: Vec<usize>,
-    /// serve: prompt tokens per request (cut from sotu-eval)
+    /// serve: prompt tokens per request, cut from sotu-eval (at least 1; prompt + max tokens at
+    /// most the model's context)
     #[arg(long, default_value_t = 128)]
     pub prompt_tokens: usize,
-    /// serve: tokens generated per request (end-of-sequence ignored)
+    /// serve: tokens generated per request, end-of-sequence ignored (at least 1)
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
-    /// serve: seconds each run lasts
+    /// serve: seconds each run lasts (a finite number > 0)
     #[arg(long, default_value_t = 20.0)]
     pub duration: f64,
-    /// serve: the server's KV budget
+    /// serve: the server's KV budget (at least 1 byte, below 1 TiB)
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     pub kv_budget: u64,
     /// serve: also time the first token of this many prompt tokens, sent one at a time beside
-    /// the clients, and alone on an idle server first (the ratio is the cost of the load)
+    /// the clients, and alone on an idle server first (the ratio is the cost of the load; at
+    /// least 1)
     #[arg(long)]
     pub probe_prompt_tokens: Option<usize>,
-    /// serve: prompt tokens prefilled per scheduler step
+    /// serve: prompt tokens prefilled per scheduler step (at least 1)
     #[arg(long, default_value_t = 256)]
     pub prefill_chunk: usize,
 }

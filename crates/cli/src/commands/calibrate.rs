@@ -23,19 +23,20 @@ pub struct Args {
     /// Output codebooks file
     #[arg(long, short = 'o')]
     out: PathBuf,
-    /// Calibration tokens
+    /// Calibration tokens (enough for C training vectors per quantizer: at least C / (kv heads ×
+    /// head_dim / d))
     #[arg(long, default_value_t = paper().tokens)]
     tokens: usize,
-    /// Window length of the capture passes
+    /// Window length of the capture passes (1 to the model's context length)
     #[arg(long, default_value_t = paper().ctx)]
     ctx: usize,
-    /// Group (sub-vector) dimension d
+    /// Group (sub-vector) dimension d: divides head_dim (32 for head_dim 64 or 128)
     #[arg(long, short = 'd', default_value_t = paper().train.dim)]
     group_dim: usize,
     /// Codewords per stage, C (2..=65536)
     #[arg(long, short = 'C', default_value_t = paper().train.size)]
     codebook_size: usize,
-    /// Stages (depth), K
+    /// Stages (depth), K (at least 1)
     #[arg(long, short = 'K', default_value_t = paper().train.stages)]
     stages: usize,
     /// Key grouping: strided (paper) or contiguous
@@ -54,31 +55,32 @@ pub struct Args {
     /// paper; llama.cpp does this for its q4_0/q8_0 caches)
     #[arg(long)]
     rotate: bool,
-    /// Vectors sampled for k-means
+    /// Vectors sampled for k-means (at least C)
     #[arg(long, default_value_t = paper().train.kmeans_sample)]
     kmeans_sample: usize,
-    /// Lloyd iterations per stage (6 keeps the default calibration under 10 minutes on 2 cores)
+    /// Lloyd iterations per stage, 0 or more (6 keeps the default calibration under 10 minutes on 2 cores)
     #[arg(long, default_value_t = paper().train.kmeans_iters)]
     kmeans_iters: usize,
     /// k-means initialisation: random-points or kmeans-plus-plus
     #[arg(long, default_value_t = paper().train.init)]
     init: Init,
-    /// EMA refinement passes over all calibration vectors
+    /// EMA refinement passes over all calibration vectors (0 or more; 0 = k-means only)
     #[arg(long, default_value_t = paper().train.ema_passes)]
     ema_passes: usize,
-    /// Vectors per EMA step
+    /// Vectors per EMA step (at least 1)
     #[arg(long, default_value_t = paper().train.batch)]
     batch: usize,
-    /// EMA decay of the codebooks' running sums
+    /// EMA decay of the codebooks' running sums, in (0, 1)
     #[arg(long, default_value_t = paper().train.decay)]
     decay: f32,
-    /// Re-seed codewords whose EMA count falls below this (off by default, as in the paper)
+    /// Re-seed codewords whose EMA count falls below this count, a finite number ≥ 0 (off by
+    /// default, as in the paper)
     #[arg(long)]
     dead_code_threshold: Option<f32>,
-    /// Seed of k-means sampling and initialisation
+    /// Seed of k-means sampling and initialisation (any u64)
     #[arg(long, default_value_t = paper().train.seed)]
     seed: u64,
-    /// Layers to leave in full precision, e.g. 0,29
+    /// Layers to leave in full precision (0 to layers − 1), e.g. 0,29
     #[arg(long, value_delimiter = ',')]
     skip_layers: Vec<usize>,
     #[arg(long)]

@@ -152,7 +152,7 @@ pub struct TextArgs {
     #[arg(long)]
     text: Option<PathBuf>,
     /// Start this many tokens into the text, e.g. to measure a calibration text on the part
-    /// that calibration did not read
+    /// that calibration did not read (0 or more, leaving at least 2 tokens)
     #[arg(long, default_value_t = 0)]
     skip_tokens: usize,
 }

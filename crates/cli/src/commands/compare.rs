@@ -30,10 +30,10 @@ pub struct Args {
     /// comma as in a spec, e.g. FILE,sinks=4
     #[arg(long = "rvq", value_name = "FILE[,OPTS]")]
     rvq: Vec<String>,
-    /// Context lengths (window sizes), comma-separated
+    /// Context lengths (window sizes), comma-separated, each 2 to the model's context length
     #[arg(long, default_value = "512", value_delimiter = ',')]
     ctx: Vec<usize>,
-    /// Use only the first N tokens of the text
+    /// Use only the first N tokens of the text (at least 2)
     #[arg(long, default_value_t = 32768)]
     max_tokens: usize,
     /// windows: score every token after the first of each window; llama.cpp: as llama-perplexity
@@ -42,7 +42,7 @@ pub struct Args {
     /// Also score these multiple-choice tasks with every cache (repeatable; see `rvq-kv mc`)
     #[arg(long = "task", value_name = "NAME")]
     tasks: Vec<String>,
-    /// Items per task
+    /// Items per task (at least 1)
     #[arg(long)]
     task_limit: Option<usize>,
     /// Request variant of the tasks

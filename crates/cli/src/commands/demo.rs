@@ -11,7 +11,7 @@ use std::io::Write;
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// Tokens of sotu-eval to measure
+    /// Tokens of sotu-eval to measure (at least 2)
     #[arg(long, default_value_t = 4096)]
     max_tokens: usize,
 }

@@ -29,33 +29,34 @@ pub struct Args {
     /// Which weights train: kv (k/v projections), attn (q/k/v/o), all
     #[arg(long, default_value = "kv")]
     train: String,
-    /// Optimizer steps
+    /// Optimizer steps (at least 1)
     #[arg(long, default_value_t = 60)]
     steps: usize,
-    /// Tokens per training sequence
+    /// Tokens per training sequence (at least 2, at most the model's context)
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
-    /// Sequences per step (gradient accumulation)
+    /// Sequences per step, gradient accumulation (at least 1)
     #[arg(long, default_value_t = 4)]
     accum: usize,
-    /// Peak learning rate (AdamW)
+    /// Peak learning rate of AdamW (a finite number > 0)
     #[arg(long, default_value_t = 1e-5)]
     lr: f64,
-    /// Linear warmup steps, then cosine decay to zero
+    /// Linear warmup steps (0 or more), then cosine decay to zero
     #[arg(long, default_value_t = 6)]
     warmup: usize,
+    /// AdamW's decoupled weight decay (a finite number ≥ 0)
     #[arg(long, default_value_t = 0.01)]
     weight_decay: f64,
-    /// Weight of the commitment loss
+    /// Weight of the commitment loss (a finite number ≥ 0)
     #[arg(long, default_value_t = 0.25)]
     commitment: f64,
-    /// EMA decay of the codebooks
+    /// EMA decay of the codebooks, in [0, 1)
     #[arg(long, default_value_t = 0.99)]
     ema_decay: f32,
     /// Keep the codebooks fixed (no EMA updates while training)
     #[arg(long)]
     freeze_codebooks: bool,
-    /// Write a checkpoint (into PREFIX.checkpoint/) every N steps; 0 = only at the end
+    /// Write a checkpoint (into PREFIX.checkpoint/) every N steps (0 or more; 0 = only at the end)
     #[arg(long, default_value_t = 20)]
     checkpoint_every: usize,
     /// Continue from a checkpoint folder (its settings are used; --steps may extend the run)

@@ -20,15 +20,16 @@ pub struct Args {
     /// KV cache spec (see `rvq-kv --help`): f16, q8_0, q4_0,rot, int8, fp8, kivi2, rvq:FILE, …
     #[arg(long, default_value = "f16")]
     cache: String,
-    /// Maximum new tokens
+    /// Maximum new tokens (at least 1; generation also stops at the model's context length)
     #[arg(long, short = 'n', default_value_t = 128)]
     max_tokens: usize,
-    /// Sampling temperature; 0 = greedy
+    /// Sampling temperature, a finite number ≥ 0; 0 = greedy
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
-    /// Nucleus sampling: keep the smallest set of tokens with this much probability
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability, in (0, 1]
     #[arg(long, default_value_t = 0.95)]
     top_p: f32,
+    /// Seed of sampling (any u64; unused when greedy)
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Print one JSON object (text and speeds) instead of streaming

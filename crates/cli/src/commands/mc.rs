@@ -20,7 +20,7 @@ pub struct Args {
     /// Request variant of the task
     #[arg(long, default_value = "rc_0shot")]
     variant: String,
-    /// Score only the first N items
+    /// Score only the first N items (at least 1)
     #[arg(long)]
     limit: Option<usize>,
     /// KV cache spec (see `rvq-kv --help`)

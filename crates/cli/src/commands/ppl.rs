@@ -15,10 +15,11 @@ pub struct Args {
     /// KV cache spec (see `rvq-kv --help`): f16, q8_0, q4_0,rot, int8, fp8, kivi2, rvq:FILE, …
     #[arg(long, default_value = "f16")]
     cache: String,
-    /// Window (chunk) length in tokens
+    /// Window (chunk) length in tokens: 2 to the model's context length (llama.cpp's protocol
+    /// scores a window's second half, so at least 4 there)
     #[arg(long, default_value_t = 512)]
     ctx: usize,
-    /// Use only the first N tokens of the text
+    /// Use only the first N tokens of the text (at least 2)
     #[arg(long)]
     max_tokens: Option<usize>,
     /// windows: score every token after the first of each window; llama.cpp: as llama-perplexity

@@ -17,25 +17,26 @@ pub struct Args {
     cache: String,
     /// Bytes the caches may hold together (1GiB, 512MiB, 2GB…): the shared codebooks, counted
     /// once, plus every admitted sequence's cache at prompt + max_tokens. A request waits until
-    /// its cache fits beside the admitted ones
+    /// its cache fits beside the admitted ones. At least 1 byte, below 1 TiB
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     kv_budget: u64,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
-    /// 0 picks a free port (printed)
+    /// 0..=65535; 0 picks a free port (printed)
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// The name clients pass as `model` (default: the model's short name)
     #[arg(long)]
     name: Option<String>,
-    /// Requests that may wait for memory; past that, new ones get 503 with Retry-After
+    /// Requests that may wait for memory (0 or more); past that, new ones get 503 with
+    /// Retry-After
     #[arg(long, default_value_t = 256)]
     max_queue: usize,
     /// Prompt tokens prefilled per step, between decode steps: smaller keeps running streams
-    /// smoother while long prompts arrive, larger prefills faster
+    /// smoother while long prompts arrive, larger prefills faster (at least 1)
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
     prefill_chunk: u64,
-    /// Most sequences decoding at once, whatever the budget
+    /// Most sequences decoding at once, whatever the budget (at least 1)
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
     max_sequences: u64,
 }

@@ -28,7 +28,7 @@ pub struct Args {
     /// Output file (default: .rvq-kv/models/synth-llama-PRESET-TYPE.gguf)
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Seed of the random weights
+    /// Seed of the random weights (any u64)
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }

@@ -56,21 +56,21 @@ pub const OPTIONS: [RvqOption; 7] = [
     RvqOption {
         name: "sinks",
         value: "S",
-        help: "the first S tokens kept in f16 (attention sinks)",
+        help: "the first S tokens kept in f16 (attention sinks; 0 or more)",
         parse: |o, v| whole("sinks", v).map(|n| o.sinks = n),
         print: |o| (o.sinks > 0).then(|| o.sinks.to_string()),
     },
     RvqOption {
         name: "recent",
         value: "W",
-        help: "the last W tokens kept in f16, encoded as they leave the window",
+        help: "the last W tokens kept in f16, encoded as they leave the window (0 or more)",
         parse: |o, v| whole("recent", v).map(|n| o.recent = n),
         print: |o| (o.recent > 0).then(|| o.recent.to_string()),
     },
     RvqOption {
         name: "beam",
         value: "B",
-        help: "beam width of encoding (1, the default: greedy, as the paper)",
+        help: "beam width of encoding, 1..=C (1, the default: greedy, as the paper)",
         parse: |o, v| {
             o.beam = whole("beam", v)?;
             match o.beam {
@@ -83,15 +83,15 @@ pub const OPTIONS: [RvqOption; 7] = [
     RvqOption {
         name: "beam-layers",
         value: "L",
-        help: "encode only the first L layers with the beam, the rest greedily (a fraction of the \
-               beam's encode cost)",
+        help: "encode only the first L layers (0 or more) with the beam, the rest greedily (a \
+               fraction of the beam's encode cost)",
         parse: |o, v| whole("beam-layers", v).map(|n| o.beam_layers = Some(n)),
         print: |o| o.beam_layers.map(|n| n.to_string()),
     },
     RvqOption {
         name: "stages",
         value: "K",
-        help: "use only the first K stages of the codebooks",
+        help: "use only the first K stages of the codebooks (1 to the file's K)",
         parse: |o, v| whole("stages", v).map(|n| o.stages = Some(n)),
         print: |o| o.stages.map(|k| k.to_string()),
     },

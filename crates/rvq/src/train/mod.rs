@@ -105,6 +105,13 @@ impl TrainConfig {
                 self.eps
             )));
         }
+        if let Some(t) = self.dead_code_threshold {
+            if !(t >= 0.0 && t.is_finite()) {
+                return Err(RvqError::Config(format!(
+                    "dead-code threshold {t} must be a finite count ≥ 0"
+                )));
+            }
+        }
         if self.kmeans_sample < self.size {
             return Err(RvqError::Config(format!(
                 "the k-means sample ({}) must hold at least C = {} vectors",
