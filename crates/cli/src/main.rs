@@ -33,6 +33,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// Zero-shot multiple-choice accuracy (acc, acc_norm) on a benchmark task with a given cache
     Mc(commands::mc::Args),
+    /// Passkey retrieval: a number hidden at several depths of 1K–8K tokens, asked for, per cache
+    Needle(commands::needle::Args),
     /// Perplexity of many caches on the same tokens: markdown table and Δ-vs-bits plot
     Compare(commands::compare::Args),
     /// Prefill/decode speed and cache bytes at several context lengths
@@ -73,6 +75,7 @@ fn main() {
         Command::Synth(a) => commands::synth::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Mc(a) => commands::mc::run(a),
+        Command::Needle(a) => commands::needle::run(a),
         Command::Compare(a) => commands::compare::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Demo(a) => commands::demo::run(a),

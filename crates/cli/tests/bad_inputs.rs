@@ -412,6 +412,22 @@ const CATALOGUE: &[Row] = &[
     ),
     row("generate", 1, "--prompt"),
     // Tasks.
+    row(
+        "needle --depths 1.5",
+        1,
+        "--depths 1.5: a depth is a fraction",
+    ),
+    row(
+        "needle --lengths 100000",
+        1,
+        "--lengths 100000: longer than",
+    ),
+    row(
+        "needle --trials 0",
+        1,
+        "at least one length, one depth and one trial",
+    ),
+    row("needle --cache q3_z", 1, "unknown cache type 'q3_z'"),
     row("mc --task nonexistent", 1, "unknown task 'nonexistent'"),
     row("mc --task arc_easy --variant nonsense", 1, "nonsense"),
     // Options out of range.
@@ -435,6 +451,22 @@ const CATALOGUE: &[Row] = &[
     ),
     row("calibrate -C 1 --out {new.safetensors}", 1, "C = 1"),
     row("calibrate -d 48 --out {new.safetensors}", 1, "must divide"),
+    row(
+        "calibrate --dead-code-threshold NaN --out {new.safetensors}",
+        1,
+        "dead-code threshold NaN must be a finite count",
+    ),
+    row(
+        "calibrate --decay 1.5 --out {new.safetensors}",
+        1,
+        "decay 1.5 must be in (0, 1)",
+    ),
+    row(
+        "calibrate --batch 0 --out {new.safetensors}",
+        1,
+        "at least 1",
+    ),
+    row("calibrate -K 0 --out {new.safetensors}", 1, "K >= 1"),
     row(
         "calibrate --quantize kvq --out {new.safetensors}",
         1,

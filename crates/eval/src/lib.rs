@@ -8,6 +8,7 @@ pub mod compare;
 pub mod generate;
 pub mod kld;
 pub mod mc;
+pub mod needle;
 pub mod plot;
 pub mod ppl;
 pub mod progress;

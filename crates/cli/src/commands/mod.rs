@@ -8,6 +8,7 @@ pub mod fetch;
 pub mod finetune;
 pub mod generate;
 pub mod mc;
+pub mod needle;
 pub mod ppl;
 pub mod report;
 pub mod serve;
