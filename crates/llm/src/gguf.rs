@@ -233,6 +233,13 @@ impl GgufFile {
         self.content.metadata.contains_key(key)
     }
 
+    /// Frees the tokenizer's metadata (`tokenizer.ggml.*`) once the tokenizer is built.
+    pub fn drop_tokenizer_metadata(&mut self) {
+        self.content
+            .metadata
+            .retain(|key, _| !key.starts_with("tokenizer.ggml."));
+    }
+
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
