@@ -25,6 +25,8 @@ enum Command {
     Fetch(commands::fetch::Args),
     /// Learn RVQ codebooks for a model's K/V from calibration text
     Calibrate(commands::calibrate::Args),
+    /// Stages per layer by measured sensitivity at a fixed average of bits (beyond the paper)
+    Allocate(commands::allocate::Args),
     /// Light finetuning with the RVQ quantizer in the loop (STE, commitment loss, EMA codebooks)
     Finetune(commands::finetune::Args),
     /// Perplexity of a model on a text with a given KV cache
@@ -70,6 +72,7 @@ fn main() {
     let result = match cli.command {
         Command::Fetch(a) => commands::fetch::run(a),
         Command::Calibrate(a) => commands::calibrate::run(a),
+        Command::Allocate(a) => commands::allocate::run(a),
         Command::Finetune(a) => commands::finetune::run(a),
         Command::Ppl(a) => commands::ppl::run(a),
         Command::Synth(a) => commands::synth::run(a),

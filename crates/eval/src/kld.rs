@@ -6,6 +6,7 @@
 use crate::ppl::{checked_plan, window_tokens, PplOptions};
 use crate::progress;
 use anyhow::{bail, Result};
+use kvcache::KvCache;
 use llm::Model;
 use serde::Serialize;
 
@@ -76,12 +77,29 @@ pub fn kl_divergence(
     specs: &[String],
     opts: &PplOptions,
 ) -> Result<Vec<Kld>> {
-    let (tokens, plan) = checked_plan(model, tokens, opts)?;
-    let mut reference_cache = model.new_cache(reference)?;
-    let mut caches = specs
+    let caches = specs
         .iter()
         .map(|s| model.new_cache(s))
         .collect::<llm::Result<Vec<_>>>()?;
+    kl_divergence_of(model, tokens, reference, caches, specs, opts)
+}
+
+/// [`kl_divergence`] of caches already built (e.g. over codebooks held in memory), each
+/// reported under its name in `names`.
+pub fn kl_divergence_of(
+    model: &Model,
+    tokens: &[u32],
+    reference: &str,
+    mut caches: Vec<Box<dyn KvCache>>,
+    names: &[String],
+    opts: &PplOptions,
+) -> Result<Vec<Kld>> {
+    let specs = names;
+    if caches.len() != specs.len() {
+        bail!("{} caches for {} names", caches.len(), specs.len());
+    }
+    let (tokens, plan) = checked_plan(model, tokens, opts)?;
+    let mut reference_cache = model.new_cache(reference)?;
     let vocab = model.vocab();
     // Per cache: each token's KL, whether its top token matched, and its NLL.
     let mut per_token: Vec<(Vec<f64>, usize, f64)> = vec![(Vec::new(), 0, 0.0); specs.len()];

@@ -1,5 +1,6 @@
 //! Measuring caches on a real model: assets, perplexity, generation, benchmarks, reports.
 
+pub mod allocate;
 pub mod assets;
 pub mod bench;
 pub mod calibrate;

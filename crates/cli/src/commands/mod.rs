@@ -1,3 +1,4 @@
+pub mod allocate;
 pub mod bench;
 pub mod bench_serve;
 pub mod calibrate;
