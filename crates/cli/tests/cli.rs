@@ -176,11 +176,13 @@ const RANGE_WORDS: [&str; 12] = [
 fn every_numeric_option_states_its_range_in_help() {
     let commands = [
         "calibrate",
+        "allocate",
         "finetune",
         "ppl",
         "generate",
         "mc",
         "compare",
+        "needle",
         "bench",
         "demo",
         "serve",

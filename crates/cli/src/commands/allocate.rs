@@ -43,7 +43,7 @@ pub struct Args {
     /// Window length (2 to the model's context length)
     #[arg(long, default_value_t = 512)]
     ctx: usize,
-    /// Stages each part is probed at, 1 to the codebooks' stages (fewer than the mean lifts a
+    /// Stages each part is probed at, at least 1 and at most the codebooks' stages (fewer than the mean lifts a
     /// part's KLD out of the noise)
     #[arg(long, default_value_t = 4)]
     probe_stages: usize,
