@@ -468,6 +468,11 @@ const CATALOGUE: &[Row] = &[
     ),
     row("calibrate -K 0 --out {new.safetensors}", 1, "K >= 1"),
     row(
+        "calibrate --bits 9 --out {new.safetensors}",
+        1,
+        "--bits 9: 8 stages of 2048 codewords give 0.625 to 3.000 bits",
+    ),
+    row(
         "calibrate --quantize kvq --out {new.safetensors}",
         1,
         "--quantize kvq",

@@ -74,6 +74,51 @@ pub struct AllocateConfig {
     pub ppl: PplOptions,
 }
 
+impl Default for AllocateConfig {
+    /// 3 bits (the paper's at head_dim 64), parts probed at 4 stages, 2,048 tokens in windows of
+    /// 512 scored as llama-perplexity scores them.
+    fn default() -> Self {
+        Self {
+            bits: 3.0,
+            probe_stages: 4,
+            ppl: PplOptions {
+                ctx: 512,
+                max_tokens: Some(2048),
+                protocol: crate::ppl::Protocol::LlamaCpp,
+                quiet: false,
+            },
+        }
+    }
+}
+
+impl Allocation {
+    /// One line: bits reached and the predicted gain.
+    pub fn summary(&self) -> String {
+        format!(
+            "{:.3} bits/element (asked {}); predicted KLD sum {:.4} against {:.4} with the same \
+             stages everywhere (measured on {} tokens, parts probed at {} stages)",
+            self.bits,
+            self.target_bits,
+            self.predicted,
+            self.predicted_uniform,
+            self.tokens,
+            self.probe_stages
+        )
+    }
+}
+
+/// Bytes the cache stores per vector of `head_dim` in groups of `group_dim` at `stages` codes
+/// of `code_bits` each: the code row (whole bytes, as packed) and an f16 scale.
+pub fn vector_bytes(head_dim: usize, group_dim: usize, code_bits: u32, stages: usize) -> usize {
+    let groups = head_dim / group_dim.max(1);
+    rvq::pack::row_bytes(groups * stages, code_bits) + 2
+}
+
+/// [`vector_bytes`] as bits per element.
+pub fn bits_per_element(head_dim: usize, group_dim: usize, code_bits: u32, stages: usize) -> f64 {
+    (8 * vector_bytes(head_dim, group_dim, code_bits, stages)) as f64 / head_dim as f64
+}
+
 /// A part's quantizer and layout, if it is quantized.
 fn quantizer(books: &Codebooks, layer: usize, part: Part) -> Option<(&Arc<Rvq>, VectorLayout)> {
     let l = &books.layers[layer];
@@ -124,12 +169,6 @@ fn only(books: &Codebooks, layer: usize, part: Part, stages: usize) -> Result<Co
         },
     };
     Ok(one)
-}
-
-/// Bytes of a part's stored vector at `stages`: its code row (whole bytes, as the cache packs
-/// it) and its f16 scale.
-fn vector_bytes(q: &Rvq, layout: &VectorLayout, stages: usize) -> usize {
-    rvq::pack::row_bytes(layout.groups() * stages, q.code_bits()) + 2
 }
 
 /// The stages per part (1..=`most[p]`) that minimise `cost[p][k − 1]` summed over the parts
@@ -195,7 +234,7 @@ pub fn allocate(
         .map(|&(l, p)| {
             let (q, layout) = quantizer(books, l, p).unwrap();
             (1..=q.stages())
-                .map(|k| vector_bytes(q, &layout, k))
+                .map(|k| vector_bytes(layout.vector_dim, layout.group_dim, q.code_bits(), k))
                 .collect()
         })
         .collect();

@@ -2,7 +2,7 @@ use super::common::{check_writable, print_json, ModelArgs};
 use anyhow::Result;
 use eval::allocate::{allocate, AllocateConfig, Part};
 use eval::assets;
-use eval::ppl::{PplOptions, Protocol};
+use eval::ppl::PplOptions;
 use kvcache::codebooks::Codebooks;
 use std::path::PathBuf;
 
@@ -28,7 +28,7 @@ pub struct Args {
     codebooks: PathBuf,
     /// Average bits per element to reach, at most (codes and scales as the cache stores them;
     /// between the codebooks' bits at 1 stage and at all stages)
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = defaults().bits)]
     bits: f64,
     /// Output codebooks file
     #[arg(long, short = 'o')]
@@ -38,17 +38,21 @@ pub struct Args {
     #[arg(long)]
     text: Option<PathBuf>,
     /// Tokens of the text to measure on (at least 2 windows' worth gives a steadier KLD)
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = defaults().ppl.max_tokens.unwrap_or(2048))]
     tokens: usize,
     /// Window length (2 to the model's context length)
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = defaults().ppl.ctx)]
     ctx: usize,
     /// Stages each part is probed at, at least 1 and at most the codebooks' stages (fewer than the mean lifts a
     /// part's KLD out of the noise)
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = defaults().probe_stages)]
     probe_stages: usize,
     #[arg(long)]
     json: bool,
+}
+
+fn defaults() -> AllocateConfig {
+    AllocateConfig::default()
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -67,8 +71,8 @@ pub fn run(a: Args) -> Result<()> {
         ppl: PplOptions {
             ctx: a.ctx,
             max_tokens: Some(a.tokens),
-            protocol: Protocol::LlamaCpp,
             quiet: a.json,
+            ..defaults().ppl
         },
     };
     let (out, allocation) = allocate(&model, &books, &tokens, &cfg)?;
@@ -100,15 +104,9 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     eprintln!(
-        "rvq-kv: wrote {}: {:.3} bits/element (asked {}); predicted KLD sum {:.4} against {:.4} \
-         with the same stages everywhere (measured on {} tokens, parts probed at {} stages)",
+        "rvq-kv: wrote {}: {}",
         a.out.display(),
-        allocation.bits,
-        allocation.target_bits,
-        allocation.predicted,
-        allocation.predicted_uniform,
-        allocation.tokens,
-        allocation.probe_stages
+        allocation.summary()
     );
     Ok(())
 }

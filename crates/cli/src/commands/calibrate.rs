@@ -80,6 +80,12 @@ pub struct Args {
     /// Seed of k-means sampling and initialisation (any u64)
     #[arg(long, default_value_t = paper().train.seed)]
     seed: u64,
+    /// After training, cut each layer's keys and values to the stages that minimise the
+    /// predicted KLD at this average of bits per element, measured on the calibration text (as
+    /// `rvq-kv allocate`; train more stages than the mean, e.g. -K 10 --bits 3.0). At most the
+    /// bits of all K stages
+    #[arg(long)]
+    bits: Option<f64>,
     /// Layers to leave in full precision (0 to layers − 1), e.g. 0,29
     #[arg(long, value_delimiter = ',')]
     skip_layers: Vec<usize>,
@@ -120,6 +126,20 @@ pub fn run(a: Args) -> Result<()> {
     train.validate()?;
     super::common::check_writable(&a.out, "--out")?;
     let model = a.model.load()?;
+    if let Some(bits) = a.bits {
+        // Before minutes of training: the range these settings can reach.
+        let (hd, code_bits) = (model.cache_shape().head_dim, rvq::bits_for(train.size));
+        let at = |k| eval::allocate::bits_per_element(hd, train.dim, code_bits, k);
+        if !(bits.is_finite() && bits >= at(1) && bits <= at(train.stages)) {
+            bail!(
+                "--bits {bits}: {} stages of {} codewords give {:.3} to {:.3} bits per element",
+                train.stages,
+                train.size,
+                at(1),
+                at(train.stages)
+            );
+        }
+    }
     let tokens = mixed_tokens(&model, &text_paths, a.tokens)?;
     let cfg = CalibConfig {
         tokens: a.tokens,
@@ -138,7 +158,16 @@ pub fn run(a: Args) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" + "),
     };
-    let (books, times) = calibrate(&model, &tokens, &cfg, false)?;
+    let (mut books, times) = calibrate(&model, &tokens, &cfg, false)?;
+    if let Some(bits) = a.bits {
+        let allocation = eval::allocate::AllocateConfig {
+            bits,
+            ..eval::allocate::AllocateConfig::default()
+        };
+        let (cut, report) = eval::allocate::allocate(&model, &books, &tokens, &allocation)?;
+        eprintln!("rvq-kv: {}", report.summary());
+        books = cut;
+    }
     books.save(&a.out)?;
     let summary = serde_json::json!({
         "out": a.out.display().to_string(),
