@@ -51,6 +51,7 @@ fn tables_hold_the_perplexities_their_commands_wrote() {
     holds_every_perplexity("docs/data/ablation.json", "ablations", 2);
     holds_every_perplexity("docs/data/gemma3-kld.json", "gemma-3-270m-caches", 4);
     holds_every_perplexity("docs/data/beam-layers.json", "beam-layers", 4);
+    holds_every_perplexity("docs/data/allocation.json", "allocation", 4);
     for text in ["wiki-heldout", "c4-heldout", "sotu", "tiny"] {
         let data = format!("docs/data/travel-{text}.json");
         holds_every_perplexity(&data, "calibration-domains", 4);
@@ -89,4 +90,27 @@ fn the_multiple_choice_table_holds_every_mc_run() {
         runs += 1;
     }
     assert_eq!(runs, 2 * t.rows.len());
+}
+
+#[test]
+fn the_needle_table_holds_every_cache_of_its_run() {
+    let t = table("needle");
+    let reports = json("docs/data/needle.json");
+    let reports = reports.as_array().unwrap();
+    assert_eq!(reports.len(), t.rows.len());
+    for (report, row) in reports.iter().zip(&t.rows) {
+        let all = format!("{:.0}%", 100.0 * report["accuracy"].as_f64().unwrap());
+        assert_eq!(row[row.len() - 2], all, "{}", report["cache"]);
+        let right: u64 = report["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["correct"].as_u64().unwrap())
+            .sum();
+        let in_columns: u64 = row[1..row.len() - 2]
+            .iter()
+            .map(|c| c.split('/').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(right, in_columns, "{}", report["cache"]);
+    }
 }
