@@ -11,7 +11,7 @@ use crate::progress;
 use anyhow::{anyhow, bail, Context, Result};
 use kvcache::KvCache;
 use llm::ops::log_prob;
-use llm::Model;
+use llm::{Model, Sequence};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -223,19 +223,41 @@ impl Scorer for ModelScorer<'_> {
             let mut prefix = self.empty.box_clone();
             // Logits of the context's last token predict each continuation's first token.
             let last = self.model.forward(ctx, 0, prefix.as_mut(), Some(1))?;
-            for j in i..choices.len() {
-                if done[j] || split[j].0 != *ctx {
-                    continue;
-                }
+            let group: Vec<usize> = (i..choices.len())
+                .filter(|&j| !done[j] && split[j].0 == *ctx)
+                .collect();
+            // The rest of every continuation, each from its own copy of the context's cache, in
+            // one pass: the weights are read once for all the choices.
+            let longer: Vec<usize> = group
+                .iter()
+                .copied()
+                .filter(|&j| split[j].1.len() > 1)
+                .collect();
+            let mut caches: Vec<Box<dyn KvCache>> =
+                longer.iter().map(|_| prefix.box_clone()).collect();
+            let mut batch: Vec<Sequence> = longer
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(&j, cache)| {
+                    let cont = &split[j].1;
+                    Sequence {
+                        tokens: &cont[..cont.len() - 1],
+                        first_pos: ctx.len(),
+                        cache: cache.as_mut(),
+                    }
+                })
+                .collect();
+            let rows: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
+            let logits = if batch.is_empty() {
+                Vec::new()
+            } else {
+                self.model.forward_many(&mut batch, &rows)?
+            };
+            for j in group {
                 let cont = &split[j].1;
                 let mut ll = log_prob(&last, cont[0] as usize);
-                if cont.len() > 1 {
-                    let mut cache = prefix.box_clone();
-                    let rows = cont.len() - 1;
-                    let logits =
-                        self.model
-                            .forward(&cont[..rows], ctx.len(), cache.as_mut(), Some(rows))?;
-                    for (r, row) in logits.chunks_exact(vocab).enumerate() {
+                if let Some(at) = longer.iter().position(|&l| l == j) {
+                    for (r, row) in logits[at].chunks_exact(vocab).enumerate() {
                         ll += log_prob(row, cont[r + 1] as usize);
                     }
                 }

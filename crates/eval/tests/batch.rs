@@ -132,3 +132,38 @@ fn a_bad_sequence_fails_the_batch_before_any_cache_changes() {
     assert!(err.contains("forward starts at 7"), "{err}");
     assert_eq!(a.len(0), 3);
 }
+
+#[test]
+fn sequences_of_any_lengths_in_one_pass_give_the_rows_each_gives_alone() {
+    let model = common::model();
+    let prompts = prompts(); // 9 + 31 + 17 = 57 rows, below the dequantized-tile threshold
+    let rows = [9usize, 5, 1];
+    let alone: Vec<Vec<f32>> = prompts
+        .iter()
+        .zip(rows)
+        .map(|(p, r)| {
+            let mut cache = model.new_cache("f16").unwrap();
+            model.forward(p, 0, cache.as_mut(), Some(r)).unwrap()
+        })
+        .collect();
+    let mut caches: Vec<Box<dyn KvCache>> = prompts
+        .iter()
+        .map(|_| model.new_cache("f16").unwrap())
+        .collect();
+    let mut batch: Vec<Sequence> = prompts
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(p, c)| Sequence {
+            tokens: p,
+            first_pos: 0,
+            cache: c.as_mut(),
+        })
+        .collect();
+    let together = model.forward_many(&mut batch, &rows).unwrap();
+    assert_eq!(together, alone);
+    // Asking more rows than a sequence has, or a count per sequence missing, is an error.
+    let e = model.forward_many(&mut batch, &[1, 99, 1]).unwrap_err();
+    assert!(e.to_string().contains("99 logit rows"), "{e}");
+    let e = model.forward_many(&mut batch, &[1]).unwrap_err();
+    assert!(e.to_string().contains("1 logit row counts for 3"), "{e}");
+}

@@ -182,6 +182,16 @@ impl Model {
         self.net.forward_batch(batch)
     }
 
+    /// See [`Transformer::forward_many`]: several sequences of any lengths in one pass, the
+    /// logits of the last `logit_rows[i]` tokens of each.
+    pub fn forward_many(
+        &self,
+        batch: &mut [crate::Sequence<'_>],
+        logit_rows: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        self.net.forward_many(batch, logit_rows)
+    }
+
     pub fn vocab(&self) -> usize {
         self.net.config.vocab
     }

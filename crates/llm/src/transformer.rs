@@ -379,6 +379,33 @@ impl Transformer {
         self.forward_rows(batch, &rows)
     }
 
+    /// Several sequences of any lengths in one pass, as [`Self::forward_batch`]: the logits
+    /// [logit_rows[i], vocab] of the last `logit_rows[i]` tokens of each.
+    pub fn forward_many(
+        &self,
+        batch: &mut [Sequence<'_>],
+        logit_rows: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        if logit_rows.len() != batch.len() {
+            return Err(LlmError::Input(format!(
+                "{} logit row counts for {} sequences",
+                logit_rows.len(),
+                batch.len()
+            )));
+        }
+        if let Some((s, &rows)) = batch
+            .iter()
+            .zip(logit_rows)
+            .find(|(s, &r)| r > s.tokens.len())
+        {
+            return Err(LlmError::Input(format!(
+                "{rows} logit rows asked of a sequence of {} tokens",
+                s.tokens.len()
+            )));
+        }
+        self.forward_rows(batch, logit_rows)
+    }
+
     /// Logits [logit_rows[i], vocab] of the last `logit_rows[i]` tokens of each sequence.
     fn forward_rows(
         &self,
