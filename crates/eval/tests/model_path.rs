@@ -115,9 +115,10 @@ fn chat_template_renders_chatml() {
 }
 
 /// Our forward (f32 cache) against candle-transformers' `quantized_llama` on the same GGUF.
-/// That reference multiplies with Q4_1 weights and Q8_1-quantized activations (as ggml does)
-/// while we dequantize the weights to f32, so logits differ by quantization noise: we require
-/// the same argmax and max |Δlogit| below 2.5% of the logits' range, plus correlation > 0.999.
+/// That reference multiplies Q4_1 weights by Q8_1-quantized activations (as ggml does), we by
+/// activations quantized per 32 values our way, so logits differ by quantization noise: we
+/// require the same argmax, max |Δlogit| below 4% of the logits' range (see
+/// `assert_matches_candle`), and correlation > 0.999.
 #[test]
 fn logits_match_candle_transformers_quantized_llama() {
     use candle_transformers::models::quantized_llama::ModelWeights;

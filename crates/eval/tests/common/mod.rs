@@ -162,7 +162,7 @@ pub type CandleLoad<W> = fn(
 
 /// Our last-position logits on a short prompt (f32 cache) against those of candle-transformers'
 /// model of the same GGUF (`load`, then `forward(model, [1, n] input, 0)`): the same argmax,
-/// max |Δlogit| below 2.5% of the logits' range and correlation above 0.999.
+/// max |Δlogit| below 4% of the logits' range and correlation above 0.999.
 pub fn assert_matches_candle<W>(
     m: &Model,
     load: CandleLoad<W>,
@@ -187,5 +187,9 @@ pub fn assert_matches_candle<W>(
         .and_then(|l| l.flatten_all())
         .and_then(|l| l.to_vec1())
         .expect("reference forward");
-    assert_logits_close(&ours, &theirs, 0.025, 0.999);
+    // Ours and candle's quantize the activations to 8 bits each their own way (per 32 values;
+    // Q8_1 / Q8_K blocks), and a last-bit difference between SIMD levels flips some of those
+    // roundings: max |Δ| measured 2.0–2.3% of the range on SmolLM2 and 2.2–2.7% on Gemma 3
+    // across AVX-512, AVX2 and portable. A wrong layer moves it by tens of percent.
+    assert_logits_close(&ours, &theirs, 0.04, 0.999);
 }
