@@ -188,9 +188,15 @@ fn generation_is_greedy_deterministic_and_knows_paris() {
         seed: 0,
     };
     let a = generate(m, &ids, "f16", 8, &s, |_| {}).unwrap();
+    let again = generate(m, &ids, "f16", 8, &s, |_| {}).unwrap();
+    assert_eq!(a.text, again.text, "greedy is deterministic");
+    // f16 and f32 caches agree on the answer; later tokens of low margin may part (K/V rounded
+    // to f16 is a real difference: " Paris.\n\nThe answer" against " Paris.\n\nThe United" at
+    // the portable SIMD level).
     let b = generate(m, &ids, "f32", 8, &s, |_| {}).unwrap();
-    assert!(a.text.trim_start().starts_with("Paris"), "{:?}", a.text);
-    assert_eq!(a.text, b.text);
+    for text in [&a.text, &b.text] {
+        assert!(text.trim_start().starts_with("Paris."), "{text:?}");
+    }
     let sampled = Sampling {
         temperature: 0.8,
         top_p: 0.9,

@@ -80,17 +80,18 @@ impl Model {
             gguf.set_overrides(d.tensors.clone())?;
         }
         let architecture = gguf.string("general.architecture")?;
+        let load_net = match architecture.as_str() {
+            "llama" => llama::load,
+            "qwen2" => qwen2::load,
+            "gemma3" => gemma3::load,
+            _ => return Err(LlmError::UnsupportedArchitecture(architecture)),
+        };
         // The tokenizer before the weights, and its metadata (Gemma's 262,144 tokens and scores
         // as candle's values) dropped once it is built: held while the weights are paged in,
         // they and the tokenizer's construction made the peak of a load.
         let mut tokenizer = Tokenizer::from_gguf(&gguf)?;
         gguf.drop_tokenizer_metadata();
-        let net = match architecture.as_str() {
-            "llama" => llama::load(&mut gguf)?,
-            "qwen2" => qwen2::load(&mut gguf)?,
-            "gemma3" => gemma3::load(&mut gguf)?,
-            _ => return Err(LlmError::UnsupportedArchitecture(architecture)),
-        };
+        let net = load_net(&mut gguf)?;
         if architecture == "gemma3" && tokenizer.chat_template.is_none() {
             tokenizer.chat_template = Some(gemma3::CHAT_TEMPLATE.to_string());
         }
