@@ -413,6 +413,26 @@ const CATALOGUE: &[Row] = &[
     row("generate", 1, "--prompt"),
     // Tasks.
     row(
+        "allocate --codebooks {books.safetensors} --bits 9 --out {new.safetensors}",
+        1,
+        "--bits 9: these codebooks give",
+    ),
+    row(
+        "allocate --codebooks {books.safetensors} --probe-stages 0 --out {new.safetensors}",
+        1,
+        "--probe-stages 0",
+    ),
+    row(
+        "allocate --codebooks /nonexistent.safetensors --out {new.safetensors}",
+        1,
+        "cannot read",
+    ),
+    row(
+        "allocate --codebooks {books.safetensors} --out {afile}/x.safetensors",
+        1,
+        "is a file, not a folder",
+    ),
+    row(
         "needle --depths 1.5",
         1,
         "--depths 1.5: a depth is a fraction",

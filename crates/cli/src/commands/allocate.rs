@@ -43,10 +43,11 @@ pub struct Args {
     /// Window length (2 to the model's context length)
     #[arg(long, default_value_t = defaults().ppl.ctx)]
     ctx: usize,
-    /// Stages each part is probed at, at least 1 and at most the codebooks' stages (fewer than the mean lifts a
-    /// part's KLD out of the noise)
-    #[arg(long, default_value_t = defaults().probe_stages)]
-    probe_stages: usize,
+    /// Stages each part is probed at, at least 1 and at most the codebooks' stages (default: 4,
+    /// or all the codebooks' stages if fewer; fewer than the mean lifts a part's KLD out of the
+    /// noise)
+    #[arg(long)]
+    probe_stages: Option<usize>,
     #[arg(long)]
     json: bool,
 }
@@ -67,7 +68,15 @@ pub fn run(a: Args) -> Result<()> {
     let tokens = eval::text::read_tokens(&model, &text)?;
     let cfg = AllocateConfig {
         bits: a.bits,
-        probe_stages: a.probe_stages,
+        probe_stages: a.probe_stages.unwrap_or_else(|| {
+            let stages = books
+                .layers
+                .iter()
+                .flat_map(|l| [&l.keys, &l.values])
+                .flatten();
+            let fewest = stages.map(|q| q.stages()).min().unwrap_or(1);
+            defaults().probe_stages.min(fewest)
+        }),
         ppl: PplOptions {
             ctx: a.ctx,
             max_tokens: Some(a.tokens),
