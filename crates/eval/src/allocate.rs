@@ -69,18 +69,22 @@ pub struct Allocation {
 pub struct AllocateConfig {
     /// Average bits per element to reach (at most).
     pub bits: f64,
-    /// Stages each part is probed at (fewer than the mean makes its KLD stand out of the noise).
-    pub probe_stages: usize,
+    /// Stages each part is probed at (fewer than the mean makes its KLD stand out of the noise);
+    /// `None`: [`PROBE_STAGES`], or all the codebooks' stages if they have fewer.
+    pub probe_stages: Option<usize>,
     pub ppl: PplOptions,
 }
 
+/// The probe's stages unless asked otherwise.
+pub const PROBE_STAGES: usize = 4;
+
 impl Default for AllocateConfig {
-    /// 3 bits (the paper's at head_dim 64), parts probed at 4 stages, 2,048 tokens in windows of
-    /// 512 scored as llama-perplexity scores them.
+    /// 3 bits (the paper's at head_dim 64), parts probed at [`PROBE_STAGES`], 2,048 tokens in
+    /// windows of 512 scored as llama-perplexity scores them.
     fn default() -> Self {
         Self {
             bits: 3.0,
-            probe_stages: 4,
+            probe_stages: None,
             ppl: PplOptions {
                 ctx: 512,
                 max_tokens: Some(2048),
@@ -222,11 +226,9 @@ pub fn allocate(
         .map(|&(l, p)| quantizer(books, l, p).unwrap().0.stages())
         .min()
         .unwrap_or(0);
-    if !(1..=most).contains(&cfg.probe_stages) {
-        bail!(
-            "--probe-stages {}: must be 1 to the codebooks' {most} stages",
-            cfg.probe_stages
-        );
+    let probe = cfg.probe_stages.unwrap_or(PROBE_STAGES.min(most));
+    if !(1..=most).contains(&probe) {
+        bail!("--probe-stages {probe}: must be 1 to the codebooks' {most} stages");
     }
     // Bytes of each part's vector at 1..=K stages; bits per element over all parts.
     let bytes: Vec<Vec<usize>> = parts
@@ -273,7 +275,7 @@ pub fn allocate(
     let mut caches: Vec<Box<dyn KvCache>> = Vec::new();
     let mut names = Vec::new();
     for &(l, p) in &parts {
-        let one = only(books, l, p, cfg.probe_stages)?;
+        let one = only(books, l, p, probe)?;
         let name = format!("layer {l} {p:?}");
         let cache = RvqCache::new(
             config.shape,
@@ -287,7 +289,6 @@ pub fn allocate(
     }
     let klds = kl_divergence_of(model, tokens, "f16", caches, &names, &cfg.ppl)?;
 
-    let probe = cfg.probe_stages;
     let mut reports: Vec<PartReport> = parts
         .iter()
         .zip(errors)

@@ -22,7 +22,7 @@ fn allocation_spends_the_budget_optimally_and_the_cut_codebooks_run() {
     let bits = (2.0 * 2.0 * 8.0 + 16.0) / 64.0;
     let cfg = AllocateConfig {
         bits,
-        probe_stages: 2,
+        probe_stages: Some(2),
         ppl: PplOptions {
             ctx: 256,
             max_tokens: Some(256),
@@ -50,7 +50,7 @@ fn allocation_spends_the_budget_optimally_and_the_cut_codebooks_run() {
         );
     }
     // Optimal for the predicted sum: moving one stage from any part to any other never lowers it.
-    let f = |r: &eval::allocate::PartReport, k: usize| r.predicted(k, cfg.probe_stages);
+    let f = |r: &eval::allocate::PartReport, k: usize| r.predicted(k, a.probe_stages);
     for from in a.parts.iter().filter(|r| r.stages > 1) {
         for to in a.parts.iter().filter(|r| r.stages < 4) {
             if (from.layer, from.part) == (to.layer, to.part) {

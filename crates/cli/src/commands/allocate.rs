@@ -68,15 +68,7 @@ pub fn run(a: Args) -> Result<()> {
     let tokens = eval::text::read_tokens(&model, &text)?;
     let cfg = AllocateConfig {
         bits: a.bits,
-        probe_stages: a.probe_stages.unwrap_or_else(|| {
-            let stages = books
-                .layers
-                .iter()
-                .flat_map(|l| [&l.keys, &l.values])
-                .flatten();
-            let fewest = stages.map(|q| q.stages()).min().unwrap_or(1);
-            defaults().probe_stages.min(fewest)
-        }),
+        probe_stages: a.probe_stages,
         ppl: PplOptions {
             ctx: a.ctx,
             max_tokens: Some(a.tokens),
