@@ -94,18 +94,17 @@ pub fn kl_divergence_of(
     names: &[String],
     opts: &PplOptions,
 ) -> Result<Vec<Kld>> {
-    let specs = names;
-    if caches.len() != specs.len() {
-        bail!("{} caches for {} names", caches.len(), specs.len());
+    if caches.len() != names.len() {
+        bail!("{} caches for {} names", caches.len(), names.len());
     }
     let (tokens, plan) = checked_plan(model, tokens, opts)?;
     let mut reference_cache = model.new_cache(reference)?;
     let vocab = model.vocab();
     // Per cache: each token's KL, whether its top token matched, and its NLL.
-    let mut per_token: Vec<(Vec<f64>, usize, f64)> = vec![(Vec::new(), 0, 0.0); specs.len()];
+    let mut per_token: Vec<(Vec<f64>, usize, f64)> = vec![(Vec::new(), 0, 0.0); names.len()];
     let mut reference_nll = 0.0;
     let total: usize = plan.iter().map(|w| w.1).sum();
-    let pb = progress::bar((total * (specs.len() + 1)) as u64, "tok", opts.quiet);
+    let pb = progress::bar((total * (names.len() + 1)) as u64, "tok", opts.quiet);
     pb.set_message(format!("KL divergence from {reference}"));
     for &(start, len, first) in &plan {
         let window = window_tokens(model, tokens, (start, len), opts.protocol);
@@ -139,7 +138,7 @@ pub fn kl_divergence_of(
     if !reference_nll.is_finite() {
         bail!("the reference cache {reference} scored non-finite log-likelihoods");
     }
-    specs
+    names
         .iter()
         .zip(per_token)
         .map(|(spec, (mut kls, same, nll))| {

@@ -44,7 +44,6 @@ pub fn run(a: Args) -> Result<()> {
         trials: a.trials,
         seed: a.seed,
     };
-    cfg.validate(&model)?;
     for spec in &a.caches {
         model.new_cache(spec)?;
     }
@@ -77,9 +76,13 @@ fn print_grid(r: &NeedleReport) {
     print!("\n|---:|");
     lengths.iter().for_each(|_| print!("---:|"));
     println!();
-    let mut depths: Vec<f64> = r.cells.iter().map(|c| c.depth).collect();
-    depths.dedup();
-    depths.truncate(r.cells.len() / lengths.len().max(1));
+    // Every length has the same depths, in the order asked.
+    let first = lengths.first().copied();
+    let depths = r
+        .cells
+        .iter()
+        .filter(|c| Some(c.length) == first)
+        .map(|c| c.depth);
     for d in depths {
         print!("| {d} |");
         for &l in &lengths {
