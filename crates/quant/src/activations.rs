@@ -16,6 +16,30 @@ pub struct Q8Rows {
     dsums: Vec<f32>,
 }
 
+/// Activation rows that share each load of the batched kernel: one i32 lane each of a 256-bit
+/// register.
+pub(crate) const LANES: usize = 8;
+
+/// [`Q8Rows`] with each group of [`LANES`] rows interleaved by 4 values, so that one 256-bit load
+/// holds values 4k..4k + 4 of 8 rows: the batched kernel multiplies them by 4 codes of one weight
+/// row broadcast to every lane. The last group's missing rows are zeros.
+pub(crate) struct Q8Lanes {
+    pub rows: usize,
+    pub cols: usize,
+    /// [groups, cols / 4, LANES, 4]
+    pub q: Vec<i8>,
+    /// [groups, cols / 32, LANES]
+    pub d: Vec<f32>,
+    /// [groups, cols / 16, LANES]
+    pub dsums: Vec<f32>,
+}
+
+impl Q8Lanes {
+    pub fn groups(&self) -> usize {
+        self.rows.div_ceil(LANES)
+    }
+}
+
 /// One row of [`Q8Rows`].
 #[derive(Clone, Copy)]
 pub(crate) struct Q8Row<'a> {
@@ -84,6 +108,36 @@ impl Q8Rows {
             q: &self.q[r * n..(r + 1) * n],
             d: &self.d[r * n / CHUNK..(r + 1) * n / CHUNK],
             dsums: &self.dsums[r * n / HALF..(r + 1) * n / HALF],
+        }
+    }
+
+    /// The same rows in groups of [`LANES`], for the batched kernel.
+    pub(crate) fn lanes(&self) -> Q8Lanes {
+        let groups = self.rows.div_ceil(LANES);
+        let (dwords, chunks, halves) = (self.cols / 4, self.cols / CHUNK, self.cols / HALF);
+        let mut q = vec![0i8; groups * LANES * self.cols];
+        let mut d = vec![0f32; groups * LANES * chunks];
+        let mut dsums = vec![0f32; groups * LANES * halves];
+        for r in 0..self.rows {
+            let (g, lane) = (r / LANES, r % LANES);
+            let row = self.row(r);
+            for (k, four) in row.q.chunks_exact(4).enumerate() {
+                let at = ((g * dwords + k) * LANES + lane) * 4;
+                q[at..at + 4].copy_from_slice(four);
+            }
+            for (c, &v) in row.d.iter().enumerate() {
+                d[(g * chunks + c) * LANES + lane] = v;
+            }
+            for (h, &v) in row.dsums.iter().enumerate() {
+                dsums[(g * halves + h) * LANES + lane] = v;
+            }
+        }
+        Q8Lanes {
+            rows: self.rows,
+            cols: self.cols,
+            q,
+            d,
+            dsums,
         }
     }
 

@@ -1,20 +1,29 @@
-//! The one integer kernel every format shares: weight rows against rows of [`Q8Rows`].
+//! The integer kernels every format shares: weight rows against rows of [`Q8Rows`].
 //!
-//! Per chunk of 32 weights: the codes times the activations' bytes summed exactly in i32 (four
-//! products per lane: `vpmaddubsw` + `vpmaddwd` on AVX2, `vpdpbusd` with AVX-512 VNNI), then one
-//! fused multiply-add by the chunk's scales times the activations' scale; the offsets multiply
-//! the activations' per-16 sums once per block. Up to [`ROWS`] activation rows share each chunk's
-//! unpacked codes, so prefill unpacks every weight once per four rows.
+//! Per unit of 16 or 32 weights sharing a scale (see [`Format::UNIT`]): the codes times the
+//! activations' bytes summed exactly in i32 (`vpmaddubsw` + `vpmaddwd` on AVX2, `vpdpbusd` with
+//! AVX-512 VNNI), then `products = fma(sum, scale·d, products)` and, for formats with offsets,
+//! `offsets = fma(offset, d·Σq, offsets)`; the product is `products + offsets`. Both SIMD
+//! kernels follow this order exactly, so a product has the same bits whichever computes it,
+//! alone or in a batch (a server's batching never changes a greedy answer):
+//! - one activation row ([`tile`], decode) reads the weight rows one after another (the stream
+//!   the hardware prefetchers follow), keeps each chunk's integer sums, and runs the float steps
+//!   of 8 rows side by side, one lane each (the sums reduced across registers by `vphaddd`);
+//! - a batch ([`tile_lanes`]) puts 8 activation rows in the lanes ([`Q8Lanes`]) and broadcasts
+//!   4 codes of one weight row to all of them, so each unpacked code serves 8 rows and each
+//!   loaded activation serves several weight rows, with no reduction across lanes.
+//!
+//! The portable build sums in its own order (the reference the tests hold every level to).
 
-use crate::activations::{Q8Row, Q8Rows};
+use crate::activations::{Q8Lanes, Q8Row, Q8Rows, LANES};
 use crate::format::{Format, CHUNK, HALF};
 use simd::Level;
 
-/// Activation rows multiplied by each unpacked chunk.
-const ROWS: usize = 4;
-
 /// `out[j·x.rows + r]` = weight row j of `w` (rows of `row_bytes`) · activation row r.
 pub(crate) type TileFn = fn(Level, &[u8], usize, &Q8Rows, &mut [f32]);
+/// `out[j·width + r]` = weight row j · activation row r, `width` = the lanes of every group; a
+/// SIMD level only.
+pub(crate) type LanesFn = fn(Level, &[u8], usize, &Q8Lanes, &mut [f32]);
 
 /// Whether this CPU has AVX-512 VNNI (with VL), checked once.
 #[cfg(target_arch = "x86_64")]
@@ -47,32 +56,35 @@ pub(crate) fn tile<F: Format>(
     tile_portable::<F>(w, row_bytes, x, out)
 }
 
-/// Every weight row (rows of `row_bytes`) against every group of up to [`ROWS`] activation
-/// rows, and where each group's products go. A macro, not a closure: the kernels must be
-/// inlined into the function that enables their instruction set.
-macro_rules! each_row_group {
-    ($w:expr, $row_bytes:expr, $x:expr, $out:expr, |$wrow:ident, $xs:ident, $o:ident| $dot:expr) => {{
-        let rows: Vec<Q8Row> = (0..$x.rows).map(|r| $x.row(r)).collect();
-        for ($wrow, out) in $w
-            .chunks_exact($row_bytes)
-            .zip($out.chunks_exact_mut($x.rows))
-        {
-            for ($xs, $o) in rows.chunks(ROWS).zip(out.chunks_mut(ROWS)) {
-                $dot;
-            }
+pub(crate) fn tile_lanes<F: Format>(
+    level: Level,
+    w: &[u8],
+    row_bytes: usize,
+    x: &Q8Lanes,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match level {
+            // SAFETY: the level never exceeds what the CPU reports, VNNI is checked.
+            Level::Avx512 if has_vnni() => return unsafe { lanes_vnni::<F>(w, row_bytes, x, out) },
+            // SAFETY: as above.
+            Level::Avx512 | Level::Avx2 => return unsafe { lanes_avx2::<F>(w, row_bytes, x, out) },
+            Level::Portable => {}
         }
-    }};
+    }
+    unreachable!("the batched kernel at {level:?}: the caller uses `tile` there")
 }
 
 fn tile_portable<F: Format>(w: &[u8], row_bytes: usize, x: &Q8Rows, out: &mut [f32]) {
-    each_row_group!(w, row_bytes, x, out, |wrow, xs, o| {
-        for (x, o) in xs.iter().zip(o) {
-            *o = dot_portable::<F>(wrow, x);
+    for (wrow, out) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(x.rows)) {
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = dot_portable::<F>(wrow, &x.row(r));
         }
-    });
+    }
 }
 
-/// The scalar reference of the kernel (also the portable build).
+/// The scalar reference of the kernels (also the portable build), summed in its own order.
 fn dot_portable<F: Format>(w: &[u8], x: &Q8Row) -> f32 {
     let halves = F::ELEMS / HALF;
     let (mut scale, mut offset) = ([0f32; 16], [0f32; 16]);
@@ -100,96 +112,438 @@ fn dot_portable<F: Format>(w: &[u8], x: &Q8Row) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_avx2<F: Format>(w: &[u8], row_bytes: usize, x: &Q8Rows, out: &mut [f32]) {
-    each_row_group!(w, row_bytes, x, out, |wrow, xs, o| dot_avx2::<F, false>(
-        wrow, xs, o
-    ));
+    tile_simd::<F, false>(w, row_bytes, x, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 unsafe fn tile_vnni<F: Format>(w: &[u8], row_bytes: usize, x: &Q8Rows, out: &mut [f32]) {
-    each_row_group!(w, row_bytes, x, out, |wrow, xs, o| dot_avx2::<F, true>(
-        wrow, xs, o
-    ));
+    tile_simd::<F, true>(w, row_bytes, x, out)
 }
 
-/// `out[r]` = weight row `w` · `xs[r]` for up to [`ROWS`] activation rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lanes_avx2<F: Format>(w: &[u8], row_bytes: usize, x: &Q8Lanes, out: &mut [f32]) {
+    // 16 registers: two weight rows' accumulators and sums beside the activations.
+    lanes_simd::<F, false, 2>(w, row_bytes, x, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn lanes_vnni<F: Format>(w: &[u8], row_bytes: usize, x: &Q8Lanes, out: &mut [f32]) {
+    // 32 registers with AVX-512: four weight rows share each activation load.
+    lanes_simd::<F, true, 4>(w, row_bytes, x, out)
+}
+
+/// `acc` + the products of 4 unsigned bytes of `a` and signed bytes of `b` per i32 lane.
 ///
 /// # Safety
-/// AVX2, FMA and F16C (and AVX-512 VNNI + VL when `VNNI`); `w` holds whole blocks covering the rows.
+/// AVX2 (and AVX-512 VNNI + VL when `VNNI`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn dot_avx2<F: Format, const VNNI: bool>(w: &[u8], xs: &[Q8Row], out: &mut [f32]) {
-    match xs.len() {
-        1 => dot_rows_avx2::<F, VNNI, 1>(w, xs, out),
-        2 => dot_rows_avx2::<F, VNNI, 2>(w, xs, out),
-        3 => dot_rows_avx2::<F, VNNI, 3>(w, xs, out),
-        _ => dot_rows_avx2::<F, VNNI, 4>(w, xs, out),
+unsafe fn accumulate<const VNNI: bool>(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    if VNNI {
+        _mm256_dpbusd_epi32(acc, a, b)
+    } else {
+        // Pairs of products fit i16: codes ≤ 128 (Q8's |−128|), |b| ≤ 127.
+        let pairs = _mm256_maddubs_epi16(a, b);
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     }
 }
 
-/// [`dot_avx2`] for exactly `R` rows, so that the accumulators stay in registers (indexed by a
-/// loop of constant count: iterating over `xs` instead leaves the count to run time, and the
-/// accumulators spill to memory, at half the speed).
+/// Lane l: Σ codes·activations over weights 4l..4l + 4 of one chunk. Signed codes multiply by
+/// their magnitude, their sign moved onto the activations (|x| ≤ 127, so no overflow).
+///
+/// # Safety
+/// As [`accumulate`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn chunk_sums<F: Format, const VNNI: bool>(codes: __m256i, x: __m256i) -> __m256i {
+    let zero = _mm256_setzero_si256();
+    if F::UNSIGNED {
+        accumulate::<VNNI>(zero, codes, x)
+    } else {
+        accumulate::<VNNI>(
+            zero,
+            _mm256_sign_epi8(codes, codes),
+            _mm256_sign_epi8(x, codes),
+        )
+    }
+}
+
+/// Bytes ahead of a row's current block that the batched kernel asks the cache for: it reads
+/// several weight rows at once, interleaved, which the hardware prefetchers follow poorly
+/// (without this, 8 rows against Q8_0 weights from memory run at about half the speed).
+const PREFETCH_AHEAD: usize = 2048;
+
+/// Starts loading the line `PREFETCH_AHEAD` bytes past `row[at]` (never faults, even past the end).
+///
+/// # Safety
+/// SSE.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch(row: *const u8, at: usize) {
+    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(at + PREFETCH_AHEAD) as *const i8);
+}
+
+/// The SIMD kernels' running sums, one lane per product, in the same order in every kernel:
+/// per unit `products += sums·(scale·d)` and `offsets += offset·(d·Σq)`, two chains, so that
+/// neither waits on the other; the product is their sum at the end.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Acc {
+    products: __m256,
+    offsets: __m256,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Acc {
+    /// # Safety
+    /// AVX.
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Self {
+            products: _mm256_setzero_ps(),
+            offsets: _mm256_setzero_ps(),
+        }
+    }
+
+    /// One unit's step.
+    ///
+    /// # Safety
+    /// AVX2 and FMA.
+    #[inline(always)]
+    unsafe fn step<F: Format>(
+        &mut self,
+        sums: __m256i,
+        scale: __m256,
+        offset: __m256,
+        d: __m256,
+        dsum: __m256,
+    ) {
+        let scaled = _mm256_mul_ps(scale, d);
+        self.products = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scaled, self.products);
+        if F::OFFSET {
+            self.offsets = _mm256_fmadd_ps(offset, dsum, self.offsets);
+        }
+    }
+
+    /// # Safety
+    /// AVX.
+    #[inline(always)]
+    unsafe fn total(self) -> __m256 {
+        _mm256_add_ps(self.products, self.offsets)
+    }
+}
+
+/// Each activation row against the weight rows 8 at a time: each row's chunk sums and params in
+/// turn (one contiguous stream of weights: the hardware prefetchers follow it, and reading rows
+/// interleaved halves the bandwidth they reach), then the 8 rows' float steps side by side, one
+/// lane each.
+///
+/// # Safety
+/// AVX2, FMA and F16C (and AVX-512 VNNI + VL when `VNNI`); `w` holds whole rows of blocks.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile_simd<F: Format, const VNNI: bool>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &Q8Rows,
+    out: &mut [f32],
+) {
+    let chunks = row_bytes / F::BYTES * F::CHUNKS;
+    // Taken out and put back, not borrowed in a closure: a closure would not inherit this
+    // function's instruction sets, and the kernel inlined into it would lose them.
+    let mut scratch = SCRATCH.take();
+    scratch.resize(chunks);
+    let sums = &mut scratch.sums[..LANES * chunks];
+    let scale = &mut scratch.scale[..2 * chunks * LANES];
+    let offset = &mut scratch.offset[..2 * chunks * LANES];
+    let bits = &mut scratch.bits[..2 * chunks * LANES];
+    let (wrows, n) = (w.len() / row_bytes, x.rows);
+    for r in 0..n {
+        let xr = x.row(r);
+        for first in (0..wrows).step_by(LANES) {
+            for (i, sums) in sums.chunks_exact_mut(chunks).enumerate() {
+                // A last partial group repeats its last row in the spare lanes.
+                let at = (first + i).min(wrows - 1) * row_bytes;
+                let row = w.get_unchecked(at..at + row_bytes);
+                row_sums::<F, VNNI>(row, &xr, sums, scale, offset, bits, i);
+            }
+            let mut v = [0f32; LANES];
+            _mm256_storeu_ps(
+                v.as_mut_ptr(),
+                across_rows::<F>(sums, scale, offset, bits, &xr),
+            );
+            for (i, &v) in v.iter().take(wrows - first).enumerate() {
+                out[(first + i) * n + r] = v;
+            }
+        }
+    }
+    SCRATCH.set(scratch);
+}
+
+/// The one-row kernel's working space, kept by each thread: a decode step multiplies hundreds
+/// of matrices, and allocating (and zeroing) it each time costs a tenth of the products.
+#[cfg(target_arch = "x86_64")]
+#[derive(Default)]
+struct Scratch {
+    /// [LANES, chunks]: the sums of each chunk's 8 quads.
+    sums: Vec<__m256i>,
+    /// [units, LANES]: params, at most 2 units a chunk.
+    scale: Vec<f32>,
+    offset: Vec<f32>,
+    /// [2, chunks, LANES]: f16 scales, then minimums (formats with [`Format::F16_SCALE`]).
+    bits: Vec<u16>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Scratch {
+    fn resize(&mut self, chunks: usize) {
+        if self.sums.len() < LANES * chunks {
+            // SAFETY: an all-zero bit pattern is a valid __m256i.
+            self.sums
+                .resize(LANES * chunks, unsafe { std::mem::zeroed() });
+            self.scale.resize(2 * chunks * LANES, 0.0);
+            self.offset.resize(2 * chunks * LANES, 0.0);
+            self.bits.resize(2 * chunks * LANES, 0);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// One weight row's chunk sums against `x` (`sums`: [chunks]), and its params into lane `lane`
+/// of `scale` and `offset` ([units, LANES], a unit per [`Format::UNIT`] weights).
+///
+/// # Safety
+/// As [`tile_simd`]; `row` holds whole blocks.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row_sums<F: Format, const VNNI: bool>(
+    row: &[u8],
+    x: &Q8Row,
+    sums: &mut [__m256i],
+    scale: &mut [f32],
+    offset: &mut [f32],
+    bits: &mut [u16],
+    lane: usize,
+) {
+    let halves = F::ELEMS / HALF;
+    let (mut s, mut o) = ([0f32; 16], [0f32; 16]);
+    let chunks = sums.len();
+    for (b, block) in row.chunks_exact(F::BYTES).enumerate() {
+        if let Some(f16) = F::F16_SCALE {
+            // Blocks of one chunk: b is the chunk.
+            let at = b * LANES + lane;
+            *bits.get_unchecked_mut(at) = u16::from_le_bytes([block[0], block[1]]);
+            if let Some(m) = f16.min_at {
+                *bits.get_unchecked_mut(chunks * LANES + at) =
+                    u16::from_le_bytes([block[m], block[m + 1]]);
+            }
+            let xq = _mm256_loadu_si256(x.q.as_ptr().add(b * CHUNK) as *const __m256i);
+            *sums.get_unchecked_mut(b) = chunk_sums::<F, VNNI>(F::codes_avx2(block, 0), xq);
+            continue;
+        }
+        F::params::<true>(block, &mut s[..halves], &mut o[..halves]);
+        // One entry per unit: where a chunk shares one scale, its second half's is not read.
+        let units = F::ELEMS / F::UNIT;
+        for u in 0..units {
+            let at = (b * units + u) * LANES + lane;
+            *scale.get_unchecked_mut(at) = s[u * F::UNIT / HALF];
+            if F::OFFSET {
+                *offset.get_unchecked_mut(at) = o[u * F::UNIT / HALF];
+            }
+        }
+        for c in 0..F::CHUNKS {
+            let ch = b * F::CHUNKS + c;
+            let xq = _mm256_loadu_si256(x.q.as_ptr().add(ch * CHUNK) as *const __m256i);
+            *sums.get_unchecked_mut(ch) = chunk_sums::<F, VNNI>(F::codes_avx2(block, c), xq);
+        }
+    }
+}
+
+/// Entry `k` of [units, LANES] params, one lane per row.
+///
+/// # Safety
+/// AVX; `p` holds `(k + 1)·LANES` values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn lanes(p: &[f32], k: usize) -> __m256 {
+    _mm256_loadu_ps(p.as_ptr().add(k * LANES))
+}
+
+/// Lane i: the float steps of weight row i's chunk sums (see [`tile_simd`]) against `x`.
+///
+/// # Safety
+/// As [`tile_simd`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn across_rows<F: Format>(
+    sums: &[__m256i],
+    scale: &[f32],
+    offset: &[f32],
+    bits: &[u16],
+    x: &Q8Row,
+) -> __m256 {
+    let chunks = sums.len() / LANES;
+    let mut acc = Acc::zero();
+    for ch in 0..chunks {
+        let s = |i: usize| *sums.get_unchecked(i * chunks + ch);
+        // Rows 0..4 (and 4..8): [weights 0..16 of each row | weights 16..32 of each row].
+        let a = _mm256_hadd_epi32(_mm256_hadd_epi32(s(0), s(1)), _mm256_hadd_epi32(s(2), s(3)));
+        let b = _mm256_hadd_epi32(_mm256_hadd_epi32(s(4), s(5)), _mm256_hadd_epi32(s(6), s(7)));
+        let low = _mm256_permute2x128_si256(a, b, 0x20);
+        let high = _mm256_permute2x128_si256(a, b, 0x31);
+        let d = _mm256_set1_ps(*x.d.get_unchecked(ch));
+        let (ds0, ds1) = (
+            *x.dsums.get_unchecked(2 * ch),
+            *x.dsums.get_unchecked(2 * ch + 1),
+        );
+        if let Some(f16) = F::F16_SCALE {
+            let sums = _mm256_add_epi32(low, high);
+            let dsum = _mm256_set1_ps(ds0 + ds1);
+            let at = bits.as_ptr().add(ch * LANES);
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i));
+            // The products `params` forms: −centre·d, or the minimum as it is.
+            let o = match f16.min_at {
+                Some(_) => {
+                    _mm256_cvtph_ps(_mm_loadu_si128(at.add(chunks * LANES) as *const __m128i))
+                }
+                None => _mm256_mul_ps(_mm256_set1_ps(-f16.centre), s),
+            };
+            acc.step::<F>(sums, s, o, d, dsum);
+        } else if F::UNIT == CHUNK {
+            let sums = _mm256_add_epi32(low, high);
+            let dsum = _mm256_set1_ps(ds0 + ds1);
+            acc.step::<F>(sums, lanes(scale, ch), lanes(offset, ch), d, dsum);
+        } else {
+            for (h, (sums, ds)) in [(low, ds0), (high, ds1)].into_iter().enumerate() {
+                let k = 2 * ch + h;
+                let dsum = _mm256_set1_ps(ds);
+                acc.step::<F>(sums, lanes(scale, k), lanes(offset, k), d, dsum);
+            }
+        }
+    }
+    acc.total()
+}
+
+/// Every weight row against every group of activation rows, `RM` weight rows at a time.
+///
+/// # Safety
+/// As [`tile_simd`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn lanes_simd<F: Format, const VNNI: bool, const RM: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &Q8Lanes,
+    out: &mut [f32],
+) {
+    let (wrows, width) = (w.len() / row_bytes, x.groups() * LANES);
+    for first in (0..wrows).step_by(RM) {
+        let mut rows = [w.as_ptr(); RM];
+        for (i, p) in rows.iter_mut().enumerate() {
+            *p = w.as_ptr().add((first + i).min(wrows - 1) * row_bytes);
+        }
+        for g in 0..x.groups() {
+            let acc = weight_rows::<F, VNNI, RM>(&rows, row_bytes / F::BYTES, x, g);
+            for (i, acc) in acc.iter().take(wrows - first).enumerate() {
+                let at = (first + i) * width + g * LANES;
+                _mm256_storeu_ps(out[at..at + LANES].as_mut_ptr(), *acc);
+            }
+        }
+    }
+}
+
+/// Lane r of entry i: weight row `rows[i]` · activation row r of group `g`.
+///
+/// # Safety
+/// As [`eight_rows`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn dot_rows_avx2<F: Format, const VNNI: bool, const R: usize>(
-    w: &[u8],
-    xs: &[Q8Row],
-    out: &mut [f32],
-) {
-    use std::arch::x86_64::*;
+unsafe fn weight_rows<F: Format, const VNNI: bool, const RM: usize>(
+    rows: &[*const u8; RM],
+    blocks: usize,
+    x: &Q8Lanes,
+    g: usize,
+) -> [__m256; RM] {
     let halves = F::ELEMS / HALF;
-    let (mut scale, mut offset) = ([0f32; 16], [0f32; 16]);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut acc_offset = [0f32; R];
-    let ones = _mm256_set1_epi16(1);
-    for (b, block) in w.chunks_exact(F::BYTES).enumerate() {
-        F::params::<true>(block, &mut scale[..halves], &mut offset[..halves]);
+    // This group's [cols / 4, LANES, 4] bytes, [chunks, LANES] scales, [halves, LANES] sums.
+    let q = x.q.as_ptr().add(g * x.cols * LANES);
+    let d = x.d.as_ptr().add(g * x.cols / CHUNK * LANES);
+    let dsums = x.dsums.as_ptr().add(g * x.cols / HALF * LANES);
+    let (mut scale, mut offset) = ([[0f32; 16]; RM], [[0f32; 16]; RM]);
+    let mut acc = [Acc::zero(); RM];
+    for b in 0..blocks {
+        let mut block = [[].as_slice(); RM];
+        for i in 0..RM {
+            prefetch(rows[i], b * F::BYTES);
+            block[i] = std::slice::from_raw_parts(rows[i].add(b * F::BYTES), F::BYTES);
+            F::params::<true>(block[i], &mut scale[i][..halves], &mut offset[i][..halves]);
+        }
         for c in 0..F::CHUNKS {
             let ch = b * F::CHUNKS + c;
-            let codes = F::codes_avx2(block, c);
-            // Unsigned codes multiply the activations as they are; signed ones by their
-            // magnitude, the sign moved onto the activations (|x| ≤ 127, so no overflow).
-            let magnitude = if F::UNSIGNED {
-                codes
-            } else {
-                _mm256_sign_epi8(codes, codes)
-            };
-            let (s0, s1) = (scale[2 * c], scale[2 * c + 1]);
-            for r in 0..R {
-                let x = xs.get_unchecked(r);
-                let mut xq = _mm256_loadu_si256(x.q.as_ptr().add(ch * CHUNK) as *const __m256i);
-                if !F::UNSIGNED {
-                    xq = _mm256_sign_epi8(xq, codes);
-                }
-                let sums = if VNNI {
-                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), magnitude, xq)
+            // Each weight row's codes: magnitudes, and the signed codes for their signs.
+            let mut codes = [_mm256_setzero_si256(); RM];
+            let mut signs = [_mm256_setzero_si256(); RM];
+            for i in 0..RM {
+                signs[i] = F::codes_avx2(block[i], c);
+                codes[i] = if F::UNSIGNED {
+                    signs[i]
                 } else {
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xq), ones)
+                    _mm256_sign_epi8(signs[i], signs[i])
                 };
-                // i32 lanes 0..4 hold weights 0..16, lanes 4..8 weights 16..32.
-                let d = *x.d.get_unchecked(ch);
-                let s = _mm256_set_m128(_mm_set1_ps(s1 * d), _mm_set1_ps(s0 * d));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), s, acc[r]);
             }
-        }
-        for r in 0..R {
-            let x = xs.get_unchecked(r);
-            let dsums = x.dsums.get_unchecked(b * halves..(b + 1) * halves);
-            for (o, s) in offset[..halves].iter().zip(dsums) {
-                acc_offset[r] += o * s;
+            // [weights 0..16, weights 16..32] of each weight row, per activation row.
+            let mut sums = [[_mm256_setzero_si256(); 2]; RM];
+            // The halves alternate, so that twice as many sums are in flight.
+            for k in (0..CHUNK / 4).map(|j| (j % 2) * 4 + j / 2) {
+                let xv = _mm256_loadu_si256(q.add((ch * 8 + k) * 32) as *const __m256i);
+                // Codes 4k..4k + 4 in every lane.
+                let at = _mm256_set1_epi32(k as i32);
+                for i in 0..RM {
+                    let xs = if F::UNSIGNED {
+                        xv
+                    } else {
+                        _mm256_sign_epi8(xv, _mm256_permutevar8x32_epi32(signs[i], at))
+                    };
+                    let wv = _mm256_permutevar8x32_epi32(codes[i], at);
+                    sums[i][k / 4] = accumulate::<VNNI>(sums[i][k / 4], wv, xs);
+                }
+            }
+            let dx = _mm256_loadu_ps(d.add(ch * LANES));
+            let ds0 = _mm256_loadu_ps(dsums.add(2 * ch * LANES));
+            let ds1 = _mm256_loadu_ps(dsums.add((2 * ch + 1) * LANES));
+            for i in 0..RM {
+                let (s0, o0) = (
+                    _mm256_set1_ps(scale[i][2 * c]),
+                    _mm256_set1_ps(offset[i][2 * c]),
+                );
+                if F::UNIT == CHUNK {
+                    let both = _mm256_add_epi32(sums[i][0], sums[i][1]);
+                    acc[i].step::<F>(both, s0, o0, dx, _mm256_add_ps(ds0, ds1));
+                } else {
+                    acc[i].step::<F>(sums[i][0], s0, o0, dx, ds0);
+                    let s1 = _mm256_set1_ps(scale[i][2 * c + 1]);
+                    let o1 = _mm256_set1_ps(offset[i][2 * c + 1]);
+                    acc[i].step::<F>(sums[i][1], s1, o1, dx, ds1);
+                }
             }
         }
     }
-    for r in 0..R {
-        let v = acc[r];
-        let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-        let one = _mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1));
-        out[r] = _mm_cvtss_f32(one) + acc_offset[r];
+    let mut total = [_mm256_setzero_ps(); RM];
+    for i in 0..RM {
+        total[i] = acc[i].total();
     }
+    total
 }

@@ -22,6 +22,14 @@ pub(crate) trait Format {
     /// as unsigned bytes; signed codes go through the sign trick.
     const UNSIGNED: bool;
     const CHUNKS: usize = Self::ELEMS / CHUNK;
+    /// Weights that share one scale and offset: [`HALF`], or [`CHUNK`] where both halves of
+    /// every chunk share them (the kernels then sum a whole chunk in integers).
+    const UNIT: usize = CHUNK;
+    /// Whether any offset is non-zero (not for Q8_0 and Q8_K, whose codes are centred).
+    const OFFSET: bool = true;
+    /// For blocks of 32 whose params are just an f16 scale d at byte 0 and an offset (an f16
+    /// minimum, or −centre·d): the one-row kernel keeps the bits and converts 8 rows' at once.
+    const F16_SCALE: Option<F16Scale> = None;
 
     /// Scale and offset of each 16 weights of `block` ([ELEMS / 16] each); `F16C`: the caller
     /// enables that instruction set, which converts the f16 scales in one instruction.
@@ -36,6 +44,15 @@ pub(crate) trait Format {
     /// The CPU has AVX2; `block` holds `BYTES` bytes.
     #[cfg(target_arch = "x86_64")]
     unsafe fn codes_avx2(block: &[u8], c: usize) -> std::arch::x86_64::__m256i;
+}
+
+/// See [`Format::F16_SCALE`].
+#[derive(Clone, Copy)]
+pub(crate) struct F16Scale {
+    /// Where the f16 minimum is, if the offset is one.
+    pub min_at: Option<usize>,
+    /// Else the offset is −centre·d.
+    pub centre: f32,
 }
 
 /// Little-endian f16 at `b[at..at + 2]`: with F16C's instruction when the caller enables it,

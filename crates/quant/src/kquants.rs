@@ -17,7 +17,7 @@
 //!   2j of byte 128 + 32h + l; w = d·sc·(q − 32).
 //! - Q8_K (292 bytes): d f32, 256 signed bytes, 16 i16 block sums (unused here); w = d·q.
 
-use crate::format::{f16_at, Format, CHUNK};
+use crate::format::{f16_at, Format, CHUNK, HALF};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::__m256i;
 
@@ -62,6 +62,7 @@ unsafe fn bit_avx2(p: *const u8, bit: usize, to: usize) -> __m256i {
 
 pub(crate) struct Q2K;
 impl Format for Q2K {
+    const UNIT: usize = HALF;
     const ELEMS: usize = 256;
     const BYTES: usize = 84;
     const UNSIGNED: bool = true;
@@ -95,6 +96,7 @@ impl Q3K {
     }
 }
 impl Format for Q3K {
+    const UNIT: usize = HALF;
     const ELEMS: usize = 256;
     const BYTES: usize = 110;
     const UNSIGNED: bool = true;
@@ -203,6 +205,7 @@ impl Format for Q5K {
 
 pub(crate) struct Q6K;
 impl Format for Q6K {
+    const UNIT: usize = HALF;
     const ELEMS: usize = 256;
     const BYTES: usize = 210;
     const UNSIGNED: bool = true;
@@ -236,6 +239,7 @@ impl Format for Q6K {
 
 pub(crate) struct Q8K;
 impl Format for Q8K {
+    const OFFSET: bool = false;
     const ELEMS: usize = 256;
     const BYTES: usize = 292;
     const UNSIGNED: bool = false;

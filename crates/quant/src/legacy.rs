@@ -10,7 +10,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use crate::format::{bits_avx2, nibbles_avx2};
-use crate::format::{f16_at, Format, CHUNK};
+use crate::format::{f16_at, F16Scale, Format, CHUNK};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::__m256i;
 
@@ -47,6 +47,10 @@ impl<const MIN: bool, const HIGH: bool> Format for Nibbles<MIN, HIGH> {
     const ELEMS: usize = 32;
     const BYTES: usize = Self::NIBBLES_AT + 16;
     const UNSIGNED: bool = true;
+    const F16_SCALE: Option<F16Scale> = Some(F16Scale {
+        min_at: if MIN { Some(2) } else { None },
+        centre: if HIGH { 16.0 } else { 8.0 },
+    });
     #[inline(always)]
     fn params<const F16C: bool>(b: &[u8], scale: &mut [f32], offset: &mut [f32]) {
         let d = f16_at::<F16C>(b, 0);
@@ -77,6 +81,11 @@ impl<const MIN: bool, const HIGH: bool> Format for Nibbles<MIN, HIGH> {
 
 pub(crate) struct Q8_0;
 impl Format for Q8_0 {
+    const OFFSET: bool = false;
+    const F16_SCALE: Option<F16Scale> = Some(F16Scale {
+        min_at: None,
+        centre: 0.0,
+    });
     const ELEMS: usize = 32;
     const BYTES: usize = 34;
     const UNSIGNED: bool = false;

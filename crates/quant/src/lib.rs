@@ -67,6 +67,7 @@ struct Kernel {
     elems: usize,
     bytes: usize,
     tile: dot::TileFn,
+    lanes: dot::LanesFn,
     dequantize: fn(&[u8], &mut [f32]),
 }
 
@@ -115,6 +116,7 @@ const fn kernel<F: Format>() -> Kernel {
         elems: F::ELEMS,
         bytes: F::BYTES,
         tile: dot::tile::<F>,
+        lanes: dot::tile_lanes::<F>,
         dequantize: dequantize::<F>,
     }
 }
@@ -213,6 +215,8 @@ pub struct QMatrix {
 /// Weight rows per parallel task, at least: below this, handing a task over costs more than it
 /// saves.
 const MIN_TASK_ROWS: usize = 16;
+/// Activation rows from which products take the batched kernel.
+const LANES_FROM: usize = 3;
 
 impl std::fmt::Debug for QMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -328,21 +332,30 @@ impl QMatrix {
         let tasks = 4 * rayon::current_num_threads();
         let per_task = self.rows.div_ceil(tasks).max(MIN_TASK_ROWS);
         // [rows, n]: each task writes the products of its weight rows.
-        let mut t = vec![0f32; self.rows * n];
+        // Both kernels give the same bits; the batched one is faster from a few rows on.
+        let lanes = (level != simd::Level::Portable && n >= LANES_FROM).then(|| x.lanes());
+        let width = lanes
+            .as_ref()
+            .map_or(n, |l| l.groups() * activations::LANES);
+        // [rows, width]: each task writes the products of its weight rows.
+        let mut t = vec![0f32; self.rows * width];
         let data = self.data();
-        t.par_chunks_mut(per_task * n)
+        t.par_chunks_mut(per_task * width)
             .enumerate()
             .for_each(|(i, out)| {
                 let first = i * per_task;
-                let w = &data[first * rb..(first + out.len() / n) * rb];
-                (self.kernel.tile)(level, w, rb, x, out);
+                let w = &data[first * rb..(first + out.len() / width) * rb];
+                match &lanes {
+                    Some(lanes) => (self.kernel.lanes)(level, w, rb, lanes, out),
+                    None => (self.kernel.tile)(level, w, rb, x, out),
+                }
             });
-        if n == 1 {
+        if width == 1 {
             return t;
         }
         let mut y = vec![0f32; n * self.rows]; // [n, rows]
-        for (j, col) in t.chunks_exact(n).enumerate() {
-            for (r, &v) in col.iter().enumerate() {
+        for (j, col) in t.chunks_exact(width).enumerate() {
+            for (r, &v) in col[..n].iter().enumerate() {
                 y[r * self.rows + j] = v;
             }
         }

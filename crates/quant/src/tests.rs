@@ -158,8 +158,10 @@ fn products_match_the_f64_reference_at_every_level() {
 fn every_level_gives_the_same_bits_except_the_portable_order() {
     // AVX2 and VNNI sum the same exact integers in the same float order.
     let m = matrix(WeightType::Q4K, 64, 256, 3);
-    let x: Vec<f32> = (0..5 * 256).map(|i| (i as f32 * 0.37).sin()).collect();
-    let results = simd::at_each_level(|_| m.matmul(&x));
+    // One row takes the one-row kernel, 9 the batched one (2 weight rows a step on AVX2, 4 with
+    // VNNI: the same order per row).
+    let x: Vec<f32> = (0..10 * 256).map(|i| (i as f32 * 0.37).sin()).collect();
+    let results = simd::at_each_level(|_| (m.matmul(&x[..256]), m.matmul(&x[256..])));
     let simd: Vec<_> = results
         .iter()
         .filter(|(l, _)| *l != simd::Level::Portable)
@@ -171,27 +173,50 @@ fn every_level_gives_the_same_bits_except_the_portable_order() {
 
 #[test]
 fn a_product_row_does_not_depend_on_the_batch_it_is_in() {
-    // Decode (one row) and prefill (many rows) give the same bits for the same token.
-    let m = matrix(WeightType::Q4_1, 96, 576, 5);
-    let x: Vec<f32> = (0..7 * 576).map(|i| (i as f32 * 0.11).cos()).collect();
-    // Inside `at_each_level`, so no other test changes the level meanwhile.
-    simd::at_each_level(|level| {
-        let all = m.matmul(&x);
-        for r in 0..7 {
-            let one = m.matmul(&x[r * 576..(r + 1) * 576]);
-            assert_eq!(one, all[r * 96..(r + 1) * 96], "row {r} at {level:?}");
-        }
-    });
+    // Decode (one row: 8 weight rows per register) and batches (8 activation rows per register,
+    // a partial last group) sum in the same order: the same bits for the same token, whatever
+    // rows share the call, in every format; 37 weight rows leave partial groups of weight rows.
+    let (rows, cols, n) = (37, 512, 17);
+    let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.11).cos()).collect();
+    let part = |from: usize, to: usize| &x[from * cols..to * cols];
+    for (ty, _) in INTEGER_TYPES {
+        let m = matrix(ty, rows, cols, 5);
+        // Inside `at_each_level`, so no other test changes the level meanwhile.
+        simd::at_each_level(|level| {
+            let all = m.matmul(&x);
+            for (from, to) in [(0, 2), (0, LANES_FROM), (0, 8), (0, 9), (5, 14)] {
+                let some = m.matmul(part(from, to));
+                let expected = &all[from * rows..to * rows];
+                assert_eq!(some, expected, "{ty:?}, rows {from}..{to} at {level:?}");
+            }
+            for r in 0..n {
+                let one = m.matmul(part(r, r + 1));
+                assert_eq!(
+                    one,
+                    all[r * rows..(r + 1) * rows],
+                    "{ty:?}, row {r} at {level:?}"
+                );
+            }
+        });
+    }
 }
 
 #[test]
 fn a_nan_activation_makes_its_row_s_products_nan_at_every_level() {
     let m = matrix(WeightType::Q4_1, 8, 64, 2);
-    let mut x = vec![0.25f32; 2 * 64];
-    x[64 + 5] = f32::NAN;
-    for (level, y) in simd::at_each_level(|_| m.matmul(&x)) {
-        assert!(y[..8].iter().all(|v| v.is_finite()), "{level:?}");
-        assert!(y[8..].iter().all(|v| v.is_nan()), "{level:?}");
+    // One row alone, and the same rows in a batch (other rows in the same registers).
+    for n in [2, LANES_FROM + 2] {
+        let mut x = vec![0.25f32; n * 64];
+        x[64 + 5] = f32::NAN;
+        for (level, y) in simd::at_each_level(|_| m.matmul(&x)) {
+            for (r, y) in y.chunks_exact(8).enumerate() {
+                let nan = r == 1;
+                assert!(
+                    y.iter().all(|v| v.is_nan() == nan),
+                    "row {r} of {n} at {level:?}"
+                );
+            }
+        }
     }
 }
 
