@@ -11,6 +11,7 @@ use crate::linear::{Linear, Weight};
 use crate::ops::{add_bias, gelu_tanh_mul, rms_norm, rms_norm_rows, silu_mul};
 use candle_core::Tensor;
 use kvcache::{KvCache, LayerRopes, Queries};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Shape and hyper-parameters, as read from the GGUF metadata.
@@ -434,18 +435,24 @@ impl Transformer {
             if let Some(b) = &layer.qkv_bias {
                 add_bias(&mut qkv, b);
             }
+            // Each sequence's rows of qkv and attn; the sequences' attention (and cache
+            // appends, an RVQ cache's encoding among them) run side by side.
             let row = q_dim + 2 * kv_dim;
-            let mut first_row = 0;
+            let (mut qkv_rest, mut attn_rest) = (&qkv[..], &mut attn[..]);
+            let mut parts = Vec::with_capacity(batch.len());
             for s in batch.iter_mut() {
                 let rows = s.tokens.len();
-                self.attention(
-                    l,
-                    layer,
-                    &qkv[first_row * row..(first_row + rows) * row],
-                    s,
-                    &mut attn[first_row * q_dim..(first_row + rows) * q_dim],
-                )?;
-                first_row += rows;
+                let (qkv_s, q_next) = qkv_rest.split_at(rows * row);
+                let (attn_s, a_next) = std::mem::take(&mut attn_rest).split_at_mut(rows * q_dim);
+                parts.push((s, qkv_s, attn_s));
+                (qkv_rest, attn_rest) = (q_next, a_next);
+            }
+            let attend = |(s, qkv, out)| self.attention(l, layer, qkv, s, out);
+            if parts.len() == 1 {
+                // Not through rayon's queue: one sequence's own kernels are parallel already.
+                parts.into_iter().try_for_each(attend)?;
+            } else {
+                parts.into_par_iter().try_for_each(attend)?;
             }
             let mut o = layer.attn_out.forward(&attn, n)?; // [n, hidden]
             if let Some(w) = &layer.post_attn_norm {
