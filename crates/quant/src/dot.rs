@@ -25,14 +25,37 @@ pub(crate) type TileFn = fn(Level, &[u8], usize, &Q8Rows, &mut [f32]);
 /// SIMD level only.
 pub(crate) type LanesFn = fn(Level, &[u8], usize, &Q8Lanes, &mut [f32]);
 
-/// Whether this CPU has AVX-512 VNNI (with VL), checked once.
-#[cfg(target_arch = "x86_64")]
-fn has_vnni() -> bool {
-    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *VNNI.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx512vnni")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-    })
+/// Which of the SIMD builds a level runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Build {
+    /// AVX-512 VNNI (with VL): `vpdpbusd`.
+    Vnni,
+    /// AVX2, FMA and F16C (also AVX-512 without VNNI).
+    Avx2,
+    Portable,
+}
+
+impl Build {
+    fn of(level: Level) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            let vnni = *VNNI.get_or_init(|| {
+                std::arch::is_x86_feature_detected!("avx512vnni")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+            });
+            match level {
+                Level::Avx512 if vnni => Self::Vnni,
+                Level::Avx512 | Level::Avx2 => Self::Avx2,
+                Level::Portable => Self::Portable,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = level;
+            Self::Portable
+        }
+    }
 }
 
 pub(crate) fn tile<F: Format>(
@@ -42,20 +65,23 @@ pub(crate) fn tile<F: Format>(
     x: &Q8Rows,
     out: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        match level {
-            // SAFETY: the level never exceeds what the CPU reports, VNNI is checked.
-            Level::Avx512 if has_vnni() => return unsafe { tile_vnni::<F>(w, row_bytes, x, out) },
-            // SAFETY: as above.
-            Level::Avx512 | Level::Avx2 => return unsafe { tile_avx2::<F>(w, row_bytes, x, out) },
-            Level::Portable => {}
-        }
+    match Build::of(level) {
+        // SAFETY: the level never exceeds what the CPU reports, VNNI is checked.
+        #[cfg(target_arch = "x86_64")]
+        Build::Vnni => unsafe { tile_vnni::<F>(w, row_bytes, x, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx2 => unsafe { tile_avx2::<F>(w, row_bytes, x, out) },
+        _ => tile_portable::<F>(w, row_bytes, x, out),
     }
-    let _ = level;
-    tile_portable::<F>(w, row_bytes, x, out)
 }
 
+/// Whether `level` runs [`tile_lanes`] (a SIMD build).
+pub(crate) fn has_lanes(level: Level) -> bool {
+    Build::of(level) != Build::Portable
+}
+
+/// Only where [`has_lanes`]: the portable build has one kernel, [`tile`].
 pub(crate) fn tile_lanes<F: Format>(
     level: Level,
     w: &[u8],
@@ -63,17 +89,15 @@ pub(crate) fn tile_lanes<F: Format>(
     x: &Q8Lanes,
     out: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        match level {
-            // SAFETY: the level never exceeds what the CPU reports, VNNI is checked.
-            Level::Avx512 if has_vnni() => return unsafe { lanes_vnni::<F>(w, row_bytes, x, out) },
-            // SAFETY: as above.
-            Level::Avx512 | Level::Avx2 => return unsafe { lanes_avx2::<F>(w, row_bytes, x, out) },
-            Level::Portable => {}
-        }
+    match Build::of(level) {
+        // SAFETY: the level never exceeds what the CPU reports, VNNI is checked.
+        #[cfg(target_arch = "x86_64")]
+        Build::Vnni => unsafe { lanes_vnni::<F>(w, row_bytes, x, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx2 => unsafe { lanes_avx2::<F>(w, row_bytes, x, out) },
+        _ => unreachable!("the batched kernel at {level:?}: the caller checks `has_lanes`"),
     }
-    unreachable!("the batched kernel at {level:?}: the caller uses `tile` there")
 }
 
 fn tile_portable<F: Format>(w: &[u8], row_bytes: usize, x: &Q8Rows, out: &mut [f32]) {

@@ -333,7 +333,7 @@ impl QMatrix {
         let per_task = self.rows.div_ceil(tasks).max(MIN_TASK_ROWS);
         // [rows, n]: each task writes the products of its weight rows.
         // Both kernels give the same bits; the batched one is faster from a few rows on.
-        let lanes = (level != simd::Level::Portable && n >= LANES_FROM).then(|| x.lanes());
+        let lanes = (dot::has_lanes(level) && n >= LANES_FROM).then(|| x.lanes());
         let width = lanes
             .as_ref()
             .map_or(n, |l| l.groups() * activations::LANES);
