@@ -48,6 +48,23 @@ pub(crate) struct Q8Row<'a> {
     pub dsums: &'a [f32],
 }
 
+/// `t.round().clamp(-127.0, 127.0) as i8` for finite `t`, in operations that vectorize (`round`,
+/// half away from zero, is a library call per value, and `as` a checked conversion): adding 0.5
+/// less half an ulp of 1 and truncating rounds the same for |t| < 2²², and a code never needs
+/// more. A NaN gives a bound (its block's scale is NaN, which the products carry).
+#[inline(always)]
+// `clamp` keeps a NaN, which the unchecked conversion must not see.
+#[allow(clippy::manual_clamp)]
+fn round_to_code(t: f32) -> i8 {
+    const JUST_BELOW_HALF: f32 = 0.5 - f32::EPSILON / 4.0;
+    let r = (t + JUST_BELOW_HALF.copysign(t))
+        .trunc()
+        .max(-127.0)
+        .min(127.0);
+    // SAFETY: `max` and `min` return a bound for NaN, so r is an integer in [-127, 127].
+    unsafe { r.to_int_unchecked::<i32>() as i8 }
+}
+
 #[inline(always)]
 fn quantize_body(x: &[f32], q: &mut [i8], d: &mut [f32], dsums: &mut [f32]) {
     for (((x, q), d), dsums) in x
@@ -60,7 +77,7 @@ fn quantize_body(x: &[f32], q: &mut [i8], d: &mut [f32], dsums: &mut [f32]) {
         let scale = amax / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         for (q, &v) in q.iter_mut().zip(x) {
-            *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            *q = round_to_code(v * inv);
         }
         // A NaN or infinity would vanish in the bytes (`max` skips NaN, the cast saturates):
         // a NaN scale carries it into every product of the block instead.
@@ -185,6 +202,23 @@ mod tests {
         assert!(a.d[0].is_finite() && a.d[1].is_nan());
         x[40] = f32::INFINITY;
         assert!(Q8Rows::quantize(&x, 64).d[1].is_nan());
+    }
+
+    #[test]
+    fn codes_round_as_round_does() {
+        // Every tie k + ½ and its neighbours a few ulps either side, then a sweep of the range.
+        let mut values: Vec<f32> = (-260..=260)
+            .flat_map(|k| {
+                let tie = k as f32 * 0.5;
+                (-3i32..=3).map(move |u| f32::from_bits((tie.to_bits() as i32 + u) as u32))
+            })
+            .collect();
+        values.extend((0..2_000_000).map(|i| (i as f32 - 1e6) * 1.3e-4));
+        values.extend([0.0, -0.0, 127.4, -127.6, 1e-30, -1e-30, 1e30, -1e30]);
+        for t in values.into_iter().filter(|t| !t.is_nan()) {
+            let expected = t.round().clamp(-127.0, 127.0) as i8;
+            assert_eq!(round_to_code(t), expected, "{t} ({:#x})", t.to_bits());
+        }
     }
 
     #[test]
