@@ -58,6 +58,10 @@ pub struct LoadReport {
     pub requests_failed: usize,
     /// Output tokens per second over all sequences (the server's count).
     pub output_tokens_per_s: f64,
+    /// The same from the last client request's first token to the end, when that is at least
+    /// [`STEADY_MIN`]: every admitted sequence decoding, no prompt being prefilled (a run's
+    /// start is an admission burst; with long requests it can be most of the run).
+    pub steady_output_tokens_per_s: Option<f64>,
     pub time_to_first_token: Percentiles,
     pub inter_token_latency: Percentiles,
     /// The probe's time to first token (see [`LoadOptions::probe_prompt_tokens`]).
@@ -66,12 +70,26 @@ pub struct LoadReport {
     pub peak_kv_bytes: f64,
 }
 
+/// The shortest window [`LoadReport::steady_output_tokens_per_s`] is measured over.
+pub const STEADY_MIN: Duration = Duration::from_secs(2);
+
 #[derive(Default)]
 struct Timings {
     completed: usize,
     failed: usize,
     first_token_ms: Vec<f64>,
+    /// When each first token arrived.
+    first_token_at: Vec<Instant>,
     between_tokens_ms: Vec<f64>,
+}
+
+/// Output tokens per second between the first of `samples` (when, the server's count) at or
+/// after `from` and the last one, if they are at least [`STEADY_MIN`] apart.
+fn rate_after(samples: &[(Instant, f64)], from: Instant) -> Option<f64> {
+    let first = samples.iter().find(|(t, _)| *t >= from)?;
+    let last = samples.last()?;
+    let seconds = (last.0 - first.0).as_secs_f64();
+    (seconds >= STEADY_MIN.as_secs_f64()).then(|| (last.1 - first.1) / seconds)
 }
 
 /// Runs `options` against the server at `url` (e.g. `http://127.0.0.1:8080`).
@@ -119,14 +137,17 @@ pub async fn run(url: &str, options: &LoadOptions) -> anyhow::Result<LoadReport>
     let watcher = {
         let (client, url) = (client.clone(), url.to_string());
         tokio::spawn(async move {
-            let mut peak: f64 = 0.0;
+            let (mut peak, mut generated): (f64, Vec<(Instant, f64)>) = (0.0, vec![]);
             while Deadline::now() < deadline {
                 if let Ok(b) = metric(&client, &url, "rvq_kv_cache_bytes_in_use").await {
                     peak = peak.max(b);
                 }
+                if let Ok(g) = metric(&client, &url, "rvq_kv_generated_tokens_total").await {
+                    generated.push((Instant::now(), g));
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            peak
+            (peak, generated)
         })
     };
     let mut all = Timings::default();
@@ -135,6 +156,7 @@ pub async fn run(url: &str, options: &LoadOptions) -> anyhow::Result<LoadReport>
         all.completed += t.completed;
         all.failed += t.failed;
         all.first_token_ms.extend(t.first_token_ms);
+        all.first_token_at.extend(t.first_token_at);
         all.between_tokens_ms.extend(t.between_tokens_ms);
     }
     let probe = match probe {
@@ -147,6 +169,8 @@ pub async fn run(url: &str, options: &LoadOptions) -> anyhow::Result<LoadReport>
     };
     let seconds = start.elapsed().as_secs_f64();
     let generated = metric(&client, url, "rvq_kv_generated_tokens_total").await? - generated_before;
+    let (peak_kv_bytes, samples) = watcher.await?;
+    let last_first_token = all.first_token_at.iter().max().copied();
     Ok(LoadReport {
         clients: options.clients,
         prompt_tokens: options.prompt_tokens,
@@ -155,11 +179,12 @@ pub async fn run(url: &str, options: &LoadOptions) -> anyhow::Result<LoadReport>
         requests_completed: all.completed,
         requests_failed: all.failed,
         output_tokens_per_s: generated / seconds,
+        steady_output_tokens_per_s: last_first_token.and_then(|t| rate_after(&samples, t)),
         time_to_first_token: Percentiles::of(all.first_token_ms),
         inter_token_latency: Percentiles::of(all.between_tokens_ms),
         probe_time_to_first_token: probe,
         peak_sequences: metric(&client, url, "rvq_kv_sequences_active_peak").await?,
-        peak_kv_bytes: watcher.await?,
+        peak_kv_bytes,
     })
 }
 
@@ -216,7 +241,10 @@ async fn request(
                 }
                 let now = Instant::now();
                 match last {
-                    None => t.first_token_ms.push((now - sent).as_secs_f64() * 1e3),
+                    None => {
+                        t.first_token_ms.push((now - sent).as_secs_f64() * 1e3);
+                        t.first_token_at.push(now);
+                    }
                     Some(l) => t.between_tokens_ms.push((now - l).as_secs_f64() * 1e3),
                 }
                 last = Some(now);
@@ -249,6 +277,25 @@ pub async fn metric(client: &reqwest::Client, url: &str, name: &str) -> anyhow::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_steady_rate_starts_at_the_first_sample_after_the_last_admission() {
+        let t0 = Instant::now();
+        let at = |ms: u64, tokens: f64| (t0 + Duration::from_millis(ms), tokens);
+        // 10 tokens/s while prompts are prefilled, then 100 tokens/s.
+        let samples = [
+            at(0, 0.0),
+            at(1000, 10.0),
+            at(2000, 20.0),
+            at(4000, 220.0),
+            at(5000, 320.0),
+        ];
+        let rate = rate_after(&samples, t0 + Duration::from_millis(1500)).unwrap();
+        assert!((rate - 100.0).abs() < 1e-9, "{rate}");
+        // Under STEADY_MIN of samples after it: no rate.
+        assert_eq!(rate_after(&samples, t0 + Duration::from_millis(3500)), None);
+        assert_eq!(rate_after(&samples, t0 + Duration::from_millis(6000)), None);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {

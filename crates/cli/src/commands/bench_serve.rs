@@ -171,7 +171,7 @@ async fn one_run(
 fn table(rows: &[Row], a: &ServeArgs) -> String {
     let mut s = format!(
         "{} prompt + {} generated tokens per request, KV budget {:.0} MiB, {:.0} s per run\n\n\
-         | cache | clients | fit in budget | peak admitted | peak KV MiB | done | failed | output tok/s | ratio | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
+         | cache | clients | fit in budget | peak admitted | peak KV MiB | done | failed | output tok/s | ratio | steady tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
         a.prompt_tokens,
         a.max_tokens,
         a.kv_budget as f64 / (1 << 20) as f64,
@@ -180,14 +180,14 @@ fn table(rows: &[Row], a: &ServeArgs) -> String {
     if a.probe_prompt_tokens.is_some() {
         s += " probe TTFT p99 ms: idle / loaded |";
     }
-    s += "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+    s += "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
     if a.probe_prompt_tokens.is_some() {
         s += "---:|";
     }
     for r in rows {
         let l = &r.load;
         s += &format!(
-            "\n| {} | {} | {} | {:.0} | {:.1} | {} | {} | {:.1} | {:.2}x | {:.0} / {:.0} | {:.1} / {:.1} |",
+            "\n| {} | {} | {} | {:.0} | {:.1} | {} | {} | {:.1} | {:.2}x | {} | {:.0} / {:.0} | {:.1} / {:.1} |",
             r.cache,
             l.clients,
             r.fits,
@@ -197,6 +197,8 @@ fn table(rows: &[Row], a: &ServeArgs) -> String {
             l.requests_failed,
             l.output_tokens_per_s,
             r.throughput_ratio,
+            l.steady_output_tokens_per_s
+                .map_or("-".into(), |v| format!("{v:.1}")),
             l.time_to_first_token.p50_ms,
             l.time_to_first_token.p99_ms,
             l.inter_token_latency.p50_ms,
@@ -212,5 +214,10 @@ fn table(rows: &[Row], a: &ServeArgs) -> String {
             );
         }
     }
+    s += &format!(
+        "\n\nsteady tok/s: output tokens/s from the last request's first token to the end (every \
+         admitted sequence decoding, no prompt being prefilled; - if under {} s).",
+        serve::load::STEADY_MIN.as_secs()
+    );
     s
 }
