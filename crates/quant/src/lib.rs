@@ -215,6 +215,21 @@ pub struct QMatrix {
 /// Weight rows per parallel task, at least: below this, handing a task over costs more than it
 /// saves.
 const MIN_TASK_ROWS: usize = 16;
+/// The output of a product, shared by the tasks that each write their own weight rows' columns.
+#[derive(Clone, Copy)]
+struct Columns(*mut f32);
+
+// SAFETY: the tasks write disjoint elements, and the buffer outlives them.
+unsafe impl Send for Columns {}
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// A method, so that closures capture the whole wrapper and not its raw pointer.
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// Activation rows from which products take the batched kernel.
 const LANES_FROM: usize = 3;
 
@@ -331,15 +346,21 @@ impl QMatrix {
         let rb = self.row_bytes();
         let tasks = 4 * rayon::current_num_threads();
         let per_task = self.rows.div_ceil(tasks).max(MIN_TASK_ROWS);
-        // [rows, n]: each task writes the products of its weight rows.
         // Both kernels give the same bits; the batched one is faster from a few rows on.
         let lanes = (dot::has_lanes(level) && n >= LANES_FROM).then(|| x.lanes());
         let width = lanes
             .as_ref()
             .map_or(n, |l| l.groups() * activations::LANES);
-        // [rows, width]: each task writes the products of its weight rows.
+        // [rows, width]: each task writes the products of its weight rows, then moves them into
+        // its columns of y ([n, rows]; one row alone needs no moving).
         let mut t = vec![0f32; self.rows * width];
-        let data = self.data();
+        let mut y = if n == 1 {
+            vec![]
+        } else {
+            vec![0f32; n * self.rows]
+        };
+        let columns = Columns(y.as_mut_ptr());
+        let (rows, data) = (self.rows, self.data());
         t.par_chunks_mut(per_task * width)
             .enumerate()
             .for_each(|(i, out)| {
@@ -349,17 +370,20 @@ impl QMatrix {
                     Some(lanes) => (self.kernel.lanes)(level, w, rb, lanes, out),
                     None => (self.kernel.tile)(level, w, rb, x, out),
                 }
+                if n > 1 {
+                    for (j, products) in (first..).zip(out.chunks_exact(width)) {
+                        for (r, &v) in products[..n].iter().enumerate() {
+                            // SAFETY: y holds n·rows values, and column j is this task's alone.
+                            unsafe { *columns.at(r * rows + j) = v };
+                        }
+                    }
+                }
             });
-        if width == 1 {
-            return t;
+        if n == 1 {
+            t
+        } else {
+            y
         }
-        let mut y = vec![0f32; n * self.rows]; // [n, rows]
-        for (j, col) in t.chunks_exact(width).enumerate() {
-            for (r, &v) in col[..n].iter().enumerate() {
-                y[r * self.rows + j] = v;
-            }
-        }
-        y
     }
 }
 
