@@ -374,18 +374,16 @@ unsafe fn row_sums<F: Format, const VNNI: bool>(
                 *bits.get_unchecked_mut(chunks * LANES + at) =
                     u16::from_le_bytes([block[m], block[m + 1]]);
             }
-            let xq = _mm256_loadu_si256(x.q.as_ptr().add(b * CHUNK) as *const __m256i);
-            *sums.get_unchecked_mut(b) = chunk_sums::<F, VNNI>(F::codes_avx2(block, 0), xq);
-            continue;
-        }
-        F::params::<true>(block, &mut s[..halves], &mut o[..halves]);
-        // One entry per unit: where a chunk shares one scale, its second half's is not read.
-        let units = F::ELEMS / F::UNIT;
-        for u in 0..units {
-            let at = (b * units + u) * LANES + lane;
-            *scale.get_unchecked_mut(at) = s[u * F::UNIT / HALF];
-            if F::OFFSET {
-                *offset.get_unchecked_mut(at) = o[u * F::UNIT / HALF];
+        } else {
+            F::params::<true>(block, &mut s[..halves], &mut o[..halves]);
+            // One entry per unit: where a chunk shares one scale, its second half's is not read.
+            let units = F::ELEMS / F::UNIT;
+            for u in 0..units {
+                let at = (b * units + u) * LANES + lane;
+                *scale.get_unchecked_mut(at) = s[u * F::UNIT / HALF];
+                if F::OFFSET {
+                    *offset.get_unchecked_mut(at) = o[u * F::UNIT / HALF];
+                }
             }
         }
         for c in 0..F::CHUNKS {
@@ -433,23 +431,25 @@ unsafe fn across_rows<F: Format>(
             *x.dsums.get_unchecked(2 * ch),
             *x.dsums.get_unchecked(2 * ch + 1),
         );
-        if let Some(f16) = F::F16_SCALE {
+        if F::UNIT == CHUNK {
             let sums = _mm256_add_epi32(low, high);
             let dsum = _mm256_set1_ps(ds0 + ds1);
-            let at = bits.as_ptr().add(ch * LANES);
-            let s = _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i));
-            // The products `params` forms: −centre·d, or the minimum as it is.
-            let o = match f16.min_at {
-                Some(_) => {
-                    _mm256_cvtph_ps(_mm_loadu_si128(at.add(chunks * LANES) as *const __m128i))
+            let (s, o) = match F::F16_SCALE {
+                Some(f16) => {
+                    let at = bits.as_ptr().add(ch * LANES);
+                    let s = _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i));
+                    // The products `params` forms: −centre·d, or the minimum as it is.
+                    let o = match f16.min_at {
+                        Some(_) => _mm256_cvtph_ps(_mm_loadu_si128(
+                            at.add(chunks * LANES) as *const __m128i
+                        )),
+                        None => _mm256_mul_ps(_mm256_set1_ps(-f16.centre), s),
+                    };
+                    (s, o)
                 }
-                None => _mm256_mul_ps(_mm256_set1_ps(-f16.centre), s),
+                None => (lanes(scale, ch), lanes(offset, ch)),
             };
             acc.step::<F>(sums, s, o, d, dsum);
-        } else if F::UNIT == CHUNK {
-            let sums = _mm256_add_epi32(low, high);
-            let dsum = _mm256_set1_ps(ds0 + ds1);
-            acc.step::<F>(sums, lanes(scale, ch), lanes(offset, ch), d, dsum);
         } else {
             for (h, (sums, ds)) in [(low, ds0), (high, ds1)].into_iter().enumerate() {
                 let k = 2 * ch + h;
@@ -492,7 +492,7 @@ unsafe fn lanes_simd<F: Format, const VNNI: bool, const RM: usize>(
 /// Lane r of entry i: weight row `rows[i]` · activation row r of group `g`.
 ///
 /// # Safety
-/// As [`eight_rows`].
+/// As [`tile_simd`]; each of `rows` points at `blocks` whole blocks.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
