@@ -139,11 +139,14 @@ pub async fn run(url: &str, options: &LoadOptions) -> anyhow::Result<LoadReport>
         tokio::spawn(async move {
             let (mut peak, mut generated): (f64, Vec<(Instant, f64)>) = (0.0, vec![]);
             while Deadline::now() < deadline {
-                if let Ok(b) = metric(&client, &url, "rvq_kv_cache_bytes_in_use").await {
-                    peak = peak.max(b);
-                }
-                if let Ok(g) = metric(&client, &url, "rvq_kv_generated_tokens_total").await {
-                    generated.push((Instant::now(), g));
+                // One read of /metrics for both.
+                if let Ok(text) = metrics_text(&client, &url).await {
+                    if let Ok(b) = metric_in(&text, &url, "rvq_kv_cache_bytes_in_use") {
+                        peak = peak.max(b);
+                    }
+                    if let Ok(g) = metric_in(&text, &url, "rvq_kv_generated_tokens_total") {
+                        generated.push((Instant::now(), g));
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -261,12 +264,21 @@ async fn request(
 
 /// The value of one metric on the server's `/metrics`.
 pub async fn metric(client: &reqwest::Client, url: &str, name: &str) -> anyhow::Result<f64> {
-    let text = client
+    metric_in(&metrics_text(client, url).await?, url, name)
+}
+
+/// The server's `/metrics` page.
+async fn metrics_text(client: &reqwest::Client, url: &str) -> anyhow::Result<String> {
+    Ok(client
         .get(format!("{url}/metrics"))
         .send()
         .await?
         .text()
-        .await?;
+        .await?)
+}
+
+/// The value of metric `name` on a `/metrics` page read from `url`.
+fn metric_in(text: &str, url: &str, name: &str) -> anyhow::Result<f64> {
     let value = text
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))

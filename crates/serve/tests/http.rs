@@ -160,20 +160,9 @@ impl Server {
     }
 
     async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .client
-            .get(format!("{}/metrics", self.url))
-            .send()
+        serve::load::metric(&self.client, &self.url, name)
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in /metrics"))
-            .parse()
-            .unwrap()
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 
     /// Polls `/metrics` until `name` satisfies `ok` (10 s at most).
