@@ -10,7 +10,7 @@
 //! within the bytes of the target are then found exactly, by dynamic programming over the parts
 //! (a part's code row is whole bytes, so a stage does not always cost the same).
 
-use crate::calibrate::capture;
+use crate::calibrate::{capture, weighted};
 use crate::kld::kl_divergence_of;
 use crate::ppl::PplOptions;
 use anyhow::{bail, Result};
@@ -162,14 +162,17 @@ fn only(books: &Codebooks, layer: usize, part: Part, stages: usize) -> Result<Co
     one.layers = vec![LayerBooks::default(); books.layers.len()];
     let (q, _) = quantizer(books, layer, part).expect("a quantized part");
     let q = Some(Arc::new(q.truncated(stages)?));
+    let weights = &books.layers[layer].weights;
     one.layers[layer] = match part {
         Part::Keys => LayerBooks {
             keys: q,
             values: None,
+            weights: [weights[0].clone(), None],
         },
         Part::Values => LayerBooks {
             keys: None,
             values: q,
+            weights: [None, weights[1].clone()],
         },
     };
     Ok(one)
@@ -262,10 +265,11 @@ pub fn allocate(
         .map(|&(l, p)| {
             let (q, layout) = quantizer(books, l, p).unwrap();
             let x = match p {
-                Part::Keys => &captured[l].0,
-                Part::Values => &captured[l].1,
+                Part::Keys => &captured[l].keys,
+                Part::Values => &captured[l].values,
             };
-            errors_by_stage(q, &layout, x)
+            let x = weighted(x, books.layers[l].weights[p as usize].as_deref());
+            errors_by_stage(q, &layout, &x)
         })
         .collect::<Result<_>>()?;
     drop(captured);

@@ -118,7 +118,7 @@ pub fn real_kv(
         bail!("layer {layer}: the model has {} layers", shape.layers);
     }
     let captured = capture(model, tokens, 512, true)?;
-    let (k, v) = &captured[layer];
+    let (k, v) = (&captured[layer].keys, &captured[layer].values);
     let part = |x: &[f32], grouping: Grouping, name: &str| -> Result<Dataset> {
         let layout = VectorLayout::new(shape.head_dim, dim, grouping, true)?;
         let (groups, _) = layout.to_groups(x)?;

@@ -150,6 +150,16 @@ impl Trainer {
         if books.meta.model.file_sha256 != model_sha256 {
             bail!("the codebooks were calibrated on another model file");
         }
+        if books
+            .layers
+            .iter()
+            .any(|l| l.weights.iter().any(Option::is_some))
+        {
+            bail!(
+                "these codebooks weight their channels (calibrate --query-aware); finetuning \
+                 trains through unweighted quantizers: calibrate without --query-aware to finetune"
+            );
+        }
         if tokens.len() <= config.seq_len {
             bail!(
                 "{} tokens of training text, fewer than one sequence of {}",

@@ -199,3 +199,28 @@ fn outputs_load_as_weights_delta_and_codebooks() {
         .to_string();
     assert!(e.contains("delta.safetensors"), "{e}");
 }
+
+/// Codebooks with channel weights (`calibrate --query-aware`) would be trained through
+/// unweighted quantizers: refused with the way out named.
+#[test]
+fn weighted_codebooks_are_refused() {
+    let s = setup();
+    let mut books = s.books.clone();
+    let (heads, hd) = (books.meta.model.kv_heads, books.meta.model.head_dim);
+    books.meta.keys.as_mut().unwrap().weighted = true;
+    for layer in &mut books.layers {
+        layer.weights[0] = Some(vec![1.0; heads * hd].into());
+    }
+    let sha = s.model.file_sha256().unwrap();
+    let e = Trainer::new(
+        &s.model.path,
+        sha,
+        books,
+        s.tokens.clone(),
+        config(Trainable::All),
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(e.contains("calibrate without --query-aware"), "{e}");
+}

@@ -1,6 +1,7 @@
 //! The calibrated codebooks of an RVQ cache: one quantizer per layer for keys and one for
 //! values, with the model identity they were learned on, the settings, and the training report.
-//! Stored as one safetensors file (tensors `layer.{l}.{k|v}.stage.{s}`, JSON metadata).
+//! Stored as one safetensors file (tensors `layer.{l}.{k|v}.stage.{s}`, for weighted parts
+//! `layer.{l}.{k|v}.weights`, JSON metadata).
 
 use crate::{CacheError, ModelIdentity};
 use rvq::hadamard::Hadamard;
@@ -23,7 +24,18 @@ pub struct PartSettings {
     /// Hadamard rotation of each head vector before grouping (beyond the paper).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<Hadamard>,
+    /// Each layer has [`ChannelWeights`] for this part (beyond the paper).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub weighted: bool,
 }
+
+/// Per-channel weights of one layer's keys or values, [kv_heads, head_dim], all finite and
+/// positive, equal within each RoPE pair: vectors are quantized as x ⊙ w and read back as
+/// x̂ ⊘ w, so the codebooks' squared error counts channel c w_c² times. Query-aware keys
+/// (`calibrate --query-aware`) take w from the calibration queries' energy per channel pair: the
+/// error attention sees is q · (k − k̂), not ‖k − k̂‖. A pair-constant w commutes with RoPE, so
+/// scoring coded keys needs only the query divided by w.
+pub type ChannelWeights = Arc<[f32]>;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CodebookMeta {
@@ -39,11 +51,23 @@ pub struct CodebookMeta {
     pub reports: Vec<(Option<TrainReport>, Option<TrainReport>)>,
 }
 
-/// Quantizers of one layer.
-#[derive(Clone, Debug, Default)]
-pub struct LayerBooks {
-    pub keys: Option<Arc<Rvq>>,
-    pub values: Option<Arc<Rvq>>,
+/// Quantizers of one layer (as trained, or as `convert` made them on loading).
+#[derive(Clone, Debug)]
+pub struct LayerBooks<T = Arc<Rvq>> {
+    pub keys: Option<T>,
+    pub values: Option<T>,
+    /// [keys, values]: the part's channel weights when its settings say `weighted`.
+    pub weights: [Option<ChannelWeights>; 2],
+}
+
+impl<T> Default for LayerBooks<T> {
+    fn default() -> Self {
+        Self {
+            keys: None,
+            values: None,
+            weights: [None, None],
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -92,9 +116,6 @@ impl CodebookMeta {
     }
 }
 
-/// One layer's (keys, values) quantizers as `convert` made them from the file's.
-pub type ConvertedLayer<T> = (Option<T>, Option<T>);
-
 impl Codebooks {
     pub fn key_layout(&self) -> Option<VectorLayout> {
         self.meta.key_layout()
@@ -110,7 +131,13 @@ impl Codebooks {
             .flat_map(|l| [&l.keys, &l.values])
             .flatten()
             .map(|q| q.codebook_bytes())
-            .sum()
+            .sum::<u64>()
+            + self
+                .layers
+                .iter()
+                .flat_map(|l| l.weights.iter().flatten())
+                .map(|w| std::mem::size_of_val(&w[..]) as u64)
+                .sum::<u64>()
     }
 
     pub fn save(&self, path: &Path) -> Result<(), CacheError> {
@@ -121,6 +148,16 @@ impl Codebooks {
             }
             if let Some(q) = &books.values {
                 tensors.extend(io::tensors(q, &format!("layer.{l}.v.")));
+            }
+            for (part, w) in ["k", "v"].iter().zip(&books.weights) {
+                if let Some(w) = w {
+                    let shape = vec![self.meta.model.kv_heads, self.meta.model.head_dim];
+                    tensors.push((
+                        format!("layer.{l}.{part}.weights"),
+                        io::f32_to_le_bytes(w),
+                        shape,
+                    ));
+                }
             }
         }
         let stages: Vec<(usize, usize)> = self
@@ -144,10 +181,6 @@ impl Codebooks {
 
     pub fn load(path: &Path) -> Result<Self, CacheError> {
         let (meta, layers) = Self::load_converted(path, |q| Ok(Arc::new(q)))?;
-        let layers = layers
-            .into_iter()
-            .map(|(keys, values)| LayerBooks { keys, values })
-            .collect();
         Ok(Self { meta, layers })
     }
 
@@ -157,7 +190,7 @@ impl Codebooks {
     pub fn load_converted<T>(
         path: &Path,
         mut convert: impl FnMut(Rvq) -> Result<T, CacheError>,
-    ) -> Result<(CodebookMeta, Vec<ConvertedLayer<T>>), CacheError> {
+    ) -> Result<(CodebookMeta, Vec<LayerBooks<T>>), CacheError> {
         let p = path.display().to_string();
         let err = |reason: String| CacheError::Codebooks(format!("{p}: {reason}"));
         let file = std::fs::File::open(path).map_err(|e| err(format!("cannot read: {e}")))?;
@@ -257,7 +290,25 @@ impl Codebooks {
             };
             let keys = read("k", ks, &meta.keys)?;
             let values = read("v", vs, &meta.values)?;
-            layers.push((keys, values));
+            let weights = |part: &str, coded: bool, settings: &Option<PartSettings>| match (
+                coded, settings,
+            ) {
+                (true, Some(s)) if s.weighted => {
+                    read_weights(&st, &format!("layer.{l}.{part}.weights"), &meta.model)
+                        .map(Some)
+                        .map_err(&err)
+                }
+                _ => Ok(None),
+            };
+            let weights = [
+                weights("k", ks > 0, &meta.keys)?,
+                weights("v", vs > 0, &meta.values)?,
+            ];
+            layers.push(LayerBooks {
+                keys,
+                values,
+                weights,
+            });
             release_pages(&map);
         }
         Ok((meta, layers))
@@ -267,6 +318,30 @@ impl Codebooks {
     pub fn check_model(&self, model: &ModelIdentity) -> Result<(), CacheError> {
         self.meta.check_model(model)
     }
+}
+
+/// Tensor `name` as [`ChannelWeights`] of `model`, checked.
+fn read_weights(
+    st: &SafeTensors,
+    name: &str,
+    model: &ModelIdentity,
+) -> Result<ChannelWeights, String> {
+    let t = st.tensor(name).map_err(|e| format!("tensor {name}: {e}"))?;
+    let shape = [model.kv_heads, model.head_dim];
+    if t.dtype() != safetensors::Dtype::F32 || t.shape() != shape {
+        return Err(format!(
+            "tensor {name}: expected f32 {shape:?}, got {:?} {:?}",
+            t.dtype(),
+            t.shape()
+        ));
+    }
+    let w = io::f32_from_le_bytes(t.data());
+    if let Some(bad) = w.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+        return Err(format!(
+            "tensor {name}: channel weights must be finite and positive, found {bad}"
+        ));
+    }
+    Ok(w.into())
 }
 
 /// Drops the pages of `map` from this process (they are read again from the file if touched).

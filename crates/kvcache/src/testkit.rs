@@ -18,12 +18,14 @@ pub fn codebooks_for(
             grouping,
             scaled: true,
             rotation: None,
+            weighted: false,
         })
     };
     let layers = (0..model.layers)
         .map(|_| LayerBooks {
             keys: Some(quantizer().into()),
             values: Some(quantizer().into()),
+            weights: [None, None],
         })
         .collect();
     Codebooks {

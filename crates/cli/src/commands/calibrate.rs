@@ -55,6 +55,11 @@ pub struct Args {
     /// paper; llama.cpp does this for its q4_0/q8_0 caches)
     #[arg(long)]
     rotate: bool,
+    /// Weight each key channel pair by the calibration queries' energy on it, so the codebooks
+    /// spend their precision where attention looks (q · k), not on ‖k‖ alone (beyond the
+    /// paper; stored with the codebooks, read by every cache that loads them)
+    #[arg(long)]
+    query_aware: bool,
     /// Vectors sampled for k-means (at least C)
     #[arg(long, default_value_t = paper().train.kmeans_sample)]
     kmeans_sample: usize,
@@ -151,6 +156,7 @@ pub fn run(a: Args) -> Result<()> {
         quantize_values,
         scaled: !a.no_scale,
         rotate: a.rotate,
+        query_aware: a.query_aware,
         skip_layers: a.skip_layers,
         text: text_paths
             .iter()

@@ -58,8 +58,14 @@ impl PartStore {
             }
         }
         let (codes, scales) = self.codes_at(head, coded.clone(), hd);
+        // Coded keys are k ⊙ w with w constant within RoPE pairs: q · R(k) = (q ⊘ w) · R(k ⊙ w).
+        let mut q_unweighted = q.to_vec();
+        self.unweight(head, hd, &mut q_unweighted);
         let mut q_groups = vec![0f32; q.len()];
-        for (qg, qr) in q_groups.chunks_exact_mut(hd).zip(q.chunks_exact(hd)) {
+        for (qg, qr) in q_groups
+            .chunks_exact_mut(hd)
+            .zip(q_unweighted.chunks_exact(hd))
+        {
             group_rope.to_group_order(qr, qg);
         }
         let at = coded.start - span.start;
@@ -182,6 +188,7 @@ impl PartStore {
             if let Some(h) = layout.rotation {
                 h.apply(x);
             }
+            self.unweight(head, hd, x);
             for (a, b) in o.iter_mut().zip(x.iter()) {
                 *a += b;
             }

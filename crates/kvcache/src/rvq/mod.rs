@@ -16,7 +16,7 @@ mod tests;
 
 pub use options::{BookPrecision, KernelPaths, KeyPath, RvqOptions, ValuePath};
 
-use crate::codebooks::{CodebookMeta, Codebooks, ConvertedLayer};
+use crate::codebooks::{ChannelWeights, CodebookMeta, Codebooks, LayerBooks};
 use crate::{
     attention as dense, check_append, check_read, CacheError, CacheShape, GroupRope, KvCache,
     LayerRopes, MemoryReport, Part, Queries, Rope,
@@ -80,7 +80,11 @@ impl RvqCache {
                         .map(|q| prepare_quantizer(q, &options))
                         .transpose()
                 };
-                Ok((prepare(&b.keys)?, prepare(&b.values)?))
+                Ok(LayerBooks {
+                    keys: prepare(&b.keys)?,
+                    values: prepare(&b.values)?,
+                    weights: b.weights.clone(),
+                })
             })
             .collect::<Result<_, CacheError>>()?;
         Self::from_quantizers(shape, rope, &books.meta, layers, options, path)
@@ -92,7 +96,7 @@ impl RvqCache {
         shape: CacheShape,
         rope: Arc<LayerRopes>,
         meta: &CodebookMeta,
-        layers: Vec<ConvertedLayer<Arc<dyn Quantizer>>>,
+        layers: Vec<LayerBooks<Arc<dyn Quantizer>>>,
         options: RvqOptions,
         path: String,
     ) -> Result<Self, CacheError> {
@@ -119,7 +123,7 @@ impl RvqCache {
         // and only allocates (a huge beam would abort on its allocation).
         let codewords = layers
             .iter()
-            .flat_map(|(k, v)| k.iter().chain(v))
+            .flat_map(|b| b.keys.iter().chain(&b.values))
             .map(|q| q.size())
             .min();
         if let Some(c) = codewords.filter(|&c| options.beam > c) {
@@ -128,7 +132,10 @@ impl RvqCache {
                 options.beam
             )));
         }
-        let part = |q: Option<Arc<dyn Quantizer>>, layout: Option<VectorLayout>, on: bool| {
+        let part = |q: Option<Arc<dyn Quantizer>>,
+                    layout: Option<VectorLayout>,
+                    weights: Option<ChannelWeights>,
+                    on: bool| {
             let quant = match (q, layout, on) {
                 (Some(q), Some(l), true) => Some((q, l)),
                 _ => None,
@@ -150,8 +157,10 @@ impl RvqCache {
                 (Some((q, _)), true) => FewVectorEncoder::new(q.as_ref()).map(Arc::new),
                 _ => None,
             };
+            let weights = quant.as_ref().and(weights);
             Ok(PartStore {
                 quant,
+                weights,
                 group_rope: None,
                 few,
                 heads: vec![head; shape.kv_heads],
@@ -160,13 +169,16 @@ impl RvqCache {
         let parts = layers
             .into_iter()
             .enumerate()
-            .map(|(l, (k, v))| {
-                let mut keys = part(k, meta.key_layout(), options.quantize_keys)?;
+            .map(|(l, b)| {
+                let [wk, wv] = b.weights;
+                check_weights(&wk, rope.layer(l), shape, l)?;
+                let mut keys = part(b.keys, meta.key_layout(), wk, options.quantize_keys)?;
                 keys.group_rope = keys
                     .quant
                     .as_ref()
                     .and_then(|(_, layout)| GroupRope::new(rope.layer(l), layout));
-                Ok([keys, part(v, meta.value_layout(), options.quantize_values)?])
+                let values = part(b.values, meta.value_layout(), wv, options.quantize_values)?;
+                Ok([keys, values])
             })
             .collect::<Result<_, CacheError>>()?;
         Ok(Self {
@@ -188,6 +200,37 @@ impl RvqCache {
     pub fn set_key_path(&mut self, path: KeyPath) {
         self.options.paths.keys = path;
     }
+}
+
+/// Key weights must have the cache's shape and be equal within each RoPE pair: only then does
+/// dividing the query by them score the coded keys exactly (see [`ChannelWeights`]).
+fn check_weights(
+    weights: &Option<ChannelWeights>,
+    rope: &Rope,
+    shape: CacheShape,
+    layer: usize,
+) -> Result<(), CacheError> {
+    let Some(w) = weights else {
+        return Ok(());
+    };
+    let hd = shape.head_dim;
+    if w.len() != shape.kv_heads * hd {
+        return Err(CacheError::Codebooks(format!(
+            "layer {layer}: {} key channel weights for {} KV heads x {hd}",
+            w.len(),
+            shape.kv_heads
+        )));
+    }
+    for (h, w) in w.chunks_exact(hd).enumerate() {
+        if let Some((a, b, _)) = rope.pairs().into_iter().find(|&(a, b, _)| w[a] != w[b]) {
+            return Err(CacheError::Codebooks(format!(
+                "layer {layer} KV head {h}: key channel weights differ within the RoPE pair \
+                 ({a}, {b}): {} vs {}",
+                w[a], w[b]
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl KvCache for RvqCache {

@@ -51,6 +51,8 @@ pub(super) struct PartStore {
     /// `None`: stored in f16 in full.
     /// Shared, so that copying a cache (one per choice in `mc`) does not copy codebooks.
     pub(super) quant: Option<(Arc<dyn Quantizer>, VectorLayout)>,
+    /// [kv_heads, hd]: coded vectors are x ⊙ w (see [`crate::codebooks::ChannelWeights`]).
+    pub(super) weights: Option<Arc<[f32]>>,
     /// Keys whose layout only permutes channels: RoPE in the quantizer's group order.
     pub(super) group_rope: Option<GroupRope>,
     /// The codebooks in lanes, when the options ask for the lane encoder (shared like `quant`).
@@ -98,6 +100,11 @@ impl PartStore {
         let Some((q, layout)) = &self.quant else {
             return Ok(());
         };
+        if let Some(w) = &self.weights {
+            for (x, w) in to_encode.iter_mut().zip(w.chunks_exact(hd)) {
+                x.chunks_exact_mut(hd).for_each(|v| multiply(v, w));
+            }
+        }
         // One batch for all heads: they share the layer's quantizer.
         let counts: Vec<usize> = to_encode.iter().map(|v| v.len() / hd).collect();
         let all: Vec<f32> = to_encode.concat();
@@ -197,7 +204,9 @@ impl PartStore {
         if !coded.is_empty() {
             let (q, layout) = self.quant.as_ref().expect("codes imply a quantizer");
             let (codes, scales) = self.codes_at(head, coded.clone(), hd);
-            layout.decode_rows(q.as_ref(), &scales, &codes, &mut out[dst(&coded)]);
+            let out = &mut out[dst(&coded)];
+            layout.decode_rows(q.as_ref(), &scales, &codes, out);
+            self.unweight(head, hd, out);
         }
         let recent = clip(b, usize::MAX);
         if !recent.is_empty() {
@@ -205,6 +214,15 @@ impl PartStore {
                 &store.recent[(recent.start - b) * hd..(recent.end - b) * hd],
                 &mut out[dst(&recent)],
             );
+        }
+    }
+
+    /// Undoes the channel weights of `head` on coded vectors `x` ([n, hd]) read back.
+    pub(super) fn unweight(&self, head: usize, hd: usize, x: &mut [f32]) {
+        if let Some(w) = &self.weights {
+            let w = &w[head * hd..(head + 1) * hd];
+            x.chunks_exact_mut(hd)
+                .for_each(|v| v.iter_mut().zip(w).for_each(|(a, w)| *a /= w));
         }
     }
 
@@ -232,10 +250,14 @@ impl PartStore {
         ((sinks + recent) * hd * f16_bytes + coded * (code_row + f16_bytes)) as u64
     }
 
-    /// Bytes held whatever the context: the codebooks and any lane copy of them.
+    /// Bytes held whatever the context: the codebooks, channel weights and any lane copy.
     pub(super) fn fixed_bytes(&self) -> u64 {
         let books = self.quant.as_ref().map_or(0, |(q, _)| q.bytes());
-        books + self.few.as_ref().map_or(0, |f| f.bytes())
+        let weights = self
+            .weights
+            .as_ref()
+            .map_or(0, |w| std::mem::size_of_val(&w[..]) as u64);
+        books + weights + self.few.as_ref().map_or(0, |f| f.bytes())
     }
 
     pub(super) fn truncate(&mut self, len: usize, hd: usize) {
@@ -250,4 +272,8 @@ impl PartStore {
             s.recent.truncate((len - n_sinks - n_codes) * hd);
         }
     }
+}
+
+fn multiply(x: &mut [f32], w: &[f32]) {
+    x.iter_mut().zip(w).for_each(|(a, w)| *a *= w);
 }

@@ -714,3 +714,145 @@ fn beam_layers_encodes_the_first_layers_with_the_beam_and_the_rest_greedily() {
     assert_eq!(read(&first, 1), read(&greedy, 1));
     assert_eq!(first.spec(), "rvq:x,beam=3,beam-layers=1,books=f16");
 }
+
+/// Channel weights for `shape` equal within each of `rope`'s pairs, drawn from [0.2, 3).
+fn pair_weights(shape: CacheShape, rope: &Rope, seed: u64) -> ChannelWeights {
+    let mut rng = SplitMix64::new(seed);
+    let hd = shape.head_dim;
+    let mut w = vec![0f32; shape.kv_heads * hd];
+    for head in w.chunks_exact_mut(hd) {
+        for (a, b, _) in rope.pairs() {
+            let x = 0.2 + 2.8 * rng.unit() as f32;
+            (head[a], head[b]) = (x, x);
+        }
+    }
+    w.into()
+}
+
+/// `books` with channel weights on both parts of every layer.
+fn weighted(mut books: Codebooks, shape: CacheShape, rope: &Rope, seed: u64) -> Codebooks {
+    for p in [&mut books.meta.keys, &mut books.meta.values] {
+        p.as_mut().unwrap().weighted = true;
+    }
+    for (l, layer) in books.layers.iter_mut().enumerate() {
+        let s = seed + 2 * l as u64;
+        layer.weights = [
+            Some(pair_weights(shape, rope, s)),
+            Some(pair_weights(shape, rope, s + 1)),
+        ];
+    }
+    books
+}
+
+#[test]
+fn weighted_parts_read_back_the_weighted_code_unweighted() {
+    let b = Arc::new(weighted(books(8), SHAPE, rope().layer(0), 40));
+    let mut cache = RvqCache::new(SHAPE, rope(), b.clone(), exact_books(), "x".into()).unwrap();
+    let tokens = 6;
+    let (k, v) = (data(tokens * 16, 41), data(tokens * 16, 42));
+    cache.append(1, &k[..4 * 16], &v[..4 * 16]).unwrap();
+    cache.append(1, &k[4 * 16..], &v[4 * 16..]).unwrap();
+    let layouts = [b.key_layout().unwrap(), b.value_layout().unwrap()];
+    let quantizers = [&b.layers[1].keys, &b.layers[1].values];
+    for (p, part) in [Part::Keys, Part::Values].into_iter().enumerate() {
+        let w = b.layers[1].weights[p].as_ref().unwrap();
+        for h in 0..2 {
+            let w = &w[h * 8..(h + 1) * 8];
+            let mut got = vec![0f32; tokens * 8];
+            cache.read(1, h, part, 0..tokens, &mut got).unwrap();
+            for t in 0..tokens {
+                let src = [&k, &v][p][(t * 2 + h) * 8..][..8].to_vec();
+                // Slow reference: encode x ⊙ w, decode, divide by w.
+                let x: Vec<f32> = src.iter().zip(w).map(|(a, w)| a * w).collect();
+                let q = quantizers[p].as_ref().unwrap();
+                let want: Vec<f32> = reference(q, &layouts[p], &x)
+                    .iter()
+                    .zip(w)
+                    .map(|(a, w)| a / w)
+                    .collect();
+                for (a, r) in got[t * 8..(t + 1) * 8].iter().zip(&want) {
+                    assert!(
+                        (a - r).abs() <= 1e-6 * (1.0 + r.abs()),
+                        "{part:?} {a} vs {r}"
+                    );
+                }
+            }
+        }
+    }
+    // The weights are held beside the codebooks: 2 layers × 2 parts × [2 heads, 8] f32.
+    let unweighted = RvqCache::new(SHAPE, rope(), Arc::new(books(8)), exact_books(), "x".into());
+    assert_eq!(
+        cache.memory().fixed_bytes - unweighted.unwrap().memory().fixed_bytes,
+        2 * 2 * 16 * 4
+    );
+}
+
+#[test]
+fn weighted_keys_and_values_attend_through_the_fused_kernels_as_densely() {
+    let tokens = 300;
+    let (k, v) = (data(tokens * 128, 61), data(tokens * 128, 62));
+    let q = data(tokens * 6 * 64, 63);
+    for rope_layout in [RopeLayout::Interleaved, RopeLayout::HalfSplit] {
+        let rope: Arc<LayerRopes> = Arc::new(Rope::new(64, 500.0, 400, rope_layout).into());
+        let (shape, b) = paper_shaped(Grouping::Strided, 9);
+        let b = Arc::new(weighted(b, shape, rope.layer(0), 64));
+        let cache_with = |keys, values| filled(shape, &rope, &b, (2, 10), (keys, values), &k, &v);
+        let reference_cache = cache_with(KeyPath::Decode, ValuePath::Decode);
+        for values in [ValuePath::Histogram, ValuePath::Fused] {
+            let fast = cache_with(KeyPath::Fused, values);
+            for (first, rows) in [(tokens - 1, 1), (tokens - 3, 3), (0, tokens)] {
+                let queries = paper_queries(&q, first, rows, None);
+                let mut want = vec![0f32; rows * 384];
+                attention::dense_attention(&reference_cache, 0, &queries, &mut want).unwrap();
+                let mut got = vec![0f32; rows * 384];
+                fast.attend(0, &queries, &mut got).unwrap();
+                for (a, r) in got.iter().zip(&want) {
+                    let what = format!("{rope_layout:?} {values:?} rows {rows}");
+                    assert!((a - r).abs() < 1e-4 * (1.0 + r.abs()), "{what}: {a} vs {r}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn channel_weights_are_saved_loaded_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let rope = rope();
+    let b = weighted(books(9), SHAPE, rope.layer(0), 70);
+    b.save(&path).unwrap();
+    let back = Codebooks::load(&path).unwrap();
+    assert_eq!(back.layers[1].weights, b.layers[1].weights);
+    assert_eq!(
+        back.bytes() - books(9).bytes(),
+        2 * 2 * 16 * 4,
+        "weights are counted"
+    );
+    let refused = |b: Codebooks, want: &str| {
+        let p = dir.path().join("bad.safetensors");
+        b.save(&p).unwrap();
+        let e = Codebooks::load(&p)
+            .map(Arc::new)
+            .and_then(|b| RvqCache::new(SHAPE, rope.clone(), b, exact_books(), "x".into()))
+            .err()
+            .unwrap_or_else(|| panic!("accepted, wanted an error with '{want}'"))
+            .to_string();
+        assert!(e.contains(want), "{e}");
+    };
+    // Settings that promise weights the file lacks.
+    let mut missing = b.clone();
+    missing.layers[0].weights[0] = None;
+    refused(missing, "layer.0.k.weights");
+    let mut zero = b.clone();
+    let mut w = zero.layers[1].weights[1].as_deref().unwrap().to_vec();
+    w[3] = 0.0;
+    zero.layers[1].weights[1] = Some(w.into());
+    refused(zero, "finite and positive");
+    // Keys whose two channels of a RoPE pair differ cannot be scored by dividing the query.
+    let mut unpaired = b.clone();
+    let mut w = unpaired.layers[0].weights[0].as_deref().unwrap().to_vec();
+    w[0] *= 1.5;
+    unpaired.layers[0].weights[0] = Some(w.into());
+    refused(unpaired, "differ within the RoPE pair (0, 1)");
+}
