@@ -52,6 +52,14 @@ fn tables_hold_the_perplexities_their_commands_wrote() {
     holds_every_perplexity("docs/data/gemma3-kld.json", "gemma-3-270m-caches", 4);
     holds_every_perplexity("docs/data/beam-layers.json", "beam-layers", 4);
     holds_every_perplexity("docs/data/allocation.json", "allocation", 4);
+    for run in [
+        "query-aware",
+        "query-aware-alloc",
+        "query-aware-beam4",
+        "alloc-beam2",
+    ] {
+        holds_every_perplexity(&format!("docs/data/{run}.json"), "query-aware", 4);
+    }
     for text in ["wiki-heldout", "c4-heldout", "sotu", "tiny"] {
         let data = format!("docs/data/travel-{text}.json");
         holds_every_perplexity(&data, "calibration-domains", 4);
