@@ -50,6 +50,11 @@ fn tables_hold_the_perplexities_their_commands_wrote() {
     );
     holds_every_perplexity("docs/data/ablation.json", "ablations", 2);
     holds_every_perplexity("docs/data/gemma3-kld.json", "gemma-3-270m-caches", 4);
+    holds_every_perplexity(
+        "docs/data/gemma3-query-aware.json",
+        "gemma-3-270m-caches",
+        4,
+    );
     holds_every_perplexity("docs/data/beam-layers.json", "beam-layers", 4);
     holds_every_perplexity("docs/data/allocation.json", "allocation", 4);
     holds_every_perplexity("docs/data/kld-frontier-32k.json", "kl-divergence", 4);
