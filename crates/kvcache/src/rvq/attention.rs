@@ -59,13 +59,16 @@ impl PartStore {
         }
         let (codes, scales) = self.codes_at(head, coded.clone(), hd);
         // Coded keys are k ⊙ w with w constant within RoPE pairs: q · R(k) = (q ⊘ w) · R(k ⊙ w).
-        let mut q_unweighted = q.to_vec();
-        self.unweight(head, hd, &mut q_unweighted);
+        let q = match self.weights {
+            Some(_) => {
+                let mut q = q.to_vec();
+                self.unweight(head, hd, &mut q);
+                std::borrow::Cow::Owned(q)
+            }
+            None => std::borrow::Cow::Borrowed(q),
+        };
         let mut q_groups = vec![0f32; q.len()];
-        for (qg, qr) in q_groups
-            .chunks_exact_mut(hd)
-            .zip(q_unweighted.chunks_exact(hd))
-        {
+        for (qg, qr) in q_groups.chunks_exact_mut(hd).zip(q.chunks_exact(hd)) {
             group_rope.to_group_order(qr, qg);
         }
         let at = coded.start - span.start;
