@@ -291,7 +291,7 @@ pub fn allocate(
         caches.push(Box::new(cache));
         names.push(name);
     }
-    let klds = kl_divergence_of(model, tokens, "f16", caches, &names, &cfg.ppl)?;
+    let klds = kl_divergence_of(model, tokens, "f16", caches, &names, &cfg.ppl)?.klds();
 
     let mut reports: Vec<PartReport> = parts
         .iter()

@@ -3,6 +3,7 @@
 //! Every row is perplexity with one cache spec at one context length; the reference is the f16
 //! cache at the same context (added when missing), so Δ% is measured on exactly the same tokens.
 
+use crate::kld::{kl_divergence, Kld};
 use crate::ppl::{perplexity, PplOptions, PplResult, Protocol};
 use anyhow::{bail, Result};
 use llm::Model;
@@ -54,7 +55,7 @@ pub struct CompareRow {
     pub tasks: Vec<TaskScore>,
     /// KL divergence from f16 on the same tokens (`--kld`; none for f16 itself).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub kld: Option<crate::kld::Kld>,
+    pub kld: Option<Kld>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -100,19 +101,22 @@ pub fn compare(
             protocol: opts.protocol,
             quiet: opts.quiet,
         };
-        let mut klds = if opts.kld {
-            crate::kld::kl_divergence(model, tokens, REFERENCE, &specs[1..], &ppl_opts)?
+        // With --kld one pass yields every row: the perplexities come from the same logits.
+        let scored: Vec<(PplResult, Option<Kld>)> = if opts.kld {
+            let pass = kl_divergence(model, tokens, REFERENCE, &specs[1..], &ppl_opts)?;
+            std::iter::once((pass.reference, None))
+                .chain(pass.caches.into_iter().map(|(r, k)| (r, Some(k))))
+                .collect()
         } else {
-            vec![]
+            specs
+                .iter()
+                .map(|spec| Ok((perplexity(model, tokens, spec, &ppl_opts)?, None)))
+                .collect::<Result<_>>()?
         };
-        let mut reference: Option<f64> = None;
-        for spec in &specs {
-            let r = perplexity(model, tokens, spec, &ppl_opts)?;
-            let base = *reference.get_or_insert(r.ppl);
+        let base = scored[0].0.ppl;
+        for (spec, (r, kld)) in specs.iter().zip(scored) {
             let mut row = row_of(&r, base);
-            if let Some(at) = klds.iter().position(|k| &k.cache == spec) {
-                row.kld = Some(klds.swap_remove(at));
-            }
+            row.kld = kld;
             if ctx == opts.contexts[0] {
                 for (task, file) in &opts.tasks {
                     let m =

@@ -3,12 +3,13 @@
 //! divergence KL(P_ref ‖ P_cache) and whether the top token is the same. Perplexity alone ranks
 //! caches unreliably (errors that raise some tokens' likelihood and lower others' cancel in it).
 
-use crate::ppl::{checked_plan, window_tokens, PplOptions};
+use crate::ppl::{checked_plan, window_tokens, PplOptions, PplResult, PplTally};
 use crate::progress;
 use anyhow::{bail, Result};
 use kvcache::KvCache;
 use llm::Model;
 use serde::Serialize;
+use std::time::Instant;
 
 /// The divergence of one cache from the reference over the scored tokens.
 #[derive(Clone, Debug, Serialize)]
@@ -68,6 +69,23 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
+/// One pass over the windows with a reference cache and the caches compared with it: each
+/// cache's divergence, and every cache's perplexity from the same logits (a separate perplexity
+/// pass would repeat the same forward passes).
+#[derive(Clone, Debug)]
+pub struct KldPass {
+    pub reference: PplResult,
+    /// Per compared cache, in the order given.
+    pub caches: Vec<(PplResult, Kld)>,
+}
+
+impl KldPass {
+    /// The divergences alone.
+    pub fn klds(&self) -> Vec<Kld> {
+        self.caches.iter().map(|(_, k)| k.clone()).collect()
+    }
+}
+
 /// KL divergence of each cache of `specs` from `reference` (e.g. `f16`) on the windows `opts`
 /// cuts from `tokens`: every window runs through the reference and then each cache.
 pub fn kl_divergence(
@@ -76,12 +94,19 @@ pub fn kl_divergence(
     reference: &str,
     specs: &[String],
     opts: &PplOptions,
-) -> Result<Vec<Kld>> {
+) -> Result<KldPass> {
     let caches = specs
         .iter()
         .map(|s| model.new_cache(s))
         .collect::<llm::Result<Vec<_>>>()?;
     kl_divergence_of(model, tokens, reference, caches, specs, opts)
+}
+
+/// Per compared cache: each token's KL and how many top tokens matched.
+#[derive(Clone, Default)]
+struct Divergences {
+    kls: Vec<f64>,
+    same_top: usize,
 }
 
 /// [`kl_divergence`] of caches already built (e.g. over codebooks held in memory), each
@@ -93,16 +118,16 @@ pub fn kl_divergence_of(
     mut caches: Vec<Box<dyn KvCache>>,
     names: &[String],
     opts: &PplOptions,
-) -> Result<Vec<Kld>> {
+) -> Result<KldPass> {
     if caches.len() != names.len() {
         bail!("{} caches for {} names", caches.len(), names.len());
     }
     let (tokens, plan) = checked_plan(model, tokens, opts)?;
     let mut reference_cache = model.new_cache(reference)?;
     let vocab = model.vocab();
-    // Per cache: each token's KL, whether its top token matched, and its NLL.
-    let mut per_token: Vec<(Vec<f64>, usize, f64)> = vec![(Vec::new(), 0, 0.0); names.len()];
-    let mut reference_nll = 0.0;
+    let mut reference_tally = PplTally::default();
+    let mut tallies: Vec<PplTally> = names.iter().map(|_| PplTally::default()).collect();
+    let mut divergences = vec![Divergences::default(); names.len()];
     let total: usize = plan.iter().map(|w| w.1).sum();
     let pb = progress::bar((total * (names.len() + 1)) as u64, "tok", opts.quiet);
     pb.set_message(format!("KL divergence from {reference}"));
@@ -110,60 +135,90 @@ pub fn kl_divergence_of(
         let window = window_tokens(model, tokens, (start, len), opts.protocol);
         let rows = len - first;
         let scored = rows - 1;
-        reference_cache.truncate(0);
-        let logits = model.forward(&window, 0, reference_cache.as_mut(), Some(rows))?;
+        let (logits, seconds) = timed_forward(model, &window, rows, reference_cache.as_mut())?;
+        reference_tally.add_window(
+            &window,
+            first,
+            &logits,
+            vocab,
+            reference_cache.as_ref(),
+            seconds,
+        );
         let reference_rows: Vec<Vec<f64>> = logits
             .chunks_exact(vocab)
             .take(scored)
             .map(log_softmax)
             .collect();
-        for (r, lp) in reference_rows.iter().enumerate() {
-            reference_nll -= lp[window[first + r + 1] as usize];
-        }
         pb.inc(len as u64);
-        for (cache, acc) in caches.iter_mut().zip(&mut per_token) {
-            cache.truncate(0);
-            let logits = model.forward(&window, 0, cache.as_mut(), Some(rows))?;
-            for (r, (row, lp)) in logits.chunks_exact(vocab).zip(&reference_rows).enumerate() {
+        for ((cache, tally), div) in caches.iter_mut().zip(&mut tallies).zip(&mut divergences) {
+            let (logits, seconds) = timed_forward(model, &window, rows, cache.as_mut())?;
+            tally.add_window(&window, first, &logits, vocab, cache.as_ref(), seconds);
+            for (row, lp) in logits.chunks_exact(vocab).zip(&reference_rows) {
                 let lq = log_softmax(row);
-                acc.0.push(kl(lp, &lq));
-                acc.1 += usize::from(argmax(lp) == argmax(&lq));
-                acc.2 -= lq[window[first + r + 1] as usize];
+                div.kls.push(kl(lp, &lq));
+                div.same_top += usize::from(argmax(lp) == argmax(&lq));
             }
             pb.inc(len as u64);
         }
     }
     pb.finish_and_clear();
-    let n = per_token.first().map_or(0, |p| p.0.len());
-    if !reference_nll.is_finite() {
-        bail!("the reference cache {reference} scored non-finite log-likelihoods");
-    }
-    names
+    let reference_result = reference_tally.finish(reference, opts, plan.len())?;
+    let caches = names
         .iter()
-        .zip(per_token)
-        .map(|(spec, (mut kls, same, nll))| {
-            if kls.iter().any(|k| !k.is_finite()) || !nll.is_finite() {
-                bail!("{spec}: non-finite logits, so no KL divergence");
-            }
-            let count = kls.len() as f64;
-            let mean = kls.iter().sum::<f64>() / count;
-            let var = kls.iter().map(|k| (k - mean).powi(2)).sum::<f64>() / (count - 1.0).max(1.0);
-            kls.sort_by(f64::total_cmp);
-            Ok(Kld {
-                cache: spec.clone(),
-                reference: reference.to_string(),
-                mean,
-                stderr: (var / count).sqrt(),
-                median: percentile(&kls, 0.5),
-                p99: percentile(&kls, 0.99),
-                max: *kls.last().unwrap_or(&0.0),
-                same_top: same as f64 / count,
-                ppl: (nll / count).exp(),
-                reference_ppl: (reference_nll / n as f64).exp(),
-                tokens: n,
-            })
+        .zip(tallies.into_iter().zip(divergences))
+        .map(|(spec, (tally, div))| {
+            let ppl = tally.finish(spec, opts, plan.len())?;
+            let kld = summarize(spec, reference, div, &ppl, &reference_result)?;
+            Ok((ppl, kld))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok(KldPass {
+        reference: reference_result,
+        caches,
+    })
+}
+
+/// The window's logits for rows `len - rows..` from an emptied cache, and the seconds it took.
+fn timed_forward(
+    model: &Model,
+    window: &[u32],
+    rows: usize,
+    cache: &mut dyn KvCache,
+) -> Result<(Vec<f32>, f64)> {
+    cache.truncate(0);
+    let start = Instant::now();
+    let logits = model.forward(window, 0, cache, Some(rows))?;
+    Ok((logits, start.elapsed().as_secs_f64()))
+}
+
+fn summarize(
+    spec: &str,
+    reference: &str,
+    div: Divergences,
+    ppl: &PplResult,
+    reference_ppl: &PplResult,
+) -> Result<Kld> {
+    let mut kls = div.kls;
+    if kls.iter().any(|k| !k.is_finite()) {
+        bail!("{spec}: non-finite logits, so no KL divergence");
+    }
+    let count = kls.len() as f64;
+    let mean = kls.iter().sum::<f64>() / count;
+    let var = kls.iter().map(|k| (k - mean).powi(2)).sum::<f64>() / (count - 1.0).max(1.0);
+    kls.sort_by(f64::total_cmp);
+    Ok(Kld {
+        cache: spec.to_string(),
+        reference: reference.to_string(),
+        mean,
+        stderr: (var / count).sqrt(),
+        median: percentile(&kls, 0.5),
+        p99: percentile(&kls, 0.99),
+        max: *kls.last().unwrap_or(&0.0),
+        same_top: div.same_top as f64 / count,
+        ppl: ppl.ppl,
+        reference_ppl: reference_ppl.ppl,
+        tokens: kls.len(),
+    })
 }
 
 #[cfg(test)]

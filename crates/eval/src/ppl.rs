@@ -51,6 +51,7 @@ pub struct PplResult {
     pub scored_tokens: usize,
     pub windows: usize,
     pub tokens_processed: usize,
+    /// Tokens through the model per second of its forward passes (scoring not counted).
     pub tokens_per_s: f64,
     /// Memory of the cache after the last window.
     pub memory: MemoryReport,
@@ -126,66 +127,108 @@ pub(crate) fn window_tokens(
     window
 }
 
+/// What one cache scored over a pass of windows, turned into a [`PplResult`] at the end; shared
+/// by [`perplexity`] and the KL-divergence pass, which scores the same tokens.
+#[derive(Debug, Default)]
+pub(crate) struct PplTally {
+    nlls: Vec<f64>,
+    memory: MemoryReport,
+    last_len: usize,
+    tokens: usize,
+    seconds: f64,
+}
+
+impl PplTally {
+    /// Records one window: its tokens, the NLL of each scored row (rows `first..` of the window
+    /// predict tokens `first + 1..`), the cache after it, and the seconds its forward pass took.
+    pub(crate) fn add_window(
+        &mut self,
+        window: &[u32],
+        first: usize,
+        logits: &[f32],
+        vocab: usize,
+        cache: &dyn kvcache::KvCache,
+        seconds: f64,
+    ) {
+        let scored = window.len() - first - 1;
+        for (r, row) in logits.chunks_exact(vocab).enumerate().take(scored) {
+            self.nlls
+                .push(-log_prob(row, window[first + r + 1] as usize));
+        }
+        self.memory = cache.memory();
+        self.last_len = window.len();
+        self.tokens += window.len();
+        self.seconds += seconds;
+    }
+
+    pub(crate) fn running_ppl(&self) -> f64 {
+        (self.nlls.iter().sum::<f64>() / self.nlls.len() as f64).exp()
+    }
+
+    pub(crate) fn finish(self, spec: &str, opts: &PplOptions, windows: usize) -> Result<PplResult> {
+        let ctx = opts.ctx;
+        let nlls = self.nlls;
+        if nlls.is_empty() {
+            bail!("no token scored: --ctx {ctx} leaves no predicted token in a window under this protocol");
+        }
+        if let Some(bad) = nlls.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "{spec}: token {bad} scored a non-finite log-likelihood (NaN or infinite logits)"
+            );
+        }
+        let count = nlls.len() as f64;
+        let mean = nlls.iter().sum::<f64>() / count;
+        let var = nlls.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (count - 1.0).max(1.0);
+        let ppl = mean.exp();
+        Ok(PplResult {
+            cache: spec.to_string(),
+            protocol: opts.protocol,
+            ctx,
+            ppl,
+            ppl_stderr: ppl * (var / count).sqrt(),
+            mean_nll: mean,
+            scored_tokens: nlls.len(),
+            windows,
+            tokens_processed: self.tokens,
+            tokens_per_s: self.tokens as f64 / self.seconds.max(1e-9),
+            compression: Compression::of(&self.memory, self.last_len),
+            memory: self.memory,
+        })
+    }
+}
+
 pub fn perplexity(
     model: &Model,
     tokens: &[u32],
     spec: &str,
     opts: &PplOptions,
 ) -> Result<PplResult> {
-    let ctx = opts.ctx;
     let (tokens, plan) = checked_plan(model, tokens, opts)?;
     let total: usize = plan.iter().map(|w| w.1).sum();
     let pb = progress::bar(total as u64, "tok", opts.quiet);
     pb.set_message(format!("ppl {spec}"));
     // One cache for all windows: codebooks are loaded once, buffers reused.
     let mut cache = model.new_cache(spec)?;
-    let start = Instant::now();
-    let mut nlls: Vec<f64> = Vec::new();
-    let mut memory = MemoryReport::default();
-    let mut last_len = 0;
+    let mut tally = PplTally::default();
     for &(s, len, first) in &plan {
         let window = window_tokens(model, tokens, (s, len), opts.protocol);
         cache.truncate(0); // every window starts from an empty cache
-                           // Logits of rows first..len-1 predict tokens first+1..len.
-        let rows = len - first;
-        let logits = model.forward(&window, 0, cache.as_mut(), Some(rows))?;
-        let vocab = model.vocab();
-        for (r, row) in logits.chunks_exact(vocab).enumerate().take(rows - 1) {
-            let target = window[first + r + 1] as usize;
-            nlls.push(-log_prob(row, target));
-        }
-        memory = cache.memory();
-        last_len = len;
+        let start = Instant::now();
+        let logits = model.forward(&window, 0, cache.as_mut(), Some(len - first))?;
+        let seconds = start.elapsed().as_secs_f64();
+        tally.add_window(
+            &window,
+            first,
+            &logits,
+            model.vocab(),
+            cache.as_ref(),
+            seconds,
+        );
         pb.inc(len as u64);
-        let running = (nlls.iter().sum::<f64>() / nlls.len() as f64).exp();
-        pb.set_message(format!("ppl {spec} = {running:.4}"));
+        pb.set_message(format!("ppl {spec} = {:.4}", tally.running_ppl()));
     }
     pb.finish_and_clear();
-    let secs = start.elapsed().as_secs_f64();
-    if nlls.is_empty() {
-        bail!("no token scored: --ctx {ctx} leaves no predicted token in a window under this protocol");
-    }
-    if let Some(bad) = nlls.iter().position(|x| !x.is_finite()) {
-        bail!("token {bad} scored a non-finite log-likelihood (NaN or infinite logits)");
-    }
-    let count = nlls.len() as f64;
-    let mean = nlls.iter().sum::<f64>() / count;
-    let var = nlls.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (count - 1.0).max(1.0);
-    let ppl = mean.exp();
-    Ok(PplResult {
-        cache: spec.to_string(),
-        protocol: opts.protocol,
-        ctx,
-        ppl,
-        ppl_stderr: ppl * (var / count).sqrt(),
-        mean_nll: mean,
-        scored_tokens: nlls.len(),
-        windows: plan.len(),
-        tokens_processed: total,
-        tokens_per_s: total as f64 / secs,
-        compression: Compression::of(&memory, last_len),
-        memory,
-    })
+    tally.finish(spec, opts, plan.len())
 }
 
 #[cfg(test)]

@@ -42,7 +42,8 @@ fn kl_divergence_matches_the_direct_formula_and_perplexity() {
     let model = model_f32();
     let tokens = eval_tokens();
     let specs = vec!["f16".to_string(), "q4_0,rot".to_string()];
-    let k = kl_divergence(model, tokens, "f16", &specs, &opts(256)).unwrap();
+    let pass = kl_divergence(model, tokens, "f16", &specs, &opts(256)).unwrap();
+    let k = pass.klds();
     // A cache against itself: nothing moves.
     assert_eq!((k[0].mean, k[0].max, k[0].same_top), (0.0, 0.0, 1.0));
     assert_eq!(k[0].tokens, 255);
@@ -66,4 +67,20 @@ fn kl_divergence_matches_the_direct_formula_and_perplexity() {
         .unwrap()
         .ppl;
     assert!((k[1].ppl / ppl - 1.0).abs() < 1e-9, "{} vs {ppl}", k[1].ppl);
+    // The pass's perplexity rows are `perplexity`'s: value, error bar, tokens and cache bytes.
+    for (spec, r) in specs.iter().zip(pass.caches.iter().map(|c| &c.0)) {
+        let alone = perplexity(model, tokens, spec, &opts(256)).unwrap();
+        assert_eq!(
+            (r.ppl, r.ppl_stderr, r.scored_tokens, r.tokens_processed),
+            (
+                alone.ppl,
+                alone.ppl_stderr,
+                alone.scored_tokens,
+                alone.tokens_processed
+            ),
+            "{spec}"
+        );
+        assert_eq!(r.memory.bytes, alone.memory.bytes, "{spec}");
+    }
+    assert_eq!(pass.reference.ppl, pass.caches[0].0.ppl);
 }

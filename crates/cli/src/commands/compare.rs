@@ -53,7 +53,7 @@ pub struct Args {
     report: Option<PathBuf>,
     /// Also the KL divergence of each cache's next-token distribution from f16's on the same
     /// tokens (mean, 99th percentile, same top token), as `llama-perplexity --kl-divergence`;
-    /// one more pass of f16 and of each cache
+    /// the same pass (f16, then each cache, per window) gives the perplexities
     #[arg(long)]
     kld: bool,
     /// Write the SVG plot of Δ PPL vs bits/element here

@@ -49,19 +49,16 @@ pub fn run(a: Args) -> Result<()> {
         protocol: a.protocol,
         quiet: false,
     };
-    let r = perplexity(&model, &tokens, &a.cache, &opts)?;
-    let kld = match &a.kld {
-        Some(reference) => Some(
-            eval::kld::kl_divergence(
-                &model,
-                &tokens,
-                reference,
-                std::slice::from_ref(&a.cache),
-                &opts,
-            )?
-            .remove(0),
-        ),
-        None => None,
+    // With --kld the one pass against the reference also gives this cache's perplexity.
+    let (r, kld) = match &a.kld {
+        Some(reference) => {
+            let specs = std::slice::from_ref(&a.cache);
+            let (r, k) = eval::kld::kl_divergence(&model, &tokens, reference, specs, &opts)?
+                .caches
+                .remove(0);
+            (r, Some(k))
+        }
+        None => (perplexity(&model, &tokens, &a.cache, &opts)?, None),
     };
     if a.json {
         let mut v = serde_json::to_value(&r)?;
