@@ -85,7 +85,7 @@ fn gguf_seed() -> &'static Seed {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
         let tokenizer = eval::assets::ensure_model(&common::home()).unwrap();
-        let preset = llm::synth::Preset::by_name("tiny").unwrap();
+        let preset = llm::synth::Preset::by_name(llm::synth::Arch::Llama, "tiny").unwrap();
         llm::synth::write(&preset, "q8_0", &tokenizer, &path, 0, |_, _| {}).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let mut file = std::fs::File::open(&path).unwrap();

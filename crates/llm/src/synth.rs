@@ -10,9 +10,53 @@ use quant::WeightType;
 use rvq::rng::SplitMix64;
 use std::path::Path;
 
-/// The shapes of a llama-architecture model.
+/// The architectures `synth` writes: llama's block, and qwen2's (llama's with q/k/v biases and
+/// half-split RoPE pairs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Llama,
+    Qwen2,
+}
+
+impl Arch {
+    pub fn by_name(name: &str) -> Result<Self> {
+        match name {
+            "llama" => Ok(Self::Llama),
+            "qwen2" => Ok(Self::Qwen2),
+            _ => Err(LlmError::Input(format!(
+                "architecture '{name}': expected llama or qwen2"
+            ))),
+        }
+    }
+
+    /// The GGUF's `general.architecture`, the prefix of its keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+
+    fn rope_base(self) -> f32 {
+        match self {
+            Self::Llama => 500_000.0,
+            Self::Qwen2 => 1_000_000.0,
+        }
+    }
+
+    fn epsilon(self) -> f32 {
+        match self {
+            Self::Llama => 1e-5,
+            Self::Qwen2 => 1e-6,
+        }
+    }
+}
+
+/// The shapes of a model of one architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Preset {
+    pub arch: Arch,
     pub name: &'static str,
     pub layers: usize,
     pub hidden: usize,
@@ -24,9 +68,11 @@ pub struct Preset {
     pub tied: bool,
 }
 
-/// Llama 3.2 1B and 3B, Llama 3.1 8B, and two tiny models for tests (head_dim 64 and 128).
-pub const PRESETS: [Preset; 5] = [
+/// Llama 3.2 1B and 3B, Llama 3.1 8B, Qwen2.5 0.5B and 1.5B, and tiny models for tests (llama at
+/// head_dim 64 and 128, qwen2 with grouped queries).
+pub const PRESETS: [Preset; 8] = [
     Preset {
+        arch: Arch::Llama,
         name: "tiny",
         layers: 2,
         hidden: 256,
@@ -38,6 +84,7 @@ pub const PRESETS: [Preset; 5] = [
         tied: true,
     },
     Preset {
+        arch: Arch::Llama,
         name: "tiny128",
         layers: 2,
         hidden: 256,
@@ -49,6 +96,7 @@ pub const PRESETS: [Preset; 5] = [
         tied: false,
     },
     Preset {
+        arch: Arch::Llama,
         name: "1b",
         layers: 16,
         hidden: 2048,
@@ -60,6 +108,7 @@ pub const PRESETS: [Preset; 5] = [
         tied: true,
     },
     Preset {
+        arch: Arch::Llama,
         name: "3b",
         layers: 28,
         hidden: 3072,
@@ -71,6 +120,7 @@ pub const PRESETS: [Preset; 5] = [
         tied: true,
     },
     Preset {
+        arch: Arch::Llama,
         name: "8b",
         layers: 32,
         hidden: 4096,
@@ -81,24 +131,59 @@ pub const PRESETS: [Preset; 5] = [
         vocab: 128256,
         tied: false,
     },
+    Preset {
+        arch: Arch::Qwen2,
+        name: "tiny",
+        layers: 2,
+        hidden: 256,
+        heads: 6,
+        kv_heads: 2,
+        head_dim: 64,
+        ffn: 512,
+        vocab: 49152,
+        tied: true,
+    },
+    Preset {
+        arch: Arch::Qwen2,
+        name: "0.5b",
+        layers: 24,
+        hidden: 896,
+        heads: 14,
+        kv_heads: 2,
+        head_dim: 64,
+        ffn: 4864,
+        vocab: 151936,
+        tied: true,
+    },
+    Preset {
+        arch: Arch::Qwen2,
+        name: "1.5b",
+        layers: 28,
+        hidden: 1536,
+        heads: 12,
+        kv_heads: 2,
+        head_dim: 128,
+        ffn: 8960,
+        vocab: 151936,
+        tied: true,
+    },
 ];
 
 impl Preset {
-    pub fn by_name(name: &str) -> Result<Self> {
-        PRESETS
-            .iter()
-            .find(|p| p.name == name)
-            .copied()
-            .ok_or_else(|| {
-                let names: Vec<_> = PRESETS.iter().map(|p| p.name).collect();
-                LlmError::Input(format!(
-                    "preset '{name}': expected one of {}",
-                    names.join(", ")
-                ))
-            })
+    pub fn by_name(arch: Arch, name: &str) -> Result<Self> {
+        let of_arch = || PRESETS.iter().filter(move |p| p.arch == arch);
+        of_arch().find(|p| p.name == name).copied().ok_or_else(|| {
+            let names: Vec<_> = of_arch().map(|p| p.name).collect();
+            LlmError::Input(format!(
+                "preset '{name}' of {}: expected one of {}",
+                arch.name(),
+                names.join(", ")
+            ))
+        })
     }
 
-    /// Parameters in the weight matrices and embeddings.
+    /// Parameters in the weight matrices and embeddings (the ones in the block type; norms and
+    /// qwen2's biases stay f32).
     pub fn parameters(&self) -> usize {
         let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let layer = self.hidden * (q + 2 * kv) + q * self.hidden + 3 * self.hidden * self.ffn;
@@ -127,6 +212,20 @@ pub fn weight_type(name: &str) -> Result<(WeightType, GgmlDType)> {
     })
 }
 
+/// The type a row of `cols` weights is written in: `ty`, or where its 256-weight blocks do not
+/// fit the row (Qwen2.5 0.5B's 896 columns), the 32-weight type llama.cpp's quantizer falls back
+/// to (Q4_K → Q5_0, Q6_K → Q8_0).
+pub fn row_type(ty: (WeightType, GgmlDType), cols: usize) -> (WeightType, GgmlDType) {
+    if cols.is_multiple_of(ty.0.block().0) {
+        return ty;
+    }
+    match ty.0 {
+        WeightType::Q4K => (WeightType::Q5_0, GgmlDType::Q5_0),
+        WeightType::Q6K => (WeightType::Q8_0, GgmlDType::Q8_0),
+        _ => ty,
+    }
+}
+
 /// `out` filled with seeded random bytes (the same on every machine).
 fn fill_random(rng: &mut SplitMix64, out: &mut [u8]) {
     for chunk in out.chunks_mut(8) {
@@ -146,6 +245,8 @@ fn tame(ty: WeightType, block: &mut [u8], scale: f32) {
             block[..2].copy_from_slice(&f16(scale / 8.0));
             block[2..4].copy_from_slice(&f16(-scale));
         }
+        // w = d·(q − 16), q < 32.
+        WeightType::Q5_0 => block[..2].copy_from_slice(&f16(scale / 16.0)),
         // w = d·q, |q| ≤ 127.
         WeightType::Q8_0 => block[..2].copy_from_slice(&f16(scale / 128.0)),
         // w = d·8·q − dmin·8 with every sub-block's scale and minimum 8.
@@ -160,7 +261,7 @@ fn tame(ty: WeightType, block: &mut [u8], scale: f32) {
             block[192..208].fill(1);
             block[208..210].copy_from_slice(&f16(scale / 32.0));
         }
-        _ => unreachable!("synth writes only the types of `weight_type`"),
+        _ => unreachable!("synth writes only the types of `weight_type` and `row_type`"),
     }
 }
 
@@ -172,7 +273,7 @@ fn random_tensor(
     scale: f32,
     rng: &mut SplitMix64,
 ) -> Result<QTensor> {
-    let (wt, dt) = ty;
+    let (wt, dt) = row_type(ty, cols);
     let (elems, bytes) = wt.block();
     let n = wt.bytes_for(rows * cols).ok_or_else(|| {
         LlmError::Input(format!(
@@ -192,17 +293,28 @@ fn random_tensor(
     )?)
 }
 
-fn ones(n: usize) -> Result<QTensor> {
-    let data: Vec<u8> = (0..n).flat_map(|_| 1f32.to_le_bytes()).collect();
+fn f32_tensor(values: &[f32]) -> Result<QTensor> {
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     Ok(qtensor_from_ggml(
         GgmlDType::F32,
         &data,
-        vec![n],
+        vec![values.len()],
         &Device::Cpu,
     )?)
 }
 
-/// Writes a llama-architecture GGUF of `preset`'s shapes with random `ty` weights to `out`,
+fn ones(n: usize) -> Result<QTensor> {
+    f32_tensor(&vec![1.0; n])
+}
+
+/// `n` seeded values uniform in [−amplitude, amplitude).
+fn random_f32(n: usize, amplitude: f32, rng: &mut SplitMix64) -> Vec<f32> {
+    (0..n)
+        .map(|_| amplitude * (2.0 * rng.unit() as f32 - 1.0))
+        .collect()
+}
+
+/// Writes a GGUF of `preset`'s architecture and shapes with random `ty` weights to `out`,
 /// with `tokenizer_from`'s tokenizer (a GGUF with a byte-level BPE vocabulary no larger than the
 /// preset's). Written to a temporary file and renamed into place.
 pub fn write(
@@ -252,13 +364,14 @@ pub fn write(
             _ => {}
         }
     }
-    let arch = |k: &str| format!("llama.{k}");
+    let name = p.arch.name();
+    let arch = |k: &str| format!("{name}.{k}");
     let u32v = |v: usize| Value::U32(v as u32);
     metadata.extend([
-        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.architecture".into(), Value::String(name.into())),
         (
             "general.name".into(),
-            Value::String(format!("synthetic llama {}", p.name)),
+            Value::String(format!("synthetic {name} {}", p.name)),
         ),
         (arch("context_length"), u32v(131072)),
         (arch("embedding_length"), u32v(p.hidden)),
@@ -269,8 +382,11 @@ pub fn write(
         (arch("attention.key_length"), u32v(p.head_dim)),
         (arch("attention.value_length"), u32v(p.head_dim)),
         (arch("rope.dimension_count"), u32v(p.head_dim)),
-        (arch("rope.freq_base"), Value::F32(500_000.0)),
-        (arch("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        (arch("rope.freq_base"), Value::F32(p.arch.rope_base())),
+        (
+            arch("attention.layer_norm_rms_epsilon"),
+            Value::F32(p.arch.epsilon()),
+        ),
         (arch("vocab_size"), u32v(p.vocab)),
     ]);
 
@@ -297,6 +413,11 @@ pub fn write(
             ("ffn_down.weight", p.hidden, p.ffn),
         ] {
             tensors.push((name(n), random_tensor(ty, rows, cols, w(cols), &mut rng)?));
+        }
+        if p.arch == Arch::Qwen2 {
+            for (n, len) in [("attn_q.bias", q), ("attn_k.bias", kv), ("attn_v.bias", kv)] {
+                tensors.push((name(n), f32_tensor(&random_f32(len, 0.1, &mut rng))?));
+            }
         }
         tensors.push((name("attn_norm.weight"), ones(p.hidden)?));
         tensors.push((name("ffn_norm.weight"), ones(p.hidden)?));

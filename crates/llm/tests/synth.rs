@@ -3,16 +3,16 @@
 //! cache.
 
 use llm::gguf::WeightsMode;
-use llm::synth::{self, Preset};
+use llm::synth::{self, Arch, Preset};
 use llm::tiny::TinySpec;
 use llm::Model;
 
-fn synth_model(preset: &str, ty: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+fn synth_model(arch: Arch, preset: &str, ty: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let tokenizer = dir.path().join("tokenizer.gguf");
     llm::tiny::write(&TinySpec::new("llama"), &tokenizer).unwrap();
     let out = dir.path().join(format!("synth-{preset}-{ty}.gguf"));
-    let p = Preset::by_name(preset).unwrap();
+    let p = Preset::by_name(arch, preset).unwrap();
     synth::write(&p, ty, &tokenizer, &out, 1, |_, _| {}).unwrap();
     (dir, out)
 }
@@ -21,30 +21,51 @@ fn synth_model(preset: &str, ty: &str) -> (tempfile::TempDir, std::path::PathBuf
 fn presets_have_the_published_parameter_counts() {
     // Llama 3.1 8B: 8,030,261,248 parameters, of which 65 norm vectors (266,240) are not
     // weight matrices or embeddings.
-    assert_eq!(Preset::by_name("8b").unwrap().parameters(), 8_029_995_008);
-    assert!(Preset::by_name("70b").is_err());
+    assert_eq!(
+        Preset::by_name(Arch::Llama, "8b").unwrap().parameters(),
+        8_029_995_008
+    );
+    // Qwen2.5 0.5B: 494,032,768 with its q/k/v biases and norms.
+    let q = Preset::by_name(Arch::Qwen2, "0.5b").unwrap();
+    let (q_dim, kv_dim) = (q.heads * q.head_dim, q.kv_heads * q.head_dim);
+    let biases = q.layers * (q_dim + 2 * kv_dim);
+    let norms = (2 * q.layers + 1) * q.hidden;
+    assert_eq!(q.parameters() + biases + norms, 494_032_768);
+    assert!(Preset::by_name(Arch::Llama, "70b").is_err());
+    assert!(Preset::by_name(Arch::Llama, "0.5b").is_err());
+    assert!(Arch::by_name("mistral").is_err());
     assert!(synth::weight_type("q3_k").is_err());
 }
 
 #[test]
 fn synthesised_models_load_in_the_asked_type_and_match_the_f32_reference() {
-    for (preset, ty) in [
-        ("tiny", "q4_k"),
-        ("tiny", "q4_0"),
-        ("tiny128", "q8_0"),
-        ("tiny128", "q6_k"),
+    for (arch, preset, ty) in [
+        (Arch::Llama, "tiny", "q4_k"),
+        (Arch::Llama, "tiny", "q4_0"),
+        (Arch::Llama, "tiny128", "q8_0"),
+        (Arch::Llama, "tiny128", "q6_k"),
+        (Arch::Qwen2, "tiny", "q4_k"),
     ] {
-        let (_dir, path) = synth_model(preset, ty);
-        let p = Preset::by_name(preset).unwrap();
+        let (_dir, path) = synth_model(arch, preset, ty);
+        let p = Preset::by_name(arch, preset).unwrap();
         let native = Model::load(&path).unwrap();
         let c = native.config();
         assert_eq!(
             (c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.ffn, c.vocab),
             (p.layers, p.hidden, p.heads, p.kv_heads, p.head_dim, p.ffn, p.vocab)
         );
+        assert_eq!(native.architecture, arch.name());
         assert!(native.dequantized.is_empty());
         let (wt, _) = synth::weight_type(ty).unwrap();
-        let expected: usize = wt.bytes_for(p.parameters()).unwrap();
+        // qwen2's tiny preset has 6 heads × 64: its output projections' 384 columns are not
+        // whole 256-weight blocks, and go to Q5_0 as llama.cpp's quantizer does.
+        let fallback = if arch == Arch::Qwen2 {
+            p.layers * p.hidden * p.heads * p.head_dim
+        } else {
+            0
+        };
+        let expected = wt.bytes_for(p.parameters() - fallback).unwrap()
+            + quant::WeightType::Q5_0.bytes_for(fallback).unwrap();
         assert_eq!(native.net.weight_bytes(), expected, "{preset} {ty}");
         let reference = Model::load_with(&path, None, WeightsMode::F32).unwrap();
         let tokens = [5u32, 17, 300, 41, 7];
@@ -74,7 +95,7 @@ fn synthesised_models_load_in_the_asked_type_and_match_the_f32_reference() {
 
 #[test]
 fn head_dim_128_runs_through_every_dense_and_scalar_cache() {
-    let (_dir, path) = synth_model("tiny128", "q4_k");
+    let (_dir, path) = synth_model(Arch::Llama, "tiny128", "q4_k");
     let m = Model::load(&path).unwrap();
     assert_eq!(m.config().head_dim, 128);
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 1000).collect();

@@ -1,31 +1,35 @@
 //! `rvq-kv synth`: a GGUF of a real architecture's shapes with random weights.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use eval::assets;
-use llm::synth::{self, Preset};
+use llm::synth::{self, Arch, Preset};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:
   rvq-kv synth --preset 8b --type q4_k            # Llama-3.1-8B shapes, 4.6 GB
   rvq-kv bench --model .rvq-kv/models/synth-llama-8b-q4_k.gguf --cache f16 --ctx 32768 --fill random
+  rvq-kv synth --arch qwen2 --preset 0.5b         # Qwen2.5-0.5B shapes
 
-Presets (llama architecture): tiny (2 layers, hidden 256), 1b (Llama 3.2 1B: 16 layers, hidden
-2048, 32 heads, 8 KV heads x 64, ffn 8192, vocab 128256, tied), 3b (Llama 3.2 3B: 28 layers,
-hidden 3072, 24 heads, 8 KV heads x 128, ffn 8192, tied), 8b (Llama 3.1 8B: 32 layers, hidden
-4096, 32 heads, 8 KV heads x 128, ffn 14336, vocab 128256). The tokenizer is SmolLM2's, padded
-with control tokens to the vocabulary size. Quality is meaningless; speed and bytes are real.")]
+Presets, llama: tiny (2 layers, hidden 256), tiny128 (the same at head_dim 128), 1b (Llama 3.2
+1B: 16 layers, hidden 2048, 32 heads, 8 KV heads x 64, ffn 8192, vocab 128256, tied), 3b (Llama
+3.2 3B: 28 layers, hidden 3072, 24 heads, 8 KV heads x 128, ffn 8192, tied), 8b (Llama 3.1 8B: 32
+layers, hidden 4096, 32 heads, 8 KV heads x 128, ffn 14336, vocab 128256). qwen2 (q/k/v biases,
+half-split RoPE): tiny, 0.5b (Qwen2.5 0.5B: 24 layers, hidden 896, 14 heads, 2 KV heads x 64, ffn
+4864, vocab 151936, tied), 1.5b (Qwen2.5 1.5B: 28 layers, hidden 1536, 12 heads, 2 KV heads x
+128, ffn 8960, tied). The tokenizer is SmolLM2's, padded with control tokens to the vocabulary
+size. Quality is meaningless; speed and bytes are real.")]
 pub struct Args {
-    /// Architecture (llama only)
+    /// Architecture: llama or qwen2
     #[arg(long, default_value = "llama")]
     arch: String,
-    /// Shapes: tiny, 1b, 3b or 8b
+    /// Shapes, per architecture: llama tiny, tiny128, 1b, 3b or 8b; qwen2 tiny, 0.5b or 1.5b
     #[arg(long, default_value = "1b")]
     preset: String,
     /// Weight block type: q4_0, q4_1, q8_0, q4_k or q6_k
     #[arg(long = "type", default_value = "q4_k")]
     weight_type: String,
-    /// Output file (default: .rvq-kv/models/synth-llama-PRESET-TYPE.gguf)
+    /// Output file (default: .rvq-kv/models/synth-ARCH-PRESET-TYPE.gguf)
     #[arg(long)]
     out: Option<PathBuf>,
     /// Seed of the random weights (any u64)
@@ -34,17 +38,16 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if a.arch != "llama" {
-        bail!("--arch {}: only llama is synthesised", a.arch);
-    }
-    let preset = Preset::by_name(&a.preset)?;
+    let preset = Preset::by_name(Arch::by_name(&a.arch)?, &a.preset)?;
     synth::weight_type(&a.weight_type)?;
     let home = assets::home();
     let out = match a.out {
         Some(p) => p,
         None => home.join("models").join(format!(
-            "synth-llama-{}-{}.gguf",
-            preset.name, a.weight_type
+            "synth-{}-{}-{}.gguf",
+            preset.arch.name(),
+            preset.name,
+            a.weight_type
         )),
     };
     // Checked before the work: the folder exists (or is made) and takes a file.
