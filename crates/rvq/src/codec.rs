@@ -370,7 +370,11 @@ impl Quantizer for HalfRvq {
     }
     fn encode(&self, x: &[f32], beam: usize, codes: &mut [u16]) -> Result<()> {
         let few = |x: &[f32], codes: &mut [u16]| self.encode_few_greedy(x, codes);
-        encode_held(self, x, beam, codes, Some(&few), || self.to_rvq())
+        // One block below the lane kernel's batch: a decode step's few vectors.
+        let n = x.len() / self.dim;
+        let few = (n <= kernels::BLOCK && search::kernel(self.dim, n) != Kernel::Lanes)
+            .then_some(&few as _);
+        encode_held(self, x, beam, codes, few, || self.to_rvq())
     }
     fn sum_codewords(&self, groups: usize, codes: &[u16], acc: &mut [f32]) {
         check_sums(self, groups, codes, acc);
@@ -390,29 +394,27 @@ impl Quantizer for HalfRvq {
     }
 }
 
-/// Greedy codes ([n, stages]) of a decode step's few vectors ([n, d]).
-pub(crate) type FewEncoder<'a> = dyn Fn(&[f32], &mut [u16]) + 'a;
+/// Greedy codes ([n, stages]) of vectors ([n, d]) by a search on the codebooks as held.
+pub(crate) type HeldEncoder<'a> = dyn Fn(&[f32], &mut [u16]) + 'a;
 
-/// [`Quantizer::encode`] for codebooks held in another form than f32: the checks, then a
-/// decode step's few vectors (greedy, one block, below the lane kernel's batch) through `few`
-/// where given, and everything else — batches, beams — through the f32 quantizer `full()`
+/// [`Quantizer::encode`] for codebooks held in another form than f32: the checks, then greedy
+/// codes through `greedy` where the caller gives one for these vectors, and everything else —
+/// beams, batches the held form searches slower — through the f32 quantizer `full()`
 /// (converting all codebooks costs little next to those searches).
 pub(crate) fn encode_held(
     q: &dyn Quantizer,
     x: &[f32],
     beam: usize,
     codes: &mut [u16],
-    few: Option<&FewEncoder>,
+    greedy: Option<&HeldEncoder>,
     full: impl FnOnce() -> Rvq,
 ) -> Result<()> {
     let d = q.dim();
     check_vectors(d, q.stages(), x, codes.len(), "vectors to encode")?;
     check_finite(x, "vectors to encode")?;
-    let n = x.len() / d;
-    let lanes = search::kernel(d, n) == Kernel::Lanes;
-    match few {
-        Some(few) if beam == 1 && n <= kernels::BLOCK && !lanes => {
-            few(x, codes);
+    match greedy {
+        Some(greedy) if beam == 1 => {
+            greedy(x, codes);
             Ok(())
         }
         _ => full().encode(x, beam, codes),

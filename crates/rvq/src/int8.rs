@@ -11,21 +11,23 @@
 //! each being converted and scaled in f32 (measured: 15–25% off RVQ attention in the model).
 //!
 //! An [`I8Rvq`] decodes as the f32 quantizer of its dequantized codewords ([`I8Rvq::to_rvq`])
-//! within one rounding (its sums are exact until the last product), and encodes batches through
-//! it. A decode step's few vectors are searched on the i8 codewords as held, against the
-//! residual multiplied by the stage's scales — the same distances rounded another way, so a
-//! near tie may pick the other codeword.
+//! within one rounding (its sums are exact until the last product), and encodes beams through
+//! it. Greedy codes search the i8 codewords as held (a decode step's few vectors always, batches
+//! where AVX-512 VNNI runs), against the residual multiplied by the stage's scales — the same
+//! distances rounded another way, so a near tie may pick the other codeword.
 
 use crate::aligned::LineAligned;
 use crate::codec::{
     add_weighted_codewords, check_sums, encode_held, sum_codewords_each, sum_groups_d32, Codewords,
-    Quantizer, RowWeights, ScaledI8,
+    HeldEncoder, Quantizer, RowWeights, ScaledI8,
 };
+use crate::kernels;
 use crate::kernels::row_norms;
 use crate::lanes::LaneWord;
 use crate::search::{self, Kernel};
 use crate::vnni_search::{self, StageBound};
 use crate::{Result, Rvq};
+use rayon::prelude::*;
 use std::borrow::Cow;
 
 /// Bound on Σ_s m_s of one channel's stage multipliers: with |q| ≤ 127 every sum of a vector's
@@ -257,11 +259,25 @@ impl Quantizer for I8Rvq {
         dequantize(word, self.multipliers(stage), &self.unit, out);
     }
     fn encode(&self, x: &[f32], beam: usize, codes: &mut [u16]) -> Result<()> {
-        // A decode step's few vectors search the i8 codewords as held where the row search runs.
+        // A decode step's few vectors search the i8 codewords as held where the row search
+        // runs; so do batches where the integer kernel runs, blocks of vectors on all threads
+        // (several times the f32 lane kernel's rate on a dequantized copy: `examples/lanes_speed`).
+        let (d, k) = (self.dim, self.stages());
         let few = |x: &[f32], codes: &mut [u16]| self.encode_few_greedy(x, codes);
-        let rows = search::kernel(self.dim, x.len() / self.dim) == Kernel::Rows;
-        let few = rows.then_some(&few as _);
-        encode_held(self, x, beam, codes, few, || self.to_rvq())
+        let batch = |x: &[f32], codes: &mut [u16]| {
+            codes
+                .par_chunks_mut(kernels::BLOCK * k)
+                .zip(x.par_chunks(kernels::BLOCK * d))
+                .for_each(|(codes, x)| self.encode_few_greedy(x, codes));
+        };
+        let greedy: Option<&HeldEncoder> = match search::kernel(d, x.len() / d) {
+            Kernel::Rows => Some(&few),
+            Kernel::Lanes if vnni_search::available() && vnni_search::takes(self.size) => {
+                Some(&batch)
+            }
+            _ => None,
+        };
+        encode_held(self, x, beam, codes, greedy, || self.to_rvq())
     }
     fn sum_codewords(&self, groups: usize, codes: &[u16], acc: &mut [f32]) {
         check_sums(self, groups, codes, acc);
@@ -432,6 +448,23 @@ mod tests {
             for (x, y) in a.iter().zip(&b) {
                 assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{d}");
             }
+        }
+    }
+
+    /// A batch (past the lane kernel's threshold, several blocks) gets, vector by vector, the
+    /// codes each vector gets alone: batches and a decode step's few vectors search alike.
+    #[test]
+    fn batch_encoding_gives_each_vector_its_own_codes() {
+        let mut rng = SplitMix64::new(11);
+        let (c, k, n) = (2048, 8, 2 * kernels::BLOCK + 37);
+        let q = I8Rvq::from_rvq(&random_rvq(&mut rng, 32, c, k)).unwrap();
+        let x: Vec<f32> = (0..n * 32).map(|_| rng.normal() * 2.0).collect();
+        let mut batch = vec![0u16; n * k];
+        q.encode(&x, 1, &mut batch).unwrap();
+        for (r, x) in x.chunks_exact(32).enumerate() {
+            let mut alone = vec![0u16; k];
+            q.encode(x, 1, &mut alone).unwrap();
+            assert_eq!(&batch[r * k..(r + 1) * k], &alone[..], "vector {r}");
         }
     }
 
