@@ -265,9 +265,16 @@ impl Quantizer for I8Rvq {
         let (d, k) = (self.dim, self.stages());
         let few = |x: &[f32], codes: &mut [u16]| self.encode_few_greedy(x, codes);
         let batch = |x: &[f32], codes: &mut [u16]| {
+            // An equal share per thread in whole kernel rows (a prompt of 60 tokens is 360
+            // vectors: blocks of 256 would leave one thread 104), at most a block per task.
+            let n = x.len() / d;
+            let share = n.div_ceil(rayon::current_num_threads());
+            let per_task = share
+                .next_multiple_of(vnni_search::ROWS)
+                .min(kernels::BLOCK);
             codes
-                .par_chunks_mut(kernels::BLOCK * k)
-                .zip(x.par_chunks(kernels::BLOCK * d))
+                .par_chunks_mut(per_task * k)
+                .zip(x.par_chunks(per_task * d))
                 .for_each(|(codes, x)| self.encode_few_greedy(x, codes));
         };
         let greedy: Option<&HeldEncoder> = match search::kernel(d, x.len() / d) {

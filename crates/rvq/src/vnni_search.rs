@@ -24,7 +24,7 @@ const BLOCK: usize = 16;
 /// Vectors searched together: a decode step's six group vectors per quantizer for SmolLM2
 /// (3 KV heads × 2 groups), whose accumulators, minima and the transposed block fit the 32
 /// registers; their scores ([ROWS, C] f32, 48 KB at C = 2048) stay in L2 between the passes.
-const ROWS: usize = 6;
+pub const ROWS: usize = 6;
 
 /// Lane p of a transposed block holds codeword `ORDER[p]` of the block (see `transpose`).
 const ORDER: [u32; BLOCK] = [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15];
