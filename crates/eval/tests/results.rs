@@ -58,6 +58,9 @@ fn tables_hold_the_perplexities_their_commands_wrote() {
     holds_every_perplexity("docs/data/beam-layers.json", "beam-layers", 4);
     holds_every_perplexity("docs/data/allocation.json", "allocation", 4);
     holds_every_perplexity("docs/data/kld-frontier-32k.json", "kl-divergence", 4);
+    for run in ["plus1-8k", "plus1-32k", "plus1-39-32k"] {
+        holds_every_perplexity(&format!("docs/data/{run}.json"), "plus-one", 4);
+    }
     for run in [
         "query-aware",
         "query-aware-alloc",
