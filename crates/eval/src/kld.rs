@@ -3,13 +3,12 @@
 //! divergence KL(P_ref ‖ P_cache) and whether the top token is the same. Perplexity alone ranks
 //! caches unreliably (errors that raise some tokens' likelihood and lower others' cancel in it).
 
-use crate::ppl::{checked_plan, window_tokens, PplOptions, PplResult, PplTally};
+use crate::ppl::{checked_plan, timed_forward, window_tokens, PplOptions, PplResult, PplTally};
 use crate::progress;
 use anyhow::{bail, Result};
 use kvcache::KvCache;
 use llm::Model;
 use serde::Serialize;
-use std::time::Instant;
 
 /// The divergence of one cache from the reference over the scored tokens.
 #[derive(Clone, Debug, Serialize)]
@@ -176,19 +175,6 @@ pub fn kl_divergence_of(
         reference: reference_result,
         caches,
     })
-}
-
-/// The window's logits for rows `len - rows..` from an emptied cache, and the seconds it took.
-fn timed_forward(
-    model: &Model,
-    window: &[u32],
-    rows: usize,
-    cache: &mut dyn KvCache,
-) -> Result<(Vec<f32>, f64)> {
-    cache.truncate(0);
-    let start = Instant::now();
-    let logits = model.forward(window, 0, cache, Some(rows))?;
-    Ok((logits, start.elapsed().as_secs_f64()))
 }
 
 fn summarize(

@@ -197,6 +197,20 @@ impl PplTally {
     }
 }
 
+/// The window's logits for its last `rows` rows from an emptied cache (every window starts from
+/// an empty cache), and the seconds the forward pass took.
+pub(crate) fn timed_forward(
+    model: &Model,
+    window: &[u32],
+    rows: usize,
+    cache: &mut dyn kvcache::KvCache,
+) -> Result<(Vec<f32>, f64)> {
+    cache.truncate(0);
+    let start = Instant::now();
+    let logits = model.forward(window, 0, cache, Some(rows))?;
+    Ok((logits, start.elapsed().as_secs_f64()))
+}
+
 pub fn perplexity(
     model: &Model,
     tokens: &[u32],
@@ -212,10 +226,7 @@ pub fn perplexity(
     let mut tally = PplTally::default();
     for &(s, len, first) in &plan {
         let window = window_tokens(model, tokens, (s, len), opts.protocol);
-        cache.truncate(0); // every window starts from an empty cache
-        let start = Instant::now();
-        let logits = model.forward(&window, 0, cache.as_mut(), Some(len - first))?;
-        let seconds = start.elapsed().as_secs_f64();
+        let (logits, seconds) = timed_forward(model, &window, len - first, cache.as_mut())?;
         tally.add_window(
             &window,
             first,
