@@ -197,8 +197,11 @@ impl Linear {
 }
 
 /// Activation rows from which block-format weights are dequantized to f32 tiles and multiplied
-/// by candle's f32 matmul (faster than the integer kernels once a tile serves this many rows).
-pub const DEQUANTIZED_ROWS: usize = 64;
+/// by `gemm` in f32: below it the batched integer kernels are faster (measured with `ppl`
+/// windows of 128 / 256 / 512 tokens: 1.2–1.3× / 1.06–1.09× / even), so a perplexity window of
+/// 512 tokens or more gives the f32 weights' bits, and shorter passes (multiple-choice
+/// continuations, server chunks) every row the same bits whatever rows are beside it.
+pub const DEQUANTIZED_ROWS: usize = 512;
 /// Output features dequantized at a time: bounds the f32 copy (8192 × 576 × 4 B ≈ 19 MB for
 /// SmolLM2's tied head) while each layer's stacked matrices stay one product.
 const TILE_ROWS: usize = 8192;

@@ -4,7 +4,8 @@
 //! with `books` > 1 the searches cycle through that many codebooks (480 = SmolLM2's 30 layers
 //! × K and V × 8 stages, 31 MB at C = 2048: what a decode step streams from memory), so each
 //! search finds its codebook cold, as in the model (each search prefetches the next, as the
-//! encoder does).
+//! encoder does). An optional fourth argument searches that many vectors per call instead of
+//! six (a prompt's batch: `-- 2048 200 480 384`).
 use rvq::rng::SplitMix64;
 use rvq::row_search;
 use rvq::vnni_search::{self, StageBound};
@@ -18,6 +19,7 @@ fn main() {
     let c: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(2048);
     let reps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(2000);
     let count: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
+    let vectors: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(6).max(1);
     if !row_search::available(32) {
         eprintln!("the row-search kernel does not run here (needs AVX2, FMA, F16C)");
         return;
@@ -43,11 +45,11 @@ fn main() {
         .collect();
     let norms = rvq::kernels::row_norms(&words, 32);
     let bound = StageBound::of(&one, &norms);
-    // Six residual-like vectors (times the scales, as the encoder passes them).
-    let x: Vec<f32> = (0..6 * 32)
+    // Residual-like vectors (times the scales, as the encoder passes them).
+    let x: Vec<f32> = (0..vectors * 32)
         .map(|i| rng.normal() * 45.0 * scale[i % 32] * scale[i % 32])
         .collect();
-    let mut best = [0u32; 6];
+    let mut best = vec![0u32; vectors];
     let mut time = |f: &mut Search| {
         let t = Instant::now();
         for i in 0..reps {
@@ -63,7 +65,7 @@ fn main() {
     let f32_again =
         time(&mut |book, next, b| row_search::nearest_prefetching(book, &norms, &x, b, next));
     println!(
-        "C = {c}, 6 vectors, {count} codebook(s): f32 kernel {:.2} µs, integer kernel {int_kernel:.2} µs ({}), \
+        "C = {c}, {vectors} vectors, {count} codebook(s): f32 kernel {:.2} µs, integer kernel {int_kernel:.2} µs ({}), \
          f32/integer {:.2}×",
         f32_kernel.min(f32_again),
         if vnni_search::available() { "VNNI" } else { "not available: the f32 kernel ran" },
