@@ -119,8 +119,10 @@ pub fn compare(
             row.kld = kld;
             if ctx == opts.contexts[0] {
                 for (task, file) in &opts.tasks {
-                    let m =
-                        crate::mc::run(model, file, task, "", spec, opts.task_limit, opts.quiet)?;
+                    let m = {
+                        let first = crate::mc::Selection::first(opts.task_limit);
+                        crate::mc::run(model, file, task, "", spec, first, opts.quiet)?
+                    };
                     row.tasks.push(TaskScore {
                         task: task.clone(),
                         items: m.items,

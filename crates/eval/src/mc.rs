@@ -300,6 +300,8 @@ pub struct McResult {
     pub task: String,
     pub variant: String,
     pub cache: String,
+    /// Every how many items of the task one was scored (1: from the first on).
+    pub every: usize,
     pub items: usize,
     pub acc: Metric,
     pub acc_norm: Metric,
@@ -345,6 +347,34 @@ pub fn evaluate(
     Ok((acc, norm))
 }
 
+/// Which items of a task are scored: every `every`-th from the first (a systematic sample of
+/// the whole file, whose sources may come in blocks: HellaSwag's first 3,000 items are short
+/// ActivityNet captions, the rest WikiHow steps 2.5× as long), at most `limit` of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Selection {
+    pub every: usize,
+    pub limit: Option<usize>,
+}
+
+impl Selection {
+    /// The first `limit` items (all without one).
+    pub fn first(limit: Option<usize>) -> Self {
+        Self { every: 1, limit }
+    }
+
+    /// The items selected, in order; an empty selection is an error naming the option.
+    pub fn apply(self, items: Vec<Item>) -> Result<Vec<Item>> {
+        if self.every == 0 {
+            bail!("--every 0: the step between scored items must be at least 1");
+        }
+        if self.limit == Some(0) {
+            bail!("--limit 0: nothing to score");
+        }
+        let limit = self.limit.unwrap_or(usize::MAX);
+        Ok(items.into_iter().step_by(self.every).take(limit).collect())
+    }
+}
+
 /// Runs a task with one cache.
 pub fn run(
     model: &Model,
@@ -352,16 +382,10 @@ pub fn run(
     task: &str,
     variant: &str,
     spec: &str,
-    limit: Option<usize>,
+    selection: Selection,
     quiet: bool,
 ) -> Result<McResult> {
-    let mut items = load_items(file)?;
-    if let Some(n) = limit {
-        if n == 0 {
-            bail!("--limit 0: nothing to score");
-        }
-        items.truncate(n);
-    }
+    let items = selection.apply(load_items(file)?)?;
     let mut scorer = ModelScorer::new(model, spec)?;
     let start = Instant::now();
     let (acc, norm) = evaluate(&items, &mut scorer, quiet)?;
@@ -369,6 +393,7 @@ pub fn run(
         task: task.to_string(),
         variant: variant.to_string(),
         cache: spec.to_string(),
+        every: selection.every,
         items: items.len(),
         acc: Metric::of(&acc),
         acc_norm: Metric::of(&norm),
@@ -409,6 +434,34 @@ mod tests {
                 })
                 .collect())
         }
+    }
+
+    #[test]
+    fn a_selection_takes_every_kth_item_up_to_the_limit() {
+        let items: Vec<Item> = (0..10u64)
+            .map(|doc_id| Item {
+                doc_id,
+                gold: 0,
+                choices: vec![],
+            })
+            .collect();
+        let ids = |sel: Selection| -> Vec<u64> {
+            let picked = sel.apply(items.clone()).unwrap();
+            picked.iter().map(|i| i.doc_id).collect()
+        };
+        assert_eq!(ids(Selection::first(None)), (0..10).collect::<Vec<_>>());
+        assert_eq!(ids(Selection::first(Some(3))), vec![0, 1, 2]);
+        let every = |every, limit| Selection { every, limit };
+        assert_eq!(ids(every(4, None)), vec![0, 4, 8]);
+        assert_eq!(ids(every(3, Some(2))), vec![0, 3]);
+        assert_eq!(ids(every(20, None)), vec![0]);
+        let err = every(0, None).apply(items.clone()).unwrap_err().to_string();
+        assert!(err.contains("--every 0"), "{err}");
+        let err = every(2, Some(0))
+            .apply(items.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--limit 0"), "{err}");
     }
 
     #[test]
