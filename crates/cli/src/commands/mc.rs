@@ -24,7 +24,7 @@ pub struct Args {
     /// Score at most N items (at least 1)
     #[arg(long)]
     limit: Option<usize>,
-    /// Score every K-th item from the first (a systematic sample of the whole task; a task's
+    /// Score every K-th item from the first (at least 1; a systematic sample of the whole task; a task's
     /// items can come in blocks by source: HellaSwag's first 3,000 are its shortest)
     #[arg(long, default_value_t = 1)]
     every: usize,
