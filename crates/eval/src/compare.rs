@@ -93,6 +93,8 @@ pub fn compare(
     for spec in &specs {
         model.new_cache(spec)?;
     }
+    // Each task's first `task_limit` items.
+    let items = crate::mc::Selection::first(opts.task_limit);
     let mut rows = vec![];
     for &ctx in &opts.contexts {
         let ppl_opts = PplOptions {
@@ -119,10 +121,7 @@ pub fn compare(
             row.kld = kld;
             if ctx == opts.contexts[0] {
                 for (task, file) in &opts.tasks {
-                    let m = {
-                        let first = crate::mc::Selection::first(opts.task_limit);
-                        crate::mc::run(model, file, task, "", spec, first, opts.quiet)?
-                    };
+                    let m = crate::mc::run(model, file, task, "", spec, items, opts.quiet)?;
                     row.tasks.push(TaskScore {
                         task: task.clone(),
                         items: m.items,

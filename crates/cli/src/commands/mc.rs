@@ -63,7 +63,7 @@ pub fn run(a: Args) -> Result<()> {
         r.items,
         match r.every {
             1 => String::new(),
-            k => format!(" (every {k}th)"),
+            k => format!(" (one in {k})"),
         },
         r.items_per_s
     );
